@@ -1,0 +1,68 @@
+"""Storage subpackage public API.
+
+Value storages keep values under their content digest; call storages keep
+:class:`~fleche.call.DigestedCall` records under their lookup key. Each concrete storage is a
+frozen dataclass composed of mixins (locking, destructuring, the domain layer) over a backend.
+
+Storages that need optional dependencies (``Sql``: the ``sql`` extra; the HDF5 storages: the
+``h5`` extra) are imported on first access, so ``import fleche.storage`` needs neither.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import (
+    AmbiguousDigestError,
+    CallMixin,
+    CallStorage,
+    Intent,
+    KeyManagement,
+    OperationContext,
+    SaveError,
+    StorageBackend,
+    ValueMixin,
+    ValueStorage,
+)
+from .destructuring import DestructuringMixin, register_destructurer
+from .memory import CallMemory, MemoryBackend, ValueMemory
+from .thread_safe import PerKeyLockMixin, SerializingMixin
+from .void import CallVoid, ValueVoid, VoidBackend
+
+__all__ = [
+    "AmbiguousDigestError",
+    "CallMemory",
+    "CallMixin",
+    "CallStorage",
+    "CallVoid",
+    "DestructuringMixin",
+    "Intent",
+    "KeyManagement",
+    "MemoryBackend",
+    "OperationContext",
+    "PerKeyLockMixin",
+    "SaveError",
+    "SerializingMixin",
+    "StorageBackend",
+    "ValueMemory",
+    "ValueMixin",
+    "ValueStorage",
+    "ValueVoid",
+    "VoidBackend",
+    "register_destructurer",
+]
+
+# Storages that need optional dependencies or later modules: name -> submodule.
+_LAZY: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fleche.storage' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_LAZY])

@@ -1,0 +1,368 @@
+"""Abstract storage layers: key management, backends, value and call storages.
+
+A concrete storage is a frozen dataclass composed of mixins, most specific first::
+
+    PerKeyLockMixin, DestructuringMixin, ValueMixin, <Backend>     # a value storage
+    PerKeyLockMixin, CallMixin, <Backend>                          # a call storage
+
+The backend supplies the primitives (``put``, ``get``, ``list``, ``_evict``, ``_contains``);
+``ValueMixin``/``CallMixin`` turn them into the domain operations; mixins in front wrap every
+operation through :meth:`OperationContext._operation_context`.
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+import contextlib
+import enum
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, overload
+
+from ..call import Call, DigestedCall, QueryCall
+from ..digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk, digest
+
+__all__ = [
+    "AmbiguousDigestError",
+    "CallMixin",
+    "CallStorage",
+    "Intent",
+    "KeyManagement",
+    "OperationContext",
+    "SaveError",
+    "StorageBackend",
+    "ValueMixin",
+    "ValueStorage",
+]
+
+
+class SaveError(Exception):
+    """A value or call could not be stored; nothing was written for it."""
+
+
+class AmbiguousDigestError(ValueError):
+    """A short digest matches more than one stored key."""
+
+
+class Intent(enum.StrEnum):
+    """Describes the kind of operation being performed on storage.
+
+    Mixins may use this to choose between exclusive and shared locks.
+    """
+
+    WRITE = "write"
+    """The operation may change the entry (save, evict); the default."""
+    READ = "read"
+    """The operation only looks (load, contains, expand); mixins guarding against torn writes
+    may skip exclusive locks for it when the backend's writes are atomic."""
+
+
+class OperationContext(abc.ABC):  # noqa: B024 - a hook base, deliberately without abstract methods
+    """Minimal base that exposes the :meth:`_operation_context` hook.
+
+    Both :class:`KeyManagement` (storage layer) and ``BaseCache`` (cache layer) inherit from this
+    class so that the same thread-safety mixins (``SerializingMixin``, ``PerKeyLockMixin``) can
+    attach to either layer without duplication.
+    """
+
+    @contextlib.contextmanager
+    def _operation_context(
+        self, key: Digest | str, *, intent: Intent = Intent.WRITE
+    ) -> Iterator[None]:
+        """Context manager entered around every operation on ``key``.
+
+        The base implementation is a no-op. Override in a mixin to inject any resource scoped to
+        the operation: a threading lock, a SQLAlchemy session, an open file handle. Receiving
+        ``key`` lets implementations choose between one global resource and per-key resources;
+        ``intent`` says whether the operation writes. Chain with ``super()`` so every mixin in the
+        MRO wraps the operation::
+
+            @contextlib.contextmanager
+            def _operation_context(self, key, *, intent=Intent.WRITE):
+                with self._lock:
+                    with super()._operation_context(key, intent=intent):
+                        yield
+        """
+        yield
+
+
+def _check_key_text(key: Any) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"a key must be a str or Digest, got {type(key).__name__}: {key!r}")
+    if isinstance(key, Digest):
+        return key
+    try:
+        return Digest(key)
+    except ValueError:
+        raise ValueError(
+            f"invalid key {key!r}: keys are lowercase hex digests of up to {DIGEST_LENGTH} "
+            f"characters (prefixes of at least {MIN_PREFIX_LENGTH})"
+        ) from None
+
+
+class KeyManagement(OperationContext):
+    """Abstract base providing key-management helpers for any keyed storage.
+
+    Subclasses implement :meth:`list`, :meth:`_evict` and :meth:`_contains`; :meth:`evict`,
+    :meth:`contains`, :meth:`expand` and :meth:`shrink` are implemented here once. Every public
+    operation enters :meth:`_operation_context` around the work it does, so mixins can inject an
+    operation-scoped resource without overriding every method.
+
+    Wherever a key is taken, a unique prefix of at least four characters (a *short digest*)
+    works too.
+    """
+
+    @abc.abstractmethod
+    def list(self) -> Iterable[Digest]:
+        """Every stored key (a snapshot; entries may come and go while you iterate)."""
+
+    @abc.abstractmethod
+    def _evict(self, key: Digest) -> None:
+        """Remove ``key``; raise ``KeyError`` if it is not stored."""
+
+    @abc.abstractmethod
+    def _contains(self, key: Digest) -> bool:
+        """Whether the full key ``key`` is stored."""
+
+    def evict(self, key: Digest | str) -> None:
+        """Removes the entry corresponding to the key from the storage.
+
+        Raises ``KeyError`` if nothing is stored under ``key``. Atomic with respect to other
+        operations on the same key in every thread and process that shares the storage's locks.
+        """
+        key = self._normalize_key(key)
+        with self._operation_context(key):
+            self._evict(key)
+
+    def contains(self, key: Digest | str) -> bool:
+        """Whether an entry is stored under ``key`` (full or short); a snapshot that another
+        thread or process may change at once."""
+        try:
+            key = self._normalize_key(key)
+        except KeyError:
+            return False
+        with self._operation_context(key, intent=Intent.READ):
+            return self._contains(key)
+
+    def expand(self, key: Digest | str) -> Digest:
+        """Expands a short-hand digest to the full length one.
+
+        A full-length key is returned as it is, stored or not. A prefix must have at least four
+        characters; raises ``KeyError`` if no stored key starts with it and
+        :class:`AmbiguousDigestError` if several do. Lists the storage (O(n)) for prefixes.
+        """
+        text = _check_key_text(key)
+        if len(text) == DIGEST_LENGTH:
+            return _mk(text)
+        if len(text) < MIN_PREFIX_LENGTH:
+            raise ValueError(
+                f"short digest {text!r} is too short: give at least {MIN_PREFIX_LENGTH} characters"
+            )
+        with self._operation_context(text, intent=Intent.READ):
+            matches = [k for k in self.list() if k.startswith(text)]
+        return _unique_match(text, matches)
+
+    @overload
+    def shrink(self, key: Digest | str, /) -> Digest: ...
+    @overload
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> tuple[Digest, ...]: ...
+
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
+        """Find the shortest substring(s) that unambiguously reference each key.
+
+        With a single key, returns one :class:`Digest`; with several, a tuple in the same order.
+        The batched form lists the storage once instead of per key, which matters where listing
+        is expensive. Never shorter than four characters. A snapshot: a key stored later may make
+        a returned prefix ambiguous.
+        """
+        full = [self._normalize_key(k) for k in (key, *keys)]
+        sorted_all = sorted(self.list())
+        shrunk = tuple(self._shrink_one(k, sorted_all) for k in full)
+        return shrunk if keys else shrunk[0]
+
+    def _shrink_one(self, key: Digest | str, sorted_all: Sequence[str]) -> Digest:
+        """Shortest prefix of ``key`` that no other key in ``sorted_all`` shares."""
+        i = bisect.bisect_left(sorted_all, key)
+        common = 0
+        for j in (i - 1, i, i + 1):
+            if 0 <= j < len(sorted_all) and sorted_all[j] != key:
+                common = max(common, _common_prefix(key, sorted_all[j]))
+        return _mk(key[: max(MIN_PREFIX_LENGTH, common + 1)])
+
+    def _normalize_key(self, key: Digest | str) -> Digest:
+        """Expand a short digest prefix to a full key, or wrap a full key as Digest.
+
+        Raises ``TypeError``/``ValueError`` for something that is not a digest, before any
+        storage is touched.
+        """
+        if type(key) is Digest and len(key) == DIGEST_LENGTH:
+            return key
+        text = _check_key_text(key)
+        return _mk(text) if len(text) == DIGEST_LENGTH else self.expand(text)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _unique_match(prefix: str, matches: Sequence[str]) -> Digest:
+    if not matches:
+        raise KeyError(f"no stored key starts with {prefix!r}")
+    if len(matches) > 1:
+        ordered = sorted(matches)
+        needed = max(_common_prefix(a, b) for a, b in zip(ordered, ordered[1:])) + 1
+        raise AmbiguousDigestError(
+            f"short digest {prefix!r} matches {len(matches)} stored keys; "
+            f"give at least {needed} characters to tell them apart"
+        )
+    return _mk(matches[0])
+
+
+class StorageBackend(KeyManagement):
+    """Primitive backend interface for key-value storage.
+
+    Backends implement the low-level ``put``/``get``/``_evict``/``list`` operations on full keys,
+    without locking; higher-level classes (:class:`ValueMixin`, :class:`CallMixin`) add the
+    domain logic and enter the operation context.
+    """
+
+    @abc.abstractmethod
+    def put(self, value: Any, key: Digest) -> Digest:
+        """Store ``value`` under ``key``, replacing any entry; return ``key``."""
+
+    @abc.abstractmethod
+    def get(self, key: Digest) -> Any:
+        """Return the value stored under ``key``; raise ``KeyError`` if there is none."""
+
+    def _contains(self, key: Digest) -> bool:
+        """Note for implementers: this default reads the whole entry; override it with a cheap
+        existence check."""
+        try:
+            self.get(key)
+        except KeyError:
+            return False
+        return True
+
+
+class ValueStorage(KeyManagement):
+    """Abstract domain interface for value storage: values stored under their content digest."""
+
+    @abc.abstractmethod
+    def save(self, value: Any, key: Digest | None = None) -> Digest:
+        """Store ``value`` under ``key`` (default: ``digest(value)``) and return the key."""
+
+    @abc.abstractmethod
+    def load(self, key: Digest | str) -> Any:
+        """Return the value stored under ``key`` (full or short); ``KeyError`` if absent."""
+
+
+class ValueMixin(ValueStorage, StorageBackend):
+    """Bridges :class:`ValueStorage` with :class:`StorageBackend` primitives.
+
+    Implements ``save`` and ``load`` using ``put`` and ``get``. Concrete classes inherit from
+    this and a :class:`StorageBackend` implementation to get a fully functional value storage.
+    """
+
+    def save(self, value: Any, key: Digest | None = None) -> Digest:
+        """Store ``value`` and return its key (``digest(value)`` unless given).
+
+        Atomic per key: concurrent saves of the same key in threads or processes sharing the
+        storage's locks are serialized and a reader sees one whole value or the other.
+        """
+        key = digest(value) if key is None else self._normalize_key(key)
+        with self._operation_context(key):
+            return self.put(value, key)
+
+    def load(self, key: Digest | str) -> Any:
+        """Return the value stored under ``key`` (full or short); ``KeyError`` if absent.
+
+        Never returns a partially written value, whatever other threads or processes write.
+        """
+        key = self._normalize_key(key)
+        with self._operation_context(key, intent=Intent.READ):
+            return self.get(key)
+
+
+class CallStorage(KeyManagement):
+    """Abstract domain interface for call storage: :class:`DigestedCall` records by lookup key."""
+
+    @abc.abstractmethod
+    def save(self, call: DigestedCall) -> Digest:
+        """Store ``call`` under its lookup key, replacing an earlier record; return the key."""
+
+    @abc.abstractmethod
+    def load(self, key: Digest | str) -> DigestedCall:
+        """Return the record stored under ``key`` (full or short); ``KeyError`` if absent."""
+
+    @abc.abstractmethod
+    def query(self, template: QueryCall) -> Iterable[DigestedCall]:
+        """Every stored call that matches ``template``."""
+
+    def transform(
+        self, func: Callable[[DigestedCall], DigestedCall] | None = None
+    ) -> None:
+        """Applies a transformation function to all DigestedCall objects in the storage.
+
+        ``func`` takes a :class:`DigestedCall` and returns the transformed one; ``None`` keeps
+        each call as it is, which re-derives every key (useful after the key scheme changed).
+        A re-keyed call is saved under its new key before the old key is evicted, so no reader
+        ever finds it missing. Not atomic as a whole: calls saved concurrently may be missed.
+        """
+        for key in list(self.list()):
+            try:
+                call = self.load(key)
+            except KeyError:
+                continue  # evicted since we listed
+            new = func(call) if func is not None else call
+            new_key = self.save(new)
+            if new_key != key:
+                with contextlib.suppress(KeyError):
+                    self.evict(key)
+
+
+class CallMixin(CallStorage, StorageBackend):
+    """Bridges :class:`CallStorage` with :class:`StorageBackend` primitives.
+
+    Implements ``save``, ``load`` and ``query`` using ``put`` and ``get``, deriving the storage
+    key from the call's lookup key. ``transform`` is inherited from :class:`CallStorage`.
+    """
+
+    def save(self, call: DigestedCall | Call) -> Digest:
+        """Store the record under its lookup key and return the key.
+
+        A plain :class:`Call` is digested first. Atomic per key: a reader in any thread or process
+        sees the old record or the new one, never neither.
+        """
+        if not isinstance(call, Call):
+            raise TypeError(f"a call storage saves Call records, got {type(call).__name__}")
+        record = call.digest()
+        key = record.to_lookup_key()
+        with self._operation_context(key):
+            return self.put(record, key)
+
+    def load(self, key: Digest | str) -> DigestedCall:
+        """Return the record stored under ``key``; ``KeyError`` if absent."""
+        key = self._normalize_key(key)
+        with self._operation_context(key, intent=Intent.READ):
+            return self.get(key)
+
+    def query(self, template: QueryCall) -> Iterator[DigestedCall]:
+        """Find cached calls that 'match' the template.
+
+        Returns all calls where the given arguments, results or metadata match exactly the stored
+        ones; values may be given either as they are or as :class:`Digest`; ``None`` fields are
+        wildcards. Loads every stored call (O(n)); calls saved or evicted while it runs may or may
+        not be seen.
+        """
+        for key in list(self.list()):
+            try:
+                call = self.load(key)
+            except KeyError:
+                continue
+            if template.matches(call):
+                yield call

@@ -1,0 +1,45 @@
+"""Storages that keep nothing: every save is accepted and forgotten.
+
+Useful to switch caching off without changing code, and to measure the cost of digesting alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..digest import Digest
+from .base import CallMixin, StorageBackend, ValueMixin
+
+__all__ = ["CallVoid", "ValueVoid", "VoidBackend"]
+
+
+@dataclass(frozen=True)
+class VoidBackend(StorageBackend):
+    """Backend that stores nothing: ``put`` succeeds, ``get`` always raises ``KeyError``."""
+
+    def list(self) -> Iterable[Digest]:
+        return ()
+
+    def _evict(self, key: Digest) -> None:
+        raise KeyError(f"nothing stored under {key}: a void storage keeps nothing")
+
+    def put(self, value: Any, key: Digest) -> Digest:
+        return key
+
+    def get(self, key: Digest) -> Any:
+        raise KeyError(f"nothing stored under {key}: a void storage keeps nothing")
+
+    def _contains(self, key: Digest) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class ValueVoid(ValueMixin, VoidBackend):
+    """A value storage that keeps nothing."""
+
+
+@dataclass(frozen=True)
+class CallVoid(CallMixin, VoidBackend):
+    """A call storage that keeps nothing."""
