@@ -20,28 +20,23 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, overload
 
 from ..call import Call, DigestedCall, QueryCall
+from ..errors import AmbiguousDigestError, CorruptEntryError, LockTimeout, SaveError
 from ..digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk, digest
 
 __all__ = [
     "AmbiguousDigestError",
     "CallMixin",
     "CallStorage",
+    "CorruptEntryError",
     "Intent",
     "KeyManagement",
+    "LockTimeout",
     "OperationContext",
     "SaveError",
     "StorageBackend",
     "ValueMixin",
     "ValueStorage",
 ]
-
-
-class SaveError(Exception):
-    """A value or call could not be stored; nothing was written for it."""
-
-
-class AmbiguousDigestError(ValueError):
-    """A short digest matches more than one stored key."""
 
 
 class Intent(enum.StrEnum):
