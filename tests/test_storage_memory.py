@@ -1,28 +1,11 @@
 """Memory and void storages under the shared storage contract."""
 
-from dataclasses import dataclass
-
 import pytest
 
 from fleche.digest import digest
-from fleche.storage import (
-    CallMemory,
-    CallVoid,
-    SerializingMixin,
-    ValueMemory,
-    ValueVoid,
-)
+from fleche.storage import CallMemory, CallVoid, ValueMemory, ValueVoid
 from fleche.testing import CallStorageTests, ValueStorageTests
-
-
-@dataclass(frozen=True)
-class SerializingValueMemory(SerializingMixin, ValueMemory):
-    pass
-
-
-@dataclass(frozen=True)
-class SerializingCallMemory(SerializingMixin, CallMemory):
-    pass
+from tests_support import SerializingCallMemory, SerializingValueMemory
 
 
 class TestValueMemory(ValueStorageTests):

@@ -213,14 +213,16 @@ class DestructuringMixin(ValueStorage):
 
     remaining_depth: int = 0
 
-    def _intern_rec(self, value: Any, key: Digest | None = None) -> tuple[Any, int | float]:
+    def _intern_rec(
+        self, value: Any, key: Digest | None = None, *, top: bool = False
+    ) -> tuple[Any, int | float]:
         """Post-order traversal: recurse to leaves, decide inline-vs-store on the way back up.
 
         Returns ``(result, depth)`` where result is the plain value when
         ``depth < remaining_depth`` (the element is inlined in its parent's ``Digested``
         wrapper) or a :class:`Digest` when the element was written to storage separately. Every
         node is visited exactly once. References (:class:`Digest` values) have infinite depth:
-        they are never inlined and never stored again.
+        they are never inlined and never stored again. The ``top`` node is always stored.
         """
         if isinstance(value, Digest):
             return value, math.inf
@@ -229,10 +231,12 @@ class DestructuringMixin(ValueStorage):
             raw, depth = value, 0
         else:
             raw, depth = destructure(self._intern_rec, value)
-        if key is None and depth < self.remaining_depth:
+        if key is None and not top and depth < self.remaining_depth:
             return value, depth
         if key is None:
-            key = raw.key() if isinstance(raw, Digested) else digest(value)
+            # The top key is the value's own digest (a hook or __digest__ may differ from the
+            # wrapper's); inner keys come from the children's, so nothing is digested twice.
+            key = digest(value) if top or not isinstance(raw, Digested) else raw.key()
         return super().save(raw, key), depth
 
     def save(self, value: Any, key: Digest | None = None) -> Digest:
@@ -247,7 +251,7 @@ class DestructuringMixin(ValueStorage):
             return self._normalize_key(value)
         if key is not None:
             key = self._normalize_key(key)
-        result, _ = self._intern_rec(value, key)
+        result, _ = self._intern_rec(value, key, top=True)
         return result
 
     def load(self, key: Digest | str) -> Any:

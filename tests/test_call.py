@@ -1,0 +1,72 @@
+"""Call records, their lookup keys and query templates."""
+
+import pickle
+
+import pytest
+
+from fleche.call import Call, DigestedCall, QueryCall
+from fleche.digest import Digest, digest
+
+
+def f(a, b=2, *rest, c=3, **extra):
+    return a
+
+
+def g(a, b=2):
+    return a
+
+
+def test_from_call_binds_the_signature_with_defaults():
+    call = Call.from_call(f, 1)
+    assert call.arguments == {"a": 1, "b": 2, "rest": (), "c": 3, "extra": {}}
+    assert list(call.arguments) == ["a", "b", "rest", "c", "extra"]
+    assert call.name == "f" and call.module == __name__
+    assert Call.from_call(f, 1, 2, 9, c=4, z=5).arguments == {
+        "a": 1, "b": 2, "rest": (9,), "c": 4, "extra": {"z": 5},
+    }
+    with pytest.raises(TypeError):
+        Call.from_call(g, 1, 2, 3)
+
+
+def test_lookup_key_depends_on_identity_and_arguments_only():
+    base = Call.from_call(g, 1)
+    assert base.to_lookup_key() == Call.from_call(g, a=1, b=2).to_lookup_key()
+    assert base.to_lookup_key() != Call.from_call(g, 2).to_lookup_key()
+    assert base.to_lookup_key() != base.replace(version="2").to_lookup_key()
+    assert base.to_lookup_key() != base.replace(module="elsewhere").to_lookup_key()
+    assert base.to_lookup_key() != base.replace(code_digest=digest("code")).to_lookup_key()
+    assert base.to_lookup_key() != base.replace(name="h").to_lookup_key()
+    assert base.to_lookup_key() == base.replace(result=5, metadata={"m": {"x": 1}}).to_lookup_key()
+    assert base.to_lookup_key() != Call.from_call(g, 1.0).to_lookup_key()
+
+
+def test_digested_call_shares_the_key():
+    call = Call.from_call(g, [1, 2], b={"x": 1}).replace(result=(3,))
+    record = call.digest()
+    assert isinstance(record, DigestedCall)
+    assert record.arguments == {"a": digest([1, 2]), "b": digest({"x": 1})}
+    assert all(isinstance(v, Digest) for v in record.arguments.values())
+    assert record.result == digest((3,))
+    assert record.to_lookup_key() == call.to_lookup_key()
+    assert record.digest() is record
+    assert pickle.loads(pickle.dumps(record)) == record
+
+
+def test_query_call_matches():
+    record = Call.from_call(g, 1).replace(
+        result=5, version="1", metadata={"runtime": {"host": "a", "pid": 7}}
+    ).digest()
+    assert QueryCall().matches(record)
+    assert QueryCall(name="g", arguments={"a": 1}).matches(record)
+    assert QueryCall(arguments={"a": digest(1)}).matches(record)
+    assert not QueryCall(arguments={"a": 2}).matches(record)
+    assert not QueryCall(arguments={"missing": 1}).matches(record)
+    assert QueryCall(result=5).matches(record) and not QueryCall(result=6).matches(record)
+    assert QueryCall(version="1").matches(record) and not QueryCall(version="2").matches(record)
+    assert QueryCall(metadata={"runtime": {"host": "a"}}).matches(record)
+    assert QueryCall(metadata={"runtime": {}}).matches(record)
+    assert not QueryCall(metadata={"runtime": {"host": "b"}}).matches(record)
+    assert not QueryCall(metadata={"runtime": {"user": "a"}}).matches(record)
+    assert not QueryCall(metadata={"other": {}}).matches(record)
+    # An undigested call matches the same way.
+    assert QueryCall(arguments={"a": 1}).matches(Call.from_call(g, 1))

@@ -1,0 +1,129 @@
+"""Destructuring value storages: parts stored once, structures rebuilt, references followed."""
+
+import dataclasses
+from dataclasses import dataclass
+
+import attrs
+import pytest
+
+from fleche.digest import digest
+from fleche.storage import SaveError, ValueMemory, register_destructurer
+from fleche.storage.destructuring import DigestedDict, DigestedIterable, DigestedObject
+
+
+@dataclass
+class Sample:
+    name: str
+    values: list
+
+
+@dataclass
+class Derived:
+    x: int
+    twice: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.twice = 2 * self.x
+
+
+@attrs.define
+class AttrsSample:
+    a: int
+    _b: list
+
+
+def test_every_part_is_stored_under_its_own_digest():
+    values = ValueMemory()
+    key = values.save([1, [2, 3]])
+    assert key == digest([1, [2, 3]])
+    assert set(values.storage) == {digest(v) for v in (1, 2, 3, [2, 3], [1, [2, 3]])}
+    raw = values.storage[key]
+    assert isinstance(raw, DigestedIterable)
+    assert values.child_digests(key) == {digest(1), digest([2, 3])}
+    assert values.child_digests(digest(1)) == set()
+    with pytest.raises(KeyError):
+        values.child_digests(digest("absent"))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": (1, 2), "b": [{"c": None}], 3: "three"},
+        Sample("s", [1, 2, [3]]),
+        AttrsSample(1, [2]),
+        Derived(4),
+        ([], (), {}),
+    ],
+)
+def test_round_trip_keeps_types(value):
+    values = ValueMemory()
+    loaded = values.load(values.save(value))
+    assert loaded == value and type(loaded) is type(value)
+
+
+def test_objects_are_destructured_into_fields():
+    values = ValueMemory()
+    key = values.save(Sample("s", [1]))
+    assert isinstance(values.storage[key], DigestedObject)
+    assert isinstance(values.storage[values.save({"k": 1})], DigestedDict)
+    # A dataclass with init=False fields is stored whole (its constructor cannot rebuild it).
+    assert values.storage[values.save(Derived(2))] == Derived(2)
+
+
+def test_shared_parts_are_stored_once_and_counted():
+    values = ValueMemory()
+    shared = [2, 3]
+    a, b = values.save([1, shared]), values.save({"x": shared})
+    counts = values.count_reuses()
+    assert counts[digest(shared)] == 2
+    assert counts[a] == 0 and counts[b] == 0
+    assert counts[digest(2)] == 1
+
+
+def test_remaining_depth_inlines_small_subtrees():
+    values = ValueMemory(remaining_depth=1)
+    key = values.save([1, [2, 3]])
+    # Leaves are inlined; the inner list and the outer list are entries.
+    assert set(values.storage) == {key, digest([2, 3])}
+    assert values.load(key) == [1, [2, 3]]
+    deep = ValueMemory(remaining_depth=5)
+    assert len(deep.storage) == 0
+    k = deep.save([1, [2, 3]])
+    assert list(deep.storage) == [k] and deep.load(k) == [1, [2, 3]]
+
+
+def test_digest_inside_a_value_is_a_reference():
+    values = ValueMemory()
+    inner = values.save([1, 2])
+    outer = values.save({"ref": inner, "n": 3})
+    assert outer == digest({"ref": [1, 2], "n": 3})
+    assert values.load(outer) == {"ref": [1, 2], "n": 3}
+    assert values.save(inner) == inner
+    with pytest.raises(SaveError, match="nothing is stored"):
+        values.save(digest("not stored"))
+
+
+def test_custom_destructurer():
+    class Bag:
+        def __init__(self, *items):
+            self.items = list(items)
+
+        def __eq__(self, other):
+            return isinstance(other, Bag) and self.items == other.items
+
+        def __digest__(self):
+            return ("bag", self.items)
+
+    def destructure(intern, bag):
+        results = [intern(x) for x in bag.items]
+        return (
+            DigestedIterable(lambda items: Bag(*items), tuple(r for r, _ in results)),
+            1 + max((d for _, d in results), default=0),
+        )
+
+    register_destructurer(lambda v: isinstance(v, Bag), destructure)
+    values = ValueMemory()
+    key = values.save(Bag([1], 2))
+    assert key == digest(Bag([1], 2))
+    assert values.load(key) == Bag([1], 2)
+    assert digest([1]) in values.child_digests(key)

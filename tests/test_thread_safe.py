@@ -1,0 +1,100 @@
+"""Per-key and serializing locks: parallel on different keys, serialized on one key."""
+
+import pickle
+import threading
+
+import pytest
+
+from fleche.digest import digest
+from fleche.storage import SerializingMixin, ValueMemory
+from fleche.storage.thread_safe import _PicklableLock, _PicklableRLock
+from tests_support import SerializingValueMemory
+
+
+def test_different_keys_run_in_parallel_same_key_is_serialized():
+    storage = ValueMemory()
+    a, b = digest("a"), digest("b")
+    holding, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def holder():
+        with storage._operation_context(a):
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(10)
+
+    def probe():
+        seen["other key"] = storage._get_key_lock(b).acquire(blocking=False)
+        seen["same key"] = storage._get_key_lock(a).acquire(blocking=False)
+
+    p = threading.Thread(target=probe)
+    p.start()
+    p.join()
+    release.set()
+    t.join()
+    assert seen == {"other key": True, "same key": False}
+
+
+def test_key_lock_is_reentrant_for_nested_operations():
+    storage = ValueMemory()
+    key = storage.save([1, 2])
+    with storage._operation_context(key):
+        assert storage.load(key[:6]) == [1, 2]  # expand + load nest inside the held lock
+
+
+@pytest.mark.parametrize("factory", [ValueMemory, SerializingValueMemory])
+def test_read_modify_write_under_the_operation_lock_loses_nothing(factory):
+    storage = factory()
+    key = digest("counter")
+    storage.save(0, key)
+    start = threading.Barrier(8)
+
+    def bump():
+        start.wait()
+        for _ in range(200):
+            with storage._operation_context(key):
+                storage.save(storage.load(key) + 1, key)
+
+    threads = [threading.Thread(target=bump) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert storage.load(key) == 1600
+
+
+def test_serializing_mixin_excludes_all_keys():
+    storage = SerializingValueMemory()
+    holding, release = threading.Event(), threading.Event()
+
+    def holder():
+        with storage._operation_context(digest("a")):
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert holding.wait(10)
+    assert not storage._lock.acquire(blocking=False)
+    release.set()
+    t.join()
+    assert isinstance(storage, SerializingMixin)
+
+
+@pytest.mark.parametrize("cls", [_PicklableLock, _PicklableRLock])
+def test_lock_shims_pickle_as_fresh_locks(cls):
+    lock = cls()
+    with lock:
+        copy = pickle.loads(pickle.dumps(lock))
+        assert copy.acquire(blocking=False)
+        copy.release()
+
+
+def test_key_locks_are_dropped_when_unused():
+    storage = ValueMemory()
+    for i in range(1000):
+        storage.save(i)
+    assert len(storage._key_locks._locks) == 0
