@@ -1,43 +1,46 @@
-"""fleche quickstart: store values and call records, find them again by content.
+"""fleche quickstart: decorate a function, call it twice, the second call is served from the cache.
 
 Run: python3 examples/quickstart.py
 """
 
-from fleche.call import Call, QueryCall
-from fleche.digest import digest
-from fleche.storage import CallMemory, ValueMemory
+import time
+
+from fleche import fleche, memory_cache
+
+cache = memory_cache()
+RUNS = []
 
 
+@fleche(cache=cache)
 def simulate(temperature: float, steps: int = 100) -> dict:
     """A stand-in for an expensive computation."""
+    RUNS.append(temperature)
+    time.sleep(0.05)
     return {"energy": temperature * steps, "trace": [temperature] * 3}
 
 
+def sweep(temperatures: list[float]) -> float:
+    start = time.perf_counter()
+    for t in temperatures:
+        simulate(t)
+    return time.perf_counter() - start
+
+
 def main() -> None:
-    values, calls = ValueMemory(), CallMemory()
+    temperatures = [0.5, 1.0, 1.5, 2.0]
+    cold = sweep(temperatures)
+    warm = sweep(temperatures)
+    print(f"first sweep:  {cold * 1000:7.1f} ms, {len(RUNS)} computed")
+    print(f"second sweep: {warm * 1000:7.1f} ms, {len(RUNS) - len(temperatures)} computed")
 
-    # Values live under their content digest; nested containers are stored part by part.
-    result = simulate(1.5)
-    key = values.save(result)
-    assert key == digest(result)
-    print(f"saved the result under {values.shrink(key)} ({len(values.storage)} entries)")
-    print("loaded again:", values.load(values.shrink(key)))
-
-    # A call record points at stored values by digest; its key depends on what was called.
-    call = Call.from_call(simulate, 1.5).replace(result=result)
-    for value in call.arguments.values():
-        values.save(value)
-    call_key = calls.save(call)
-    print(f"call {calls.shrink(call_key)}: {call.name}{dict(call.arguments)}")
-
-    # The same call, asked again, finds the record: no need to recompute.
-    again = Call.from_call(simulate, 1.5)
-    record = calls.load(again.to_lookup_key())
-    print("found by lookup key; result:", values.load(record.result))
-
-    # Templates find calls by any argument, given as a value or as its digest.
-    matches = list(calls.query(QueryCall(name="simulate", arguments={"steps": 100})))
-    print(f"{len(matches)} stored call(s) of simulate with steps=100")
+    # Every call is a record: find them by argument, see when and where they ran.
+    (call,) = simulate.query(temperature=1.5)
+    runtime = call.metadata["runtime"]
+    print(f"simulate(1.5) -> {call.result['energy']} (ran on {runtime['host']}, "
+          f"{runtime['wall_time'] * 1000:.1f} ms)")
+    key = simulate.digest(1.5)
+    print(f"its key {key[:16]}..., short form {cache.shrink(key)}")
+    print(f"{len(list(cache.list()))} calls and {len(list(cache.values.list()))} values stored")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,41 @@
 """fleche: a persistent, content-addressed cache for Python function calls.
 
 Results are stored under the digest of the call (function identity plus argument contents), in
-storages that many threads and processes can share safely.
+storages that many threads and processes can share safely::
+
+    from fleche import fleche
+
+    @fleche
+    def simulate(temperature, steps=100):
+        ...
 """
 
+from .caches import BaseCache, Cache, CacheStack, ReadOnlyCache, memory_cache
 from .call import Call, DigestedCall, QueryCall
+from .decorator import active_cache, cache, fleche, get_default_cache, set_default_cache
 from .digest import Digest, Indigestible, digest, register_digest_hook
+from .errors import FlecheError, FlecheWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseCache",
+    "Cache",
+    "CacheStack",
     "Call",
     "Digest",
     "DigestedCall",
+    "FlecheError",
+    "FlecheWarning",
     "Indigestible",
     "QueryCall",
+    "ReadOnlyCache",
+    "active_cache",
+    "cache",
     "digest",
+    "fleche",
+    "get_default_cache",
+    "memory_cache",
     "register_digest_hook",
+    "set_default_cache",
 ]

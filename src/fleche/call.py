@@ -20,21 +20,59 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .digest import Digest, digest
 
-__all__ = ["Call", "DigestedCall", "QueryCall", "Metadata"]
+__all__ = ["Call", "DigestedCall", "LazyArguments", "Metadata", "QueryCall"]
 
 Metadata = Mapping[str, Mapping[str, Any]]
 """Metadata of a call: named sections (e.g. ``"runtime"``) of JSON-compatible entries."""
 
 
+def _argument_digests(arguments: Mapping[str, Any]) -> dict[str, Digest]:
+    known = getattr(arguments, "digests", None)
+    if known is not None:  # LazyArguments: no need to load the values to digest them
+        return dict(known)
+    return {name: digest(value) for name, value in arguments.items()}
+
+
 def _lookup_key(call: Call | DigestedCall) -> Digest:
-    arguments = {name: digest(value) for name, value in call.arguments.items()}
+    arguments = _argument_digests(call.arguments)
     return digest(("fleche.call", call.name, call.module, call.version, call.code_digest, arguments))
+
+
+class LazyArguments(Mapping[str, Any]):
+    """Arguments of a loaded call: each value is loaded on first access, then kept.
+
+    ``digests`` maps each name to the stored value's key, so the call's lookup key and record
+    need no loading at all.
+    """
+
+    def __init__(self, digests: Mapping[str, Digest], load: Callable[[Digest], Any]) -> None:
+        self.digests = dict(digests)
+        self._load = load
+        self._loaded: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded:
+            self._loaded[name] = self._load(self.digests[name])
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.digests)
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{n!r}: {self._loaded[n]!r}" if n in self._loaded else f"{n!r}: <{d[:8]}>"
+            for n, d in self.digests.items()
+        )
+        return "{" + shown + "}"
 
 
 @dataclass(frozen=True)
@@ -79,7 +117,7 @@ class Call:
         """This call as a record: every argument and the result replaced by its digest."""
         return DigestedCall(
             name=self.name,
-            arguments={name: digest(value) for name, value in self.arguments.items()},
+            arguments=_argument_digests(self.arguments),
             metadata=self.metadata,
             module=self.module,
             version=self.version,
@@ -134,10 +172,9 @@ class QueryCall:
         if self.result is not None and digest(self.result) != digest(call.result):
             return False
         if self.arguments is not None:
+            stored = _argument_digests(call.arguments)
             for name, value in self.arguments.items():
-                if name not in call.arguments:
-                    return False
-                if digest(value) != digest(call.arguments[name]):
+                if name not in stored or digest(value) != stored[name]:
                     return False
         if self.metadata is not None:
             stored = call.metadata or {}

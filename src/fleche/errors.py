@@ -6,6 +6,7 @@ __all__ = [
     "AmbiguousDigestError",
     "CorruptEntryError",
     "FlecheError",
+    "FlecheWarning",
     "LockTimeout",
     "SaveError",
 ]
@@ -57,3 +58,7 @@ class LockTimeout(FlecheError, TimeoutError):
 
     def __reduce__(self):
         return (type(self), (self.key, self.lock_path, self.timeout))
+
+
+class FlecheWarning(UserWarning):
+    """Caching was skipped for a call (it still ran and returned its result)."""

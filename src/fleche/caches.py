@@ -1,0 +1,376 @@
+"""Caches: a value storage and a call storage working as one.
+
+A :class:`Cache` stores a call's argument and result values in its value storage and the call's
+:class:`~fleche.call.DigestedCall` record in its call storage, values first, so whoever finds a
+record also finds its values. :class:`CacheStack` layers caches (a worker-local memory cache over
+a shared disk or database one); :class:`ReadOnlyCache` protects a cache from writes.
+
+Caches inherit :class:`~fleche.storage.OperationContext`, so the storage thread-safety mixins
+attach to them as well::
+
+    @dataclass(frozen=True)
+    class LockedCache(PerKeyLockMixin, Cache): ...
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .call import Call, DigestedCall, LazyArguments, QueryCall
+from .digest import Digest
+from .errors import FlecheError
+from .storage.base import CallStorage, Intent, OperationContext, ValueStorage, _unique_match
+from .storage.memory import CallMemory, ValueMemory
+
+__all__ = ["BaseCache", "Cache", "CacheStack", "ReadOnlyCache", "ReadOnlyError", "memory_cache"]
+
+
+class ReadOnlyError(FlecheError, PermissionError):
+    """A write (save, evict, gc) was attempted on a read-only cache."""
+
+
+class BaseCache(OperationContext):
+    """The cache layer: stores whole calls (record plus values) and finds them again.
+
+    Keys are call lookup keys; wherever a key is taken, a unique prefix of at least four
+    characters works too.
+    """
+
+    writable: bool = True
+    """Whether saves and evictions are allowed (the decorator skips saving when not)."""
+
+    @abc.abstractmethod
+    def save(self, call: Call) -> Digest:
+        """Store the call with its argument and result values; return its lookup key."""
+
+    @abc.abstractmethod
+    def load(self, key: Digest | str) -> Call:
+        """The stored call with its values; ``KeyError`` if the record or a value is missing."""
+
+    @abc.abstractmethod
+    def load_result(self, key: Digest | str) -> Any:
+        """Only the stored result of the call under ``key``; ``KeyError`` if absent."""
+
+    @abc.abstractmethod
+    def contains(self, key: Digest | str) -> bool:
+        """Whether a call record is stored under ``key``."""
+
+    @abc.abstractmethod
+    def evict(self, key: Digest | str) -> None:
+        """Remove the call record under ``key`` (values stay until :meth:`gc`)."""
+
+    @abc.abstractmethod
+    def expand(self, key: Digest | str) -> Digest:
+        """The full call key a unique prefix stands for."""
+
+    @abc.abstractmethod
+    def list(self) -> Iterable[Digest]:
+        """Every stored call key (a snapshot)."""
+
+    @abc.abstractmethod
+    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
+        """Stored calls matching ``template`` and the given argument values, values loaded."""
+
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
+        """Shortest unique prefixes of call keys (see ``KeyManagement.shrink``)."""
+        return self._calls_view().shrink(key, *keys)
+
+    def _calls_view(self) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _template(template: QueryCall | None, arguments: dict[str, Any]) -> QueryCall:
+        template = template or QueryCall()
+        if arguments:
+            merged = {**(template.arguments or {}), **arguments}
+            template = dataclasses.replace(template, arguments=merged)
+        return template
+
+
+def _values_of(record: DigestedCall) -> list[Digest]:
+    return [*record.arguments.values(), record.result]
+
+
+@dataclass(frozen=True)
+class Cache(BaseCache):
+    """A value storage and a call storage used together.
+
+    Pickles as its two storages, so a cache can be shipped to worker processes; what it
+    guarantees across processes is what its storages guarantee.
+
+    >>> cache = Cache(ValueMemory(), CallMemory())
+    >>> key = cache.save(Call("square", {"x": 3}, result=9))
+    >>> cache.load_result(key)
+    9
+    """
+
+    values: ValueStorage
+    calls: CallStorage
+
+    def save(self, call: Call) -> Digest:
+        """Store the values, then the record; return the call's lookup key.
+
+        A reader in any thread or process never finds the record without its values. If a value
+        cannot be stored (``SaveError``), the record is not written; values already written stay
+        until :meth:`gc`.
+        """
+        record = call.digest()
+        key = record.to_lookup_key()
+        with self._operation_context(key):
+            arguments = call.arguments
+            for name, value_key in record.arguments.items():
+                if isinstance(arguments, LazyArguments) and self._has_value(value_key):
+                    continue
+                self.values.save(arguments[name], value_key)
+            self.values.save(call.result, record.result)
+            self.calls.save(record)
+        return key
+
+    def _has_value(self, key: Digest) -> bool:
+        return self.values.contains(key)
+
+    def load(self, key: Digest | str) -> Call:
+        """The stored call: result loaded now, arguments loaded on first access."""
+        key = self.calls._normalize_key(key)
+        with self._operation_context(key, intent=Intent.READ):
+            record = self.calls.load(key)
+            return self._loaded(record)
+
+    def _loaded(self, record: DigestedCall) -> Call:
+        return Call(
+            name=record.name,
+            arguments=LazyArguments(record.arguments, self.values.load),
+            metadata=record.metadata,
+            module=record.module,
+            version=record.version,
+            code_digest=record.code_digest,
+            result=self.values.load(record.result),
+        )
+
+    def load_result(self, key: Digest | str) -> Any:
+        """The stored result only: one record read and one value read, no argument loaded."""
+        key = self.calls._normalize_key(key)
+        with self._operation_context(key, intent=Intent.READ):
+            return self.values.load(self.calls.load(key).result)
+
+    def contains(self, key: Digest | str) -> bool:
+        return self.calls.contains(key)
+
+    def evict(self, key: Digest | str) -> None:
+        key = self.calls._normalize_key(key)
+        with self._operation_context(key):
+            self.calls.evict(key)
+
+    def expand(self, key: Digest | str) -> Digest:
+        return self.calls.expand(key)
+
+    def list(self) -> Iterable[Digest]:
+        return self.calls.list()
+
+    def _calls_view(self) -> CallStorage:
+        return self.calls
+
+    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
+        """Stored calls matching the template, arguments loaded lazily. O(n) for storages that
+        cannot filter themselves; calls saved or evicted meanwhile may or may not appear."""
+        for record in self.calls.query(self._template(template, arguments)):
+            try:
+                yield self._loaded(record)
+            except KeyError:
+                continue  # result value gone (evicted or gc'd concurrently)
+
+    def transfer(self, other: BaseCache) -> int:
+        """Copy every call and its values into ``other``, skipping calls it already has.
+
+        Returns the number of calls copied. Safe to run while others use either cache; calls
+        saved meanwhile may or may not be copied.
+        """
+        copied = 0
+        for key in list(self.calls.list()):
+            if other.contains(key):
+                continue
+            try:
+                other.save(self.load(key))
+            except KeyError:
+                continue
+            copied += 1
+        return copied
+
+    def gc(self, dry_run: bool = False) -> list[Digest]:
+        """Remove values that no stored call refers to, directly or as a part; return their keys.
+
+        Lists the values first and the calls after, so a value is kept if any call stored
+        before gc finished reading the calls needs it. A call being saved while gc runs may lose
+        a value it just wrote; it then reads as a miss and is recomputed. O(calls + values).
+        """
+        candidates = set(self.values.list())
+        reachable: set[Digest] = set()
+        pending = [d for key in list(self.calls.list()) for d in self._record_values(key)]
+        children = getattr(self.values, "child_digests", None)
+        while pending:
+            key = pending.pop()
+            if key in reachable:
+                continue
+            reachable.add(key)
+            if children is not None:
+                with contextlib.suppress(KeyError):
+                    pending.extend(children(key))
+        garbage = sorted(candidates - reachable)
+        if not dry_run:
+            for key in garbage:
+                with contextlib.suppress(KeyError):
+                    self.values.evict(key)
+        return garbage
+
+    def _record_values(self, key: Digest) -> list[Digest]:
+        try:
+            return _values_of(self.calls.load(key))
+        except KeyError:
+            return []
+
+
+def memory_cache() -> Cache:
+    """A new cache in this process's memory."""
+    return Cache(ValueMemory(), CallMemory())
+
+
+@dataclass(frozen=True)
+class CacheStack(BaseCache):
+    """Caches tried in order: reads fall through, hits are copied back up.
+
+    ``layers[0]`` is the fastest. A read tries each layer in order and saves a hit found in a
+    lower layer into every layer above it. A save goes to the first layer and, with
+    ``write_through=True`` (the default), to every other layer too; with ``write_through=False``
+    lower layers only receive what :meth:`flush` copies down.
+    """
+
+    layers: Sequence[BaseCache]
+    write_through: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a CacheStack needs at least one layer")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    def save(self, call: Call) -> Digest:
+        targets = self.layers if self.write_through else self.layers[:1]
+        keys = [layer.save(call) for layer in targets if layer.writable]
+        if not keys:
+            raise ReadOnlyError("no layer of this CacheStack accepts writes")
+        return keys[0]
+
+    def _find(self, key: Digest | str) -> tuple[int, Call]:
+        for i, layer in enumerate(self.layers):
+            try:
+                return i, layer.load(key)
+            except KeyError:
+                continue
+        raise KeyError(f"no call stored under {key} in any layer")
+
+    def load(self, key: Digest | str) -> Call:
+        """Load from the first layer that has the call; copy it into the layers above."""
+        i, call = self._find(key)
+        for layer in self.layers[:i]:
+            if layer.writable:
+                layer.save(call)
+        return call
+
+    def load_result(self, key: Digest | str) -> Any:
+        try:
+            return self.layers[0].load_result(key)
+        except KeyError:
+            return self.load(key).result
+
+    def contains(self, key: Digest | str) -> bool:
+        return any(layer.contains(key) for layer in self.layers)
+
+    def evict(self, key: Digest | str) -> None:
+        """Evict from every layer that has the call; ``KeyError`` if none had it."""
+        found = False
+        for layer in self.layers:
+            try:
+                layer.evict(key)
+                found = True
+            except KeyError:
+                continue
+        if not found:
+            raise KeyError(f"no call stored under {key} in any layer")
+
+    def expand(self, key: Digest | str) -> Digest:
+        matches = set()
+        for layer in self.layers:
+            with contextlib.suppress(KeyError):
+                matches.add(layer.expand(key))
+        return _unique_match(str(key), sorted(matches))
+
+    def list(self) -> Iterable[Digest]:
+        seen: dict[Digest, None] = {}
+        for layer in self.layers:
+            seen.update(dict.fromkeys(layer.list()))
+        return list(seen)
+
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
+        view = CallMemory(storage=dict.fromkeys(self.list()))
+        return view.shrink(self.expand(key), *(self.expand(k) for k in keys))
+
+    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
+        seen = set()
+        for layer in self.layers:
+            for call in layer.query(template, **arguments):
+                key = call.to_lookup_key()
+                if key not in seen:
+                    seen.add(key)
+                    yield call
+
+    def flush(self) -> int:
+        """Copy what the first layer has into every lower layer; return the number copied."""
+        first = self.layers[0]
+        if not isinstance(first, Cache):
+            raise TypeError("flush needs a Cache as the first layer")
+        return sum(first.transfer(layer) for layer in self.layers[1:] if layer.writable)
+
+
+@dataclass(frozen=True)
+class ReadOnlyCache(BaseCache):
+    """A view of ``cache`` that loads and queries but refuses to save or evict."""
+
+    cache: BaseCache
+    writable: bool = field(default=False, init=False)
+
+    def _refuse(self, what: str) -> ReadOnlyError:
+        return ReadOnlyError(f"cannot {what}: this cache is read-only ({self.cache!r})")
+
+    def save(self, call: Call) -> Digest:
+        raise self._refuse(f"save a call of {call.name}")
+
+    def evict(self, key: Digest | str) -> None:
+        raise self._refuse(f"evict {key}")
+
+    def gc(self, dry_run: bool = False) -> list[Digest]:
+        raise self._refuse("collect garbage")
+
+    def load(self, key: Digest | str) -> Call:
+        return self.cache.load(key)
+
+    def load_result(self, key: Digest | str) -> Any:
+        return self.cache.load_result(key)
+
+    def contains(self, key: Digest | str) -> bool:
+        return self.cache.contains(key)
+
+    def expand(self, key: Digest | str) -> Digest:
+        return self.cache.expand(key)
+
+    def list(self) -> Iterable[Digest]:
+        return self.cache.list()
+
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
+        return self.cache.shrink(key, *keys)
+
+    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
+        return self.cache.query(template, **arguments)

@@ -1,0 +1,300 @@
+"""The ``@fleche`` decorator and the choice of the cache it uses.
+
+Which cache a decorated function uses, first match wins:
+
+1. the ``cache=`` argument of the decorator;
+2. the active cache of the current context, set with ``fleche.cache(c)`` (a ``contextvars``
+   variable: it holds in this thread and in asyncio tasks started from it, not in other threads);
+3. the process-wide default, set with :func:`set_default_cache` (what worker plugins install);
+4. an in-memory cache private to this process, created on first use.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import functools
+import inspect
+import os
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar, overload
+
+from .caches import BaseCache, memory_cache
+from .call import Call, QueryCall
+from .digest import Digest, Indigestible, code_digest
+from .errors import CorruptEntryError, FlecheWarning, SaveError
+
+__all__ = [
+    "active_cache",
+    "cache",
+    "fleche",
+    "get_default_cache",
+    "set_default_cache",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_ACTIVE: contextvars.ContextVar[BaseCache | None] = contextvars.ContextVar(
+    "fleche_active_cache", default=None
+)
+_default: BaseCache | None = None
+_fallback: BaseCache | None = None
+_fallback_lock = threading.Lock()
+_HOST = socket.gethostname()
+
+
+class _CacheSetting:
+    """The result of :func:`cache`: already in effect; as a context manager, undone on exit."""
+
+    def __init__(self, cache: BaseCache | None, token: contextvars.Token) -> None:
+        self.cache = cache
+        self._token = token
+
+    def __enter__(self) -> BaseCache | None:
+        return self.cache
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.reset(self._token)
+
+
+def cache(c: BaseCache | None) -> _CacheSetting:
+    """Make ``c`` the active cache of the current context (``None`` clears it).
+
+    Takes effect at once; used as ``with fleche.cache(c): ...`` the previous setting returns
+    when the block ends. Other threads are not affected.
+    """
+    if c is not None and not isinstance(c, BaseCache):
+        raise TypeError(f"fleche.cache needs a cache (e.g. fleche.caches.Cache), got {c!r}")
+    return _CacheSetting(c, _ACTIVE.set(c))
+
+
+def set_default_cache(c: BaseCache | None) -> None:
+    """Make ``c`` the process-wide default cache, used where no cache is active."""
+    global _default
+    if c is not None and not isinstance(c, BaseCache):
+        raise TypeError(f"set_default_cache needs a cache, got {c!r}")
+    _default = c
+
+
+def get_default_cache() -> BaseCache | None:
+    """The process-wide default cache, if one was set."""
+    return _default
+
+
+def active_cache() -> BaseCache:
+    """The cache a decorated function without ``cache=`` would use now."""
+    global _fallback
+    c = _ACTIVE.get()
+    if c is not None:
+        return c
+    if _default is not None:
+        return _default
+    if _fallback is None:
+        with _fallback_lock:
+            if _fallback is None:
+                _fallback = memory_cache()
+    return _fallback
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, FlecheWarning, stacklevel=3)
+
+
+class _Cached:
+    """What ``@fleche`` builds around one function (see :func:`fleche`)."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        version: str | None,
+        hash_version: bool,
+        hash_module: bool,
+        hash_code: bool,
+        ignore: Iterable[str],
+        cache: BaseCache | None,
+    ) -> None:
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(f"@fleche cannot cache async functions yet: {func.__qualname__}")
+        self.func = func
+        self.signature = inspect.signature(func)
+        self.ignore = frozenset(ignore)
+        unknown = self.ignore - set(self.signature.parameters)
+        if unknown:
+            raise ValueError(
+                f"ignore names {sorted(unknown)} that are not parameters of {func.__qualname__}"
+                f"{self.signature}"
+            )
+        if cache is not None and not isinstance(cache, BaseCache):
+            raise TypeError(f"cache= needs a cache (e.g. fleche.caches.Cache), got {cache!r}")
+        self.cache = cache
+        self.version = version
+        self.template = Call(
+            name=func.__qualname__,
+            arguments={},
+            module=func.__module__ if hash_module else None,
+            version=version if hash_version else None,
+            code_digest=code_digest(func) if hash_code else None,
+        )
+        self.info = {"version": version, "module": func.__module__}
+
+    def resolve_cache(self) -> BaseCache:
+        return self.cache if self.cache is not None else active_cache()
+
+    def make_call(self, args: tuple, kwargs: dict) -> Call:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        if self.ignore:
+            arguments = {k: v for k, v in arguments.items() if k not in self.ignore}
+        return self.template.replace(arguments=arguments)
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        cache = self.resolve_cache()
+        try:
+            call = self.make_call(args, kwargs)
+            key = call.to_lookup_key()
+        except Indigestible as e:
+            _warn(f"{self.func.__qualname__} ran uncached: {e}")
+            return self.func(*args, **kwargs)
+        except TypeError:
+            return self.func(*args, **kwargs)  # raises the usual error for bad arguments
+        try:
+            return cache.load_result(key)
+        except KeyError:
+            pass
+        except CorruptEntryError as e:
+            _warn(f"{self.func.__qualname__}: recomputing over a corrupt cache entry ({e})")
+        started = time.time()
+        t0 = time.perf_counter()
+        result = self.func(*args, **kwargs)
+        wall = time.perf_counter() - t0
+        if cache.writable:
+            self.store(cache, call, result, started, wall)
+        return result
+
+    def store(self, cache: BaseCache, call: Call, result: Any, started: float, wall: float) -> None:
+        metadata = {
+            "runtime": {
+                "start": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
+                "wall_time": wall,
+                "host": _HOST,
+                "pid": os.getpid(),
+            },
+            "function": self.info,
+        }
+        try:
+            cache.save(call.replace(result=result, metadata=metadata))
+        except Indigestible as e:
+            _warn(f"{self.func.__qualname__}: result not cached, it has no digest: {e}")
+        except SaveError as e:
+            _warn(
+                f"{self.func.__qualname__}: result of type {type(result).__qualname__} "
+                f"not cached: {e}"
+            )
+
+
+def _attach(wrapper: Any, cached: _Cached) -> None:
+    def key(*args: Any, **kwargs: Any) -> Digest:
+        """The lookup key of this call."""
+        return cached.make_call(args, kwargs).to_lookup_key()
+
+    def contains(*args: Any, **kwargs: Any) -> bool:
+        """Whether this call's result is stored."""
+        return cached.resolve_cache().contains(key(*args, **kwargs))
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        """The stored result of this call, without running it; ``KeyError`` if absent."""
+        return cached.resolve_cache().load_result(key(*args, **kwargs))
+
+    def call(*args: Any, **kwargs: Any) -> Call:
+        """The ``Call`` that this call would be looked up as."""
+        return cached.make_call(args, kwargs)
+
+    def query(**arguments: Any) -> Iterator[Call]:
+        """Stored calls of this function whose arguments match the given values."""
+        t = cached.template
+        template = QueryCall(
+            name=t.name, module=t.module, version=t.version, code_digest=t.code_digest,
+            arguments=arguments,
+        )
+        return cached.resolve_cache().query(template)
+
+    wrapper.digest = key
+    wrapper.contains = contains
+    wrapper.load = load
+    wrapper.call = call
+    wrapper.query = query
+    wrapper.__fleche__ = cached
+
+
+@overload
+def fleche(func: F, /) -> F: ...
+@overload
+def fleche(
+    *,
+    version: str | None = None,
+    hash_version: bool = True,
+    hash_module: bool = True,
+    hash_code: bool = False,
+    ignore: Iterable[str] = (),
+    cache: BaseCache | None = None,
+) -> Callable[[F], F]: ...
+
+
+def fleche(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    version: str | None = None,
+    hash_version: bool = True,
+    hash_module: bool = True,
+    hash_code: bool = False,
+    ignore: Iterable[str] = (),
+    cache: BaseCache | None = None,
+) -> Any:
+    """Cache a function's calls by the content of their arguments.
+
+    A call whose key is stored returns the stored result without running the body; any other
+    call runs and its result is saved with metadata (start time, wall time, host, pid).
+    The key is built from the function's qualified name, its module (``hash_module``), its
+    ``version`` (``hash_version``), its code (``hash_code``: editing the body gives new keys) and
+    the bound arguments (defaults applied) except those named in ``ignore``.
+
+    Caching never changes what a call does: arguments without a digest run uncached with a
+    ``FlecheWarning``, exceptions propagate and are not cached, and a result that cannot be
+    stored is returned with a warning. The wrapper keeps the function's name, signature and
+    docstring and gains ``.digest``, ``.contains``, ``.load``, ``.call`` (each taking the call's
+    arguments) and ``.query(**arguments)``. Safe to call from many threads and processes at once;
+    two that miss the same key at once may both compute it.
+
+    >>> from fleche.caches import memory_cache
+    >>> @fleche(cache=memory_cache())
+    ... def square(x):
+    ...     return x * x
+    >>> square(4), square.contains(4), square.load(4)
+    (16, True, 16)
+    """
+
+    def decorate(f: Callable[..., Any]) -> Any:
+        cached = _Cached(
+            f, version=version, hash_version=hash_version, hash_module=hash_module,
+            hash_code=hash_code, ignore=ignore, cache=cache,
+        )
+
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return cached.run(args, kwargs)
+
+        _attach(wrapper, cached)
+        return wrapper
+
+    if func is not None:
+        if not callable(func):
+            raise TypeError(f"@fleche decorates functions, got {func!r}")
+        return decorate(func)
+    return decorate

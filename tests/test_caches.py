@@ -1,0 +1,154 @@
+"""Caches: save and load whole calls, stacks, read-only views, transfer and gc."""
+
+import pickle
+
+import pytest
+
+from fleche.caches import Cache, CacheStack, ReadOnlyCache, ReadOnlyError, memory_cache
+from fleche.call import Call, QueryCall
+from fleche.digest import digest
+from fleche.storage import CallMemory, ValueMemory
+
+
+def record(x, result, name="f"):
+    return Call(name, {"x": x}, result=result, metadata={"runtime": {"host": "here"}})
+
+
+def test_save_and_load_a_call():
+    cache = memory_cache()
+    key = cache.save(record([1, 2], {"sum": 3}))
+    assert key == record([1, 2], None).to_lookup_key()
+    assert cache.contains(key) and cache.contains(key[:6])
+    call = cache.load(key[:6])
+    assert call.result == {"sum": 3}
+    assert call.arguments == {"x": [1, 2]}
+    assert call.metadata == {"runtime": {"host": "here"}}
+    assert call.to_lookup_key() == key
+    assert cache.load_result(key) == {"sum": 3}
+    # Values live in the value storage, the record in the call storage.
+    assert cache.values.load(digest([1, 2])) == [1, 2]
+    assert cache.calls.load(key).result == digest({"sum": 3})
+
+
+def test_arguments_load_lazily():
+    cache = memory_cache()
+    key = cache.save(record("arg", "res"))
+    cache.values.evict(digest("arg"))
+    call = cache.load(key)  # result only: the argument is not touched yet
+    assert call.result == "res"
+    assert call.to_lookup_key() == key
+    with pytest.raises(KeyError):
+        call.arguments["x"]
+
+
+def test_missing_and_evicted():
+    cache = memory_cache()
+    key = cache.save(record(1, 2))
+    cache.evict(key[:5])
+    assert not cache.contains(key)
+    with pytest.raises(KeyError):
+        cache.load(key)
+    with pytest.raises(KeyError):
+        cache.load_result(key)
+    with pytest.raises(KeyError):
+        cache.evict(key)
+
+
+def test_dangling_record_is_a_miss():
+    cache = memory_cache()
+    key = cache.save(record(1, "gone"))
+    cache.values.evict(digest("gone"))
+    with pytest.raises(KeyError):
+        cache.load_result(key)
+
+
+def test_query():
+    cache = memory_cache()
+    for x in range(6):
+        cache.save(record(x, x * x, name="sq" if x % 2 else "other"))
+    assert sorted(c.result for c in cache.query()) == [0, 1, 4, 9, 16, 25]
+    assert [c.result for c in cache.query(x=3)] == [9]
+    assert sorted(c.result for c in cache.query(QueryCall(name="sq"))) == [1, 9, 25]
+    assert [c.result for c in cache.query(QueryCall(name="sq"), x=5)] == [25]
+    assert list(cache.query(QueryCall(name="sq"), x=4)) == []
+
+
+def test_transfer_copies_everything_once():
+    src, dst = memory_cache(), memory_cache()
+    keys = [src.save(record([x, [x]], {"r": x})) for x in range(5)]
+    dst.save(record([0, [0]], {"r": 0}))
+    assert src.transfer(dst) == 4
+    assert src.transfer(dst) == 0
+    for x, key in enumerate(keys):
+        assert dst.load(key).result == {"r": x}
+        assert dst.load(key).arguments["x"] == [x, [x]]
+
+
+def test_gc_removes_only_unreachable_values():
+    cache = memory_cache()
+    shared = [1, [2, 3]]
+    keep = cache.save(record(shared, {"out": shared}))
+    drop = cache.save(record("tmp", ["garbage", 99]))
+    orphan = cache.values.save({"never": "referenced"})
+    cache.evict(drop)
+    before = set(cache.values.list())
+    garbage = {orphan, digest("referenced"), digest("tmp"), digest(["garbage", 99]),
+               digest("garbage"), digest(99)}
+    assert set(cache.gc(dry_run=True)) == garbage
+    assert set(cache.values.list()) == before  # dry run removed nothing
+    assert set(cache.gc()) == garbage
+    assert set(cache.values.list()) == before - garbage
+    assert cache.load(keep).result == {"out": shared}
+    assert cache.load(keep).arguments["x"] == shared
+    assert cache.gc() == []
+
+
+def test_cache_stack_back_fills_and_writes_through():
+    fast, slow = memory_cache(), memory_cache()
+    key = slow.save(record(7, 49))
+    stack = CacheStack([fast, slow])
+    assert not fast.contains(key)
+    assert stack.load_result(key) == 49
+    assert fast.contains(key) and fast.load_result(key) == 49
+    new = stack.save(record(8, 64))
+    assert fast.contains(new) and slow.contains(new)
+    assert set(stack.list()) == {key, new}
+    assert stack.expand(new[:6]) == new
+    stack.evict(new)
+    assert not fast.contains(new) and not slow.contains(new)
+    with pytest.raises(KeyError):
+        stack.load(new)
+
+
+def test_cache_stack_write_back_and_flush():
+    fast, slow = memory_cache(), memory_cache()
+    stack = CacheStack([fast, slow], write_through=False)
+    key = stack.save(record(1, 1))
+    assert fast.contains(key) and not slow.contains(key)
+    assert stack.flush() == 1
+    assert slow.load_result(key) == 1
+    with pytest.raises(ValueError):
+        CacheStack([])
+
+
+def test_read_only_cache():
+    inner = memory_cache()
+    key = inner.save(record(2, 4))
+    ro = ReadOnlyCache(inner)
+    assert ro.load_result(key) == 4 and ro.contains(key) and not ro.writable
+    assert [c.result for c in ro.query(x=2)] == [4]
+    with pytest.raises(ReadOnlyError, match="read-only"):
+        ro.save(record(3, 9))
+    with pytest.raises(ReadOnlyError):
+        ro.evict(key)
+    with pytest.raises(PermissionError):
+        ro.gc()
+    assert inner.contains(key)
+
+
+def test_caches_pickle():
+    cache = Cache(ValueMemory(), CallMemory())
+    key = cache.save(record("p", "q"))
+    for c in (cache, CacheStack([memory_cache(), cache]), ReadOnlyCache(cache)):
+        copy = pickle.loads(pickle.dumps(c))
+        assert copy.load_result(key) == "q"
