@@ -18,7 +18,7 @@ import abc
 import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .call import Call, DigestedCall, LazyArguments, QueryCall
@@ -27,7 +27,15 @@ from .errors import FlecheError
 from .storage.base import CallStorage, Intent, OperationContext, ValueStorage, _unique_match
 from .storage.memory import CallMemory, ValueMemory
 
-__all__ = ["BaseCache", "Cache", "CacheStack", "ReadOnlyCache", "ReadOnlyError", "memory_cache"]
+__all__ = [
+    "BaseCache",
+    "Cache",
+    "CacheStack",
+    "CacheWrapper",
+    "ReadOnlyCache",
+    "ReadOnlyError",
+    "memory_cache",
+]
 
 
 class ReadOnlyError(FlecheError, PermissionError):
@@ -336,11 +344,59 @@ class CacheStack(BaseCache):
 
 
 @dataclass(frozen=True)
-class ReadOnlyCache(BaseCache):
-    """A view of ``cache`` that loads and queries but refuses to save or evict."""
+class CacheWrapper(BaseCache):
+    """Forwards every operation to ``cache``; subclasses override what they change.
+
+    Attributes the wrapper does not define (``values``, ``calls``, ``gc``, ``transfer``...) are
+    looked up on the wrapped cache.
+    """
 
     cache: BaseCache
-    writable: bool = field(default=False, init=False)
+
+    @property
+    def writable(self) -> bool:  # type: ignore[override]
+        return self.cache.writable
+
+    def save(self, call: Call) -> Digest:
+        return self.cache.save(call)
+
+    def load(self, key: Digest | str) -> Call:
+        return self.cache.load(key)
+
+    def load_result(self, key: Digest | str) -> Any:
+        return self.cache.load_result(key)
+
+    def contains(self, key: Digest | str) -> bool:
+        return self.cache.contains(key)
+
+    def evict(self, key: Digest | str) -> None:
+        self.cache.evict(key)
+
+    def expand(self, key: Digest | str) -> Digest:
+        return self.cache.expand(key)
+
+    def list(self) -> Iterable[Digest]:
+        return self.cache.list()
+
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
+        return self.cache.shrink(key, *keys)
+
+    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
+        return self.cache.query(template, **arguments)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "cache":  # not during unpickling, not private
+            raise AttributeError(name)
+        return getattr(self.cache, name)
+
+
+@dataclass(frozen=True)
+class ReadOnlyCache(CacheWrapper):
+    """A view of ``cache`` that loads and queries but refuses to save, evict or collect."""
+
+    @property
+    def writable(self) -> bool:  # type: ignore[override]
+        return False
 
     def _refuse(self, what: str) -> ReadOnlyError:
         return ReadOnlyError(f"cannot {what}: this cache is read-only ({self.cache!r})")
@@ -354,23 +410,5 @@ class ReadOnlyCache(BaseCache):
     def gc(self, dry_run: bool = False) -> list[Digest]:
         raise self._refuse("collect garbage")
 
-    def load(self, key: Digest | str) -> Call:
-        return self.cache.load(key)
-
-    def load_result(self, key: Digest | str) -> Any:
-        return self.cache.load_result(key)
-
-    def contains(self, key: Digest | str) -> bool:
-        return self.cache.contains(key)
-
-    def expand(self, key: Digest | str) -> Digest:
-        return self.cache.expand(key)
-
-    def list(self) -> Iterable[Digest]:
-        return self.cache.list()
-
-    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
-        return self.cache.shrink(key, *keys)
-
-    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
-        return self.cache.query(template, **arguments)
+    def transfer(self, other: BaseCache) -> int:
+        return self.cache.transfer(other)  # reads only from this cache
