@@ -275,6 +275,20 @@ def test_evict_removes_arguments_and_metadata(sql: Sql) -> None:
             assert keys == {other}
 
 
+def test_one_operation_reads_one_snapshot(db_url: str) -> None:
+    """A save committed in the middle of a read operation is invisible to the rest of it."""
+    reader, writer = Sql(db_url), Sql(db_url)
+    key = writer.save(_call(1, metadata={"w": {"v": 1}}))
+    with reader._session_scope(Intent.READ):
+        before = reader.load(key)
+        writer.save(_call(1, result=2, metadata={"w": {"v": 2}}))
+        assert reader.load(key) == before
+        assert reader.list() == [key]
+    assert reader.load(key) == _call(1, result=2, metadata={"w": {"v": 2}})
+    _close(reader)
+    _close(writer)
+
+
 def test_expand_rejects_wildcards_before_touching_the_database(sql: Sql) -> None:
     sql.save(_call(1))
     for bad in ["%%%%", "____", "ab%d", "AB12", "ab'1"]:

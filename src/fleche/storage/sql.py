@@ -164,6 +164,17 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     Metadata sections must be dicts of JSON values (dict with str keys, list, str, int, finite
     float, bool, None) without NUL characters, so that a loaded record equals the saved one.
+
+    >>> import tempfile
+    >>> from fleche.call import Call, QueryCall
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> calls = Sql(tmp.name + "/calls.sqlite")
+    >>> key = calls.save(Call("area", {"r": 2}, metadata={"run": {"host": "a"}}, result=12.6))
+    >>> calls.load(key[:8]).metadata
+    {'run': {'host': 'a'}}
+    >>> [c.name for c in calls.query(QueryCall(metadata={"run": {"host": "a"}}))]
+    ['area']
+    >>> calls.engine.dispose(); tmp.cleanup()
     """
 
     url: str | None = None
