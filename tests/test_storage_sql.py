@@ -27,16 +27,15 @@ from fleche.call import Call, DigestedCall, QueryCall  # noqa: E402
 from fleche.digest import Digest, digest  # noqa: E402
 from fleche.errors import DatabaseError, SaveError, SchemaVersionError  # noqa: E402
 from fleche.storage import CallMemory, Intent  # noqa: E402
-from fleche.storage.sql import (  # noqa: E402
+from fleche.storage._sql_engine import _filesystem_type, _is_network_filesystem  # noqa: E402
+from fleche.storage._sql_schema import (  # noqa: E402
     SCHEMA_VERSION,
-    Sql,
-    _filesystem_type,
-    _is_network_filesystem,
     arguments,
     metadata_sections,
     schema,
     versions,
 )
+from fleche.storage.sql import Sql  # noqa: E402
 from fleche.testing import CallStorageTests  # noqa: E402
 
 SERVERS = {

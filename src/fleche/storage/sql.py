@@ -1,8 +1,9 @@
 """A call storage in an SQL database (SQLite, PostgreSQL, MariaDB/MySQL) via SQLAlchemy 2.
 
 Every host that can reach the database shares the records, so this is the call storage for a
-cluster. Calls, their arguments and their metadata sections live in three tables; queries run in
-the database. Needs the ``sql`` extra (``pip install "fleche[sql]"``).
+cluster. Calls, their arguments and their metadata sections live in three tables
+(:mod:`fleche.storage._sql_schema`); queries run in the database. Needs the ``sql`` extra
+(``pip install "fleche[sql]"``).
 
 Writes are upserts inside one transaction per record: a reader in any process sees the old
 record or the new one, never a gap. Reads of one record run in one snapshot (``REPEATABLE READ``
@@ -21,124 +22,35 @@ import re
 import sqlite3
 import threading
 import time
-import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 import sqlalchemy as sa
-from sqlalchemy import event, exc
+from sqlalchemy import exc
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..call import Call, DigestedCall, QueryCall
 from ..digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk, digest
-from ..errors import (
-    CorruptEntryError,
-    DatabaseError,
-    NetworkFilesystemWarning,
-    SaveError,
-    SchemaVersionError,
-)
+from ..errors import CorruptEntryError, DatabaseError, SaveError
+from . import _sql_engine
+from ._sql_engine import _is_transient, _safe_url, create_engine
+from ._sql_records import _check_record, _dump, _storable
+from ._sql_schema import SCHEMA_VERSION, arguments, calls, ensure_schema, metadata_sections
 from .base import CallStorage, Intent, _check_key_text, _unique_match
 from .thread_safe import PerKeyLockMixin
 
 __all__ = ["SCHEMA_VERSION", "Sql"]
 
-SCHEMA_VERSION = 1
-"""Version of the table layout below; a database of another version is refused."""
-
-_BUSY_TIMEOUT_S = 30.0
-"""How long a SQLite connection waits for another process's write lock before failing."""
-
 _CHUNK = 500
 """Keys per ``IN (...)`` when loading many calls at once."""
 
-# -- schema ---------------------------------------------------------------------------------------
-
-_LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-# MySQL/MariaDB compare text case-insensitively by default; a binary collation keeps equality
-# exact (query results are still re-checked in Python, so this is about index selectivity).
-_TABLE_ARGS: dict[str, Any] = {
-    "mysql_engine": "InnoDB",
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
-}
-
-schema = sa.MetaData()
-"""The fleche tables (all named ``fleche_*``)."""
-
-versions = sa.Table(
-    "fleche_schema",
-    schema,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Integer, nullable=False),
-    **_TABLE_ARGS,
-)
-
-calls = sa.Table(
-    "fleche_calls",
-    schema,
-    sa.Column("key", sa.String(DIGEST_LENGTH), primary_key=True),
-    sa.Column("name", sa.Text, nullable=False),
-    sa.Column("module", sa.Text),
-    sa.Column("version", sa.Text),
-    sa.Column("code_digest", sa.Text),
-    sa.Column("result", sa.String(DIGEST_LENGTH)),
-    sa.Column("has_metadata", sa.Boolean, nullable=False),
-    sa.Index("ix_fleche_calls_name", "name", mysql_length=255),
-    sa.Index("ix_fleche_calls_result", "result"),
-    **_TABLE_ARGS,
-)
-
-arguments = sa.Table(
-    "fleche_arguments",
-    schema,
-    sa.Column(
-        "call_key",
-        sa.String(DIGEST_LENGTH),
-        sa.ForeignKey("fleche_calls.key", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("name", sa.Text, nullable=False),
-    sa.Column("value", sa.String(DIGEST_LENGTH), nullable=False),
-    sa.Index("ix_fleche_arguments_value", "value", "name", mysql_length={"name": 255}),
-    **_TABLE_ARGS,
-)
-
-metadata_sections = sa.Table(
-    "fleche_metadata",
-    schema,
-    sa.Column(
-        "call_key",
-        sa.String(DIGEST_LENGTH),
-        sa.ForeignKey("fleche_calls.key", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("section", sa.Text, nullable=False),
-    sa.Column("data", _LONG_TEXT, nullable=False),
-    sa.Index("ix_fleche_metadata_section", "section", mysql_length=255),
-    **_TABLE_ARGS,
-)
-
-# -- processes ------------------------------------------------------------------------------------
-
-# Guards the lazy creation of engines. Replaced in a forked child, where it may have been copied
-# while another thread of the parent held it.
-_setup_lock = threading.Lock()
-
-
-def _fresh_setup_lock() -> None:
-    global _setup_lock
-    _setup_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_setup_lock)
+_SIMPLE_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
+"""Metadata entry names that need no quoting in a SQLite or MySQL JSON path."""
 
 
 # -- the storage ----------------------------------------------------------------------------------
@@ -211,16 +123,16 @@ class Sql(PerKeyLockMixin, CallStorage):
         binds, pid = self._binds, os.getpid()
         if binds is not None and self._pid == pid:
             return binds
-        with _setup_lock:
+        with _sql_engine.setup_lock:
             if self._binds is not None and self._pid == pid:
                 return self._binds
             if self.engine is not None:
                 # Inherited through fork: leave the parent's connections alone, open our own.
                 self.engine.dispose(close=False)
             url = self._sqlalchemy_url()
-            engine = _create_engine(url, self.echo)
+            engine = create_engine(url, self.echo)
             try:
-                _ensure_schema(engine, url)
+                ensure_schema(engine, url)
             except BaseException:
                 engine.dispose()
                 raise
@@ -232,7 +144,7 @@ class Sql(PerKeyLockMixin, CallStorage):
             else:
                 binds = {
                     Intent.READ: engine.execution_options(isolation_level="REPEATABLE READ"),
-                    Intent.WRITE: engine,  # READ COMMITTED, see _create_engine
+                    Intent.WRITE: engine,  # READ COMMITTED, see _sql_engine.create_engine
                 }
             object.__setattr__(self, "engine", engine)
             object.__setattr__(self, "session", sessionmaker(expire_on_commit=False))
@@ -600,265 +512,3 @@ class Sql(PerKeyLockMixin, CallStorage):
                 if template.matches(call):
                     yield call
 
-
-# -- helpers --------------------------------------------------------------------------------------
-
-_SIMPLE_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
-
-_NETWORK_FILESYSTEMS = {
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs",
-    "beegfs", "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.gcsfuse",
-    "fuse.rclone", "davfs", "fuse.davfs2", "orangefs", "pvfs2",
-}
-
-
-def _dump(entries: Mapping[str, Any]) -> str:
-    return json.dumps(dict(entries), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-def _storable(text: str) -> bool:
-    """Whether every database can hold ``text`` exactly (PostgreSQL refuses NUL; UTF-8 lone
-    surrogates)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_text(value: Any, what: str, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if type(value) is not str:
-        raise SaveError(f"{what} must be a str, got {type(value).__name__}: {value!r}")
-    if not _storable(value):
-        raise SaveError(f"{what} {value!r} holds a NUL character or a lone surrogate")
-
-
-def _check_digest(value: Any, what: str) -> None:
-    if not isinstance(value, str) or len(value) != DIGEST_LENGTH:
-        raise SaveError(f"{what} must be a full Digest, got {value!r}")
-    try:
-        Digest(str(value))
-    except ValueError:
-        raise SaveError(f"{what} must be a full Digest, got {value!r}") from None
-
-
-def _check_json(value: Any, where: str) -> None:
-    """Refuse what JSON would not give back as it is (tuples, int keys, NaN, ...)."""
-    t = type(value)
-    if t is str:
-        _check_text(value, where)
-    elif t is float:
-        if not math.isfinite(value):
-            raise SaveError(f"{where} is {value!r}; JSON has no NaN or infinity")
-    elif t in (int, bool, type(None)):
-        pass
-    elif t is list:
-        for i, item in enumerate(value):
-            _check_json(item, f"{where}[{i}]")
-    elif t is dict:
-        for k, item in value.items():
-            _check_text(k, f"key {k!r} in {where}")
-            _check_json(item, f"{where}[{k!r}]")
-    else:
-        raise SaveError(
-            f"{where} is a {t.__name__}; metadata entries must be JSON values (dict with str "
-            "keys, list, str, int, float, bool, None) so that they load back unchanged"
-        )
-
-
-def _check_record(call: DigestedCall) -> None:
-    """Raise :class:`SaveError` unless the database can hold ``call`` so it loads back equal."""
-    try:
-        _check_text(call.name, "the call's name")
-        for attr in ("module", "version", "code_digest"):
-            _check_text(getattr(call, attr), f"the call's {attr}", optional=True)
-        if not isinstance(call.arguments, Mapping):
-            raise SaveError(f"arguments must be a mapping, got {type(call.arguments).__name__}")
-        for name, value in call.arguments.items():
-            _check_text(name, "an argument name")
-            _check_digest(value, f"argument {name!r}")
-        if call.result is not None:
-            _check_digest(call.result, "the result")
-        if call.metadata is not None:
-            if not isinstance(call.metadata, Mapping):
-                raise SaveError(f"metadata must be a mapping, got {type(call.metadata).__name__}")
-            for section, entries in call.metadata.items():
-                _check_text(section, "a metadata section name")
-                if not isinstance(entries, Mapping):
-                    raise SaveError(
-                        f"metadata section {section!r} must be a mapping, got {entries!r}"
-                    )
-                _check_json(dict(entries), f"metadata[{section!r}]")
-    except SaveError as e:
-        raise SaveError(f"cannot save a call of {call.name!r}: {e}") from None
-
-
-def _safe_url(url: str | None) -> str:
-    """``url`` with its password replaced by ``***``."""
-    if url is None:
-        return str(Path(platformdirs.user_cache_dir("fleche")) / "calls.sqlite")
-    if "://" not in url:
-        return url
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - unparsable: mask anything between "user:" and "@"
-        return re.sub(r"(://[^/@:]*:)[^@]*@", r"\1***@", url)
-
-
-def _reason(e: BaseException) -> str:
-    orig = getattr(e, "orig", None) or e
-    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-
-
-def _is_transient(e: exc.DBAPIError) -> bool:
-    """Whether retrying the transaction may succeed: deadlock, serialization failure, lock
-    timeout, a busy SQLite file, a lost connection or a racing insert."""
-    if e.connection_invalidated or isinstance(e, exc.IntegrityError):
-        return True
-    orig = e.orig
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate in ("40001", "40P01", "55P03"):
-        return True
-    code = orig.args[0] if getattr(orig, "args", None) else None
-    if isinstance(orig, sqlite3.Error):
-        return (getattr(orig, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    return code in (1205, 1213)  # MySQL lock wait timeout, deadlock
-
-
-def _filesystem_type(path: Path, mounts: str | None = None) -> str | None:
-    """The type of the filesystem holding ``path``, from ``/proc/self/mounts`` (Linux only)."""
-    if mounts is None:
-        try:
-            mounts = Path("/proc/self/mounts").read_text()
-        except OSError:
-            return None
-    target = str(path.resolve())
-    best, best_type = "", None
-    for line in mounts.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount_point = parts[1].replace("\\040", " ")
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, best_type = mount_point, parts[2]
-    return best_type
-
-
-def _is_network_filesystem(fstype: str | None) -> bool:
-    return fstype is not None and (fstype in _NETWORK_FILESYSTEMS or fstype.startswith("nfs"))
-
-
-def _create_engine(url: URL, echo: bool) -> sa.Engine:
-    safe = url.render_as_string(hide_password=True)
-    try:
-        if url.get_backend_name() == "sqlite":
-            return _create_sqlite_engine(url, echo)
-        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
-        # Writes run in READ COMMITTED: each statement of a replacing save sees the rows the
-        # previous writer committed. Reads switch to REPEATABLE READ for one snapshot.
-        kwargs["isolation_level"] = "READ COMMITTED"
-        if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
-            kwargs["connect_args"] = {"connect_timeout": 15}
-        return sa.create_engine(url, **kwargs)
-    except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as e:
-        raise DatabaseError(safe, f"not a usable database URL ({e})") from None
-
-
-def _create_sqlite_engine(url: URL, echo: bool) -> sa.Engine:
-    database = url.database
-    on_disk = bool(database) and database != ":memory:" and not database.startswith("file:")
-    journal = "WAL"
-    if on_disk:
-        fstype = _filesystem_type(Path(database).parent)
-        if _is_network_filesystem(fstype):
-            journal = "DELETE"
-            warnings.warn(
-                f"the SQLite database {database} is on a network filesystem ({fstype}): WAL mode "
-                "does not work there, so fleche uses a rollback journal, and whether several "
-                "hosts can share the file safely depends on that filesystem's locking. To share "
-                "calls across hosts, use a PostgreSQL or MariaDB URL instead.",
-                NetworkFilesystemWarning,
-                stacklevel=4,
-            )
-    engine = sa.create_engine(url, echo=echo, connect_args={"timeout": _BUSY_TIMEOUT_S})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, record: Any) -> None:
-        # Let us issue BEGIN ourselves (below) instead of the driver's implicit one.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA foreign_keys=ON")
-        if on_disk:
-            cursor.execute(f"PRAGMA journal_mode={journal}")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: sa.Connection) -> None:
-        # A write takes the write lock at BEGIN, waiting up to the busy timeout; a deferred
-        # BEGIN that upgrades later could fail at once with SQLITE_BUSY instead.
-        immediate = conn.get_execution_options().get("fleche_immediate", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine
-
-
-def _ensure_schema(engine: sa.Engine, url: URL) -> None:
-    """Create the tables if missing and check the schema version; safe against racing
-    processes (the loser of a creation race retries and finds the tables)."""
-    safe = url.render_as_string(hide_password=True)
-    bind = engine.execution_options(fleche_immediate=True)
-    for attempt in range(20):
-        try:
-            with bind.begin() as conn, _schema_lock(conn):
-                found = None
-                if sa.inspect(conn).has_table(versions.name):
-                    found = conn.execute(
-                        sa.select(versions.c.value).where(versions.c.name == "version")
-                    ).scalar()
-                if found is None:
-                    schema.create_all(conn)
-                    conn.execute(sa.insert(versions).values(name="version", value=SCHEMA_VERSION))
-                elif found != SCHEMA_VERSION:
-                    raise SchemaVersionError(safe, found, SCHEMA_VERSION)
-            return
-        except (exc.OperationalError, exc.ProgrammingError, exc.IntegrityError) as e:
-            if not _is_schema_race(e) or attempt == 19:
-                raise DatabaseError(safe, _reason(e)) from None
-            time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
-        except exc.DBAPIError as e:
-            raise DatabaseError(safe, _reason(e)) from None
-
-
-_SCHEMA_LOCK_ID = 0x666C6563  # "flec": the PostgreSQL advisory lock guarding table creation
-
-
-@contextlib.contextmanager
-def _schema_lock(conn: sa.Connection) -> Iterator[None]:
-    """Serialize table creation between processes (SQLite's BEGIN IMMEDIATE already does)."""
-    name = conn.dialect.name
-    if name == "postgresql":
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
-        yield
-    elif name in ("mysql", "mariadb"):
-        # DDL commits implicitly in MySQL, so this lock lives on the session, not a transaction.
-        if conn.execute(sa.select(sa.func.get_lock("fleche_schema", 60))).scalar() != 1:
-            raise exc.OperationalError("GET_LOCK('fleche_schema')", {}, Exception("timed out"))
-        try:
-            yield
-        finally:
-            conn.execute(sa.select(sa.func.release_lock("fleche_schema")))
-    else:
-        yield
-
-
-def _is_schema_race(e: exc.DBAPIError) -> bool:
-    """Whether ``e`` comes from another process creating the same tables at the same time."""
-    if isinstance(e, exc.IntegrityError) or _is_transient(e):
-        return True
-    text = str(e.orig).lower()
-    return any(word in text for word in ("already exists", "duplicate", "concurrent ddl", "timed out"))
