@@ -5,10 +5,13 @@ from __future__ import annotations
 __all__ = [
     "AmbiguousDigestError",
     "CorruptEntryError",
+    "DatabaseError",
     "FlecheError",
     "FlecheWarning",
     "LockTimeout",
+    "NetworkFilesystemWarning",
     "SaveError",
+    "SchemaVersionError",
 ]
 
 
@@ -62,3 +65,44 @@ class LockTimeout(FlecheError, TimeoutError):
 
 class FlecheWarning(UserWarning):
     """Caching was skipped for a call (it still ran and returned its result)."""
+
+
+class DatabaseError(FlecheError, ConnectionError):
+    """A database cannot be reached or used: wrong URL, missing driver, server down.
+
+    ``url`` is the database URL with any password replaced by ``***``.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot use the database {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.url, self.reason))
+
+
+class SchemaVersionError(DatabaseError):
+    """A database holds fleche tables of a schema version this fleche cannot read or write.
+
+    Nothing in it was changed.
+    """
+
+    def __init__(self, url: str, found: object, expected: int) -> None:
+        FlecheError.__init__(
+            self,
+            f"the database {url} holds fleche tables of schema version {found}, but this fleche "
+            f"reads and writes version {expected} only; use a fleche release that matches it, "
+            "or another database",
+        )
+        self.url = url
+        self.reason = f"schema version {found}, expected {expected}"
+        self.found = found
+        self.expected = expected
+
+    def __reduce__(self):
+        return (type(self), (self.url, self.found, self.expected))
+
+
+class NetworkFilesystemWarning(UserWarning):
+    """A SQLite database lies on a network filesystem, where WAL mode and locking are unsafe."""

@@ -58,7 +58,9 @@ __all__ = [
 ]
 
 # Storages that need optional dependencies or later modules: name -> submodule.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "Sql": "sql",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,155 @@
+"""The tables of ``Sql`` and their creation: calls, arguments, metadata, schema version."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import URL
+
+from ..digest import DIGEST_LENGTH
+from ..errors import DatabaseError, SchemaVersionError
+from ._sql_engine import _is_transient, _reason
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "arguments",
+    "calls",
+    "ensure_schema",
+    "metadata_sections",
+    "schema",
+    "versions",
+]
+
+SCHEMA_VERSION = 1
+"""Version of the table layout below; a database of another version is refused."""
+
+_LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+# MySQL/MariaDB compare text case-insensitively by default; a binary collation keeps equality
+# exact (query results are still re-checked in Python, so this is about index selectivity).
+_TABLE_ARGS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+schema = sa.MetaData()
+"""The fleche tables (all named ``fleche_*``)."""
+
+versions = sa.Table(
+    "fleche_schema",
+    schema,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Integer, nullable=False),
+    **_TABLE_ARGS,
+)
+
+calls = sa.Table(
+    "fleche_calls",
+    schema,
+    sa.Column("key", sa.String(DIGEST_LENGTH), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("module", sa.Text),
+    sa.Column("version", sa.Text),
+    sa.Column("code_digest", sa.Text),
+    sa.Column("result", sa.String(DIGEST_LENGTH)),
+    sa.Column("has_metadata", sa.Boolean, nullable=False),
+    sa.Index("ix_fleche_calls_name", "name", mysql_length=255),
+    sa.Index("ix_fleche_calls_result", "result"),
+    **_TABLE_ARGS,
+)
+
+arguments = sa.Table(
+    "fleche_arguments",
+    schema,
+    sa.Column(
+        "call_key",
+        sa.String(DIGEST_LENGTH),
+        sa.ForeignKey("fleche_calls.key", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("value", sa.String(DIGEST_LENGTH), nullable=False),
+    sa.Index("ix_fleche_arguments_value", "value", "name", mysql_length={"name": 255}),
+    **_TABLE_ARGS,
+)
+
+metadata_sections = sa.Table(
+    "fleche_metadata",
+    schema,
+    sa.Column(
+        "call_key",
+        sa.String(DIGEST_LENGTH),
+        sa.ForeignKey("fleche_calls.key", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("section", sa.Text, nullable=False),
+    sa.Column("data", _LONG_TEXT, nullable=False),
+    sa.Index("ix_fleche_metadata_section", "section", mysql_length=255),
+    **_TABLE_ARGS,
+)
+
+
+def ensure_schema(engine: sa.Engine, url: URL) -> None:
+    """Create the tables if missing and check the schema version; safe against racing
+    processes (the loser of a creation race retries and finds the tables)."""
+    safe = url.render_as_string(hide_password=True)
+    bind = engine.execution_options(fleche_immediate=True)
+    for attempt in range(20):
+        try:
+            with bind.begin() as conn, _schema_lock(conn):
+                found = None
+                if sa.inspect(conn).has_table(versions.name):
+                    found = conn.execute(
+                        sa.select(versions.c.value).where(versions.c.name == "version")
+                    ).scalar()
+                if found is None:
+                    schema.create_all(conn)
+                    conn.execute(sa.insert(versions).values(name="version", value=SCHEMA_VERSION))
+                elif found != SCHEMA_VERSION:
+                    raise SchemaVersionError(safe, found, SCHEMA_VERSION)
+            return
+        except (exc.OperationalError, exc.ProgrammingError, exc.IntegrityError) as e:
+            if not _is_schema_race(e) or attempt == 19:
+                raise DatabaseError(safe, _reason(e)) from None
+            time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
+        except exc.DBAPIError as e:
+            raise DatabaseError(safe, _reason(e)) from None
+
+
+_SCHEMA_LOCK_ID = 0x666C6563  # "flec": the PostgreSQL advisory lock guarding table creation
+
+
+@contextlib.contextmanager
+def _schema_lock(conn: sa.Connection) -> Iterator[None]:
+    """Serialize table creation between processes (SQLite's BEGIN IMMEDIATE already does)."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
+        yield
+    elif name in ("mysql", "mariadb"):
+        # DDL commits implicitly in MySQL, so this lock lives on the session, not a transaction.
+        if conn.execute(sa.select(sa.func.get_lock("fleche_schema", 60))).scalar() != 1:
+            raise exc.OperationalError("GET_LOCK('fleche_schema')", {}, Exception("timed out"))
+        try:
+            yield
+        finally:
+            conn.execute(sa.select(sa.func.release_lock("fleche_schema")))
+    else:
+        yield
+
+
+def _is_schema_race(e: exc.DBAPIError) -> bool:
+    """Whether ``e`` comes from another process creating the same tables at the same time."""
+    if isinstance(e, exc.IntegrityError) or _is_transient(e):
+        return True
+    text = str(e.orig).lower()
+    return any(word in text for word in ("already exists", "duplicate", "concurrent ddl", "timed out"))

@@ -1,0 +1,557 @@
+"""The Sql call storage on SQLite (always), PostgreSQL and MariaDB (when their URLs are set).
+
+Set ``FLECHE_TEST_POSTGRES_URL`` / ``FLECHE_TEST_MARIADB_URL`` to an empty database each
+(``.ci/run`` does); every test drops the fleche tables before and after itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import sqlite3
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sa = pytest.importorskip("sqlalchemy")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fleche.call import Call, DigestedCall, QueryCall  # noqa: E402
+from fleche.digest import Digest, digest  # noqa: E402
+from fleche.errors import DatabaseError, SaveError, SchemaVersionError  # noqa: E402
+from fleche.storage import CallMemory, Intent  # noqa: E402
+from fleche.storage._sql_engine import _filesystem_type, _is_network_filesystem  # noqa: E402
+from fleche.storage._sql_schema import (  # noqa: E402
+    SCHEMA_VERSION,
+    arguments,
+    metadata_sections,
+    schema,
+    versions,
+)
+from fleche.storage.sql import Sql  # noqa: E402
+from fleche.testing import CallStorageTests  # noqa: E402
+
+SERVERS = {
+    "postgresql": "FLECHE_TEST_POSTGRES_URL",
+    "mariadb": "FLECHE_TEST_MARIADB_URL",
+}
+FULL = os.environ.get("FLECHE_STRESS") == "full"
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _server_url(kind: str) -> str:
+    url = os.environ.get(SERVERS[kind])
+    if not url:
+        pytest.skip(f"{SERVERS[kind]} is not set: {kind} tests need an empty database URL there")
+    return url
+
+
+def _engine(url: str) -> sa.Engine:
+    return sa.create_engine(Sql(url)._sqlalchemy_url())
+
+
+def _drop_tables(url: str) -> None:
+    engine = _engine(url)
+    try:
+        schema.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+def _close(storage: Sql) -> None:
+    if storage.engine is not None:
+        storage.engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def db_url(request: Any, tmp_path: Path) -> Any:
+    """An empty database of each kind: a SQLite file, or a server database with no fleche tables."""
+    url = str(tmp_path / "calls.sqlite") if request.param == "sqlite" else _server_url(request.param)
+    _drop_tables(url)
+    yield url
+    _drop_tables(url)
+
+
+@pytest.fixture
+def sql(db_url: str) -> Any:
+    storage = Sql(db_url)
+    yield storage
+    _close(storage)
+
+
+# -- the storage contract ---------------------------------------------------------------------
+
+
+class _SqlContract(CallStorageTests):
+    shared_between_processes = True
+
+    def url_for(self, tmp_path: Path) -> str:
+        raise NotImplementedError
+
+    def make_storage(self, tmp_path: Path) -> Sql:
+        return Sql(self.url_for(tmp_path))
+
+    @pytest.fixture
+    def storage(self, tmp_path: Path) -> Any:
+        url = self.url_for(tmp_path)
+        _drop_tables(url)
+        storage = Sql(url)
+        yield storage
+        _close(storage)
+        _drop_tables(url)
+
+
+class TestSqlSqlite(_SqlContract):
+    def url_for(self, tmp_path: Path) -> str:
+        return str(tmp_path / "calls.sqlite")
+
+
+class TestSqlPostgres(_SqlContract):
+    def url_for(self, tmp_path: Path) -> str:
+        return _server_url("postgresql")
+
+
+class TestSqlMariaDB(_SqlContract):
+    def url_for(self, tmp_path: Path) -> str:
+        return _server_url("mariadb")
+
+
+# -- settings, URLs and errors ----------------------------------------------------------------
+
+
+def _f(x: Any, y: Any = 0) -> Any:
+    return x
+
+
+def _call(i: int, **changes: Any) -> DigestedCall:
+    call = Call.from_call(_f, i, y=i % 3).replace(result=i, metadata={"run": {"i": i}})
+    return call.replace(**changes).digest()
+
+
+def test_plain_paths_mean_sqlite_files(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Sql("~/db/calls.sqlite").url == str(tmp_path / "db" / "calls.sqlite")
+    assert Sql(tmp_path / "a.sqlite").url == str(tmp_path / "a.sqlite")
+    storage = Sql(tmp_path / "sub" / "dir" / "a.sqlite")
+    key = storage.save(_call(1))
+    assert (tmp_path / "sub" / "dir" / "a.sqlite").exists()
+    assert storage.load(key) == _call(1)
+    _close(storage)
+    monkeypatch.chdir(tmp_path)
+    assert Sql("rel.sqlite").url == str(tmp_path / "rel.sqlite")
+
+
+def test_default_location_is_the_user_cache(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    storage = Sql()
+    key = storage.save(_call(2))
+    assert (tmp_path / "cache" / "fleche" / "calls.sqlite").exists()
+    assert Sql().load(key) == _call(2)
+    _close(storage)
+
+
+def test_fields_are_lazy_and_equality_is_by_settings(tmp_path: Path) -> None:
+    a, b = Sql(tmp_path / "x.sqlite"), Sql(tmp_path / "x.sqlite")
+    assert a.engine is None and a.session is None
+    assert a == b and hash(a) == hash(b)
+    assert a != Sql(tmp_path / "x.sqlite", echo=True) and a != Sql(tmp_path / "y.sqlite")
+    a.save(_call(1))
+    assert a.engine is not None and a == b
+    _close(a)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://fleche:s3cret-pw@127.0.0.1:1/nowhere",
+        "mysql+pymysql://fleche:s3cret-pw@127.0.0.1:1/nowhere",
+    ],
+)
+def test_unreachable_server_names_url_without_password(url: str) -> None:
+    storage = Sql(url)
+    assert "s3cret-pw" not in repr(storage)
+    with pytest.raises(DatabaseError) as info:
+        storage.load(digest("anything"))
+    text = "".join(traceback.format_exception(info.value))
+    assert "127.0.0.1:1/nowhere" in str(info.value) and "***" in str(info.value)
+    assert "s3cret-pw" not in text
+    assert isinstance(info.value, ConnectionError)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["nosuchdb+driver://fleche:s3cret-pw@host/db", "postgresql+nodriver://fleche:s3cret-pw@host/db"],
+)
+def test_wrong_url_is_refused_clearly(url: str) -> None:
+    with pytest.raises(DatabaseError, match="not a usable database URL") as info:
+        Sql(url).save(_call(1))
+    assert "s3cret-pw" not in "".join(traceback.format_exception(info.value))
+
+
+def test_missing_database_on_server_is_named() -> None:
+    base = sa.engine.make_url(_server_url("postgresql"))
+    url = base.set(database="fleche_no_such_database", password="s3cret-pw")
+    with pytest.raises(DatabaseError, match="fleche_no_such_database") as info:
+        Sql(url.render_as_string(hide_password=False)).list()
+    assert "s3cret-pw" not in str(info.value)
+
+
+def test_other_schema_version_is_refused(db_url: str) -> None:
+    storage = Sql(db_url)
+    key = storage.save(_call(3))
+    _close(storage)
+    engine = _engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.update(versions).values(value=SCHEMA_VERSION + 1))
+    try:
+        with pytest.raises(SchemaVersionError, match=f"schema version {SCHEMA_VERSION + 1}"):
+            Sql(db_url).load(key)
+        with engine.begin() as conn:
+            assert conn.execute(sa.select(versions.c.value)).scalar() == SCHEMA_VERSION + 1
+            conn.execute(sa.update(versions).values(value=SCHEMA_VERSION))
+        again = Sql(db_url)
+        assert again.load(key) == _call(3)  # nothing was lost
+        _close(again)
+    finally:
+        engine.dispose()
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+def test_records_round_trip_exactly(sql: Sql) -> None:
+    records = [
+        _call(1, metadata=None),
+        _call(2, metadata={}),
+        _call(3, metadata={"a": {}, "b": {"x": [1, 2.5, None, {"k": "é😀"}], "y": -0.0}}),
+        _call(4, module=None, version="v1", code_digest="abc"),
+        DigestedCall(name="no_args", arguments={}, result=None),
+        DigestedCall(name="ordered", arguments={"z": digest(1), "a": digest(2), "m": digest(3)}),
+    ]
+    for record in records:
+        key = sql.save(record)
+        loaded = sql.load(key)
+        assert loaded == record
+        assert list(loaded.arguments) == list(record.arguments)
+        assert loaded.metadata is None if record.metadata is None else loaded.metadata == record.metadata
+
+
+@pytest.mark.parametrize(
+    "metadata, what",
+    [
+        ({"run": {"t": (1, 2)}}, "tuple"),
+        ({"run": {"x": float("nan")}}, "NaN"),
+        ({"run": {1: "a"}}, "must be a str"),
+        ({"run": {"x": "a\x00b"}}, "NUL"),
+        ({"run": {"x": Digest(digest(1))}}, "Digest"),
+        ({"run": "not a mapping"}, "must be a mapping"),
+    ],
+)
+def test_unstorable_records_are_refused_and_lose_nothing(sql: Sql, metadata: Any, what: str) -> None:
+    key = sql.save(_call(5))
+    with pytest.raises(SaveError, match=what):
+        sql.save(_call(5, metadata=metadata))
+    assert sql.load(key) == _call(5)
+    with pytest.raises(SaveError, match="NUL"):
+        sql.save(_call(6).replace(name="bad\x00name"))
+    assert set(sql.list()) == {key}
+
+
+def test_evict_removes_arguments_and_metadata(sql: Sql) -> None:
+    key = sql.save(_call(7))
+    other = sql.save(_call(8))
+    sql.evict(key)
+    with sql._session_scope(Intent.READ) as s:
+        for table in (arguments, metadata_sections):
+            keys = set(s.execute(sa.select(table.c.call_key)).scalars())
+            assert keys == {other}
+
+
+def test_one_operation_reads_one_snapshot(db_url: str) -> None:
+    """A save committed in the middle of a read operation is invisible to the rest of it."""
+    reader, writer = Sql(db_url), Sql(db_url)
+    key = writer.save(_call(1, metadata={"w": {"v": 1}}))
+    with reader._session_scope(Intent.READ):
+        before = reader.load(key)
+        writer.save(_call(1, result=2, metadata={"w": {"v": 2}}))
+        assert reader.load(key) == before
+        assert reader.list() == [key]
+    assert reader.load(key) == _call(1, result=2, metadata={"w": {"v": 2}})
+    _close(reader)
+    _close(writer)
+
+
+def test_expand_rejects_wildcards_before_touching_the_database(sql: Sql) -> None:
+    sql.save(_call(1))
+    for bad in ["%%%%", "____", "ab%d", "AB12", "ab'1"]:
+        with pytest.raises(ValueError):
+            sql.expand(bad)
+
+
+# -- query pushdown -----------------------------------------------------------------------------
+
+_VALUES = [0, 1, 1.0, True, False, -0.0, 0.0, "1", "a", "A", "a ", None, (1,), [1], b"1"]
+_META_SCALARS = [
+    "h1", "H1", "h1 ", "", "é", "\\", '"', "1", 0, 1, -1, 2**70, 0.0, -0.0, 1.0, 0.1, 1e16,
+    True, False, None,
+]
+_META_VALUES = st.one_of(
+    st.sampled_from(_META_SCALARS),
+    st.sampled_from([[1, 2], [], {"a": 1}, {}, [1.0, "x"]]),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=3),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+_META_KEYS = st.sampled_from(["host", "Host", "n", "a.b", 'we"ird', "é", "", "x y", "b\\c"])
+_SECTIONS = st.sampled_from(["runtime", "Runtime", "other"])
+_ARG_NAMES = st.sampled_from(["x", "y", "X"])
+
+_calls = st.builds(
+    Call,
+    name=st.sampled_from(["f", "F", "f ", "g", "é"]),
+    arguments=st.dictionaries(_ARG_NAMES, st.sampled_from(_VALUES), max_size=3),
+    metadata=st.none()
+    | st.dictionaries(_SECTIONS, st.dictionaries(_META_KEYS, _META_VALUES, max_size=3), max_size=2),
+    module=st.sampled_from([None, "m", "M"]),
+    version=st.sampled_from([None, "1", "1 "]),
+    code_digest=st.sampled_from([None, "abc", "ABC"]),
+    result=st.sampled_from(_VALUES),
+)
+
+_TEMPLATE_VALUES = st.sampled_from(_VALUES).flatmap(
+    lambda v: st.sampled_from([v, digest(v)])
+)
+_TEMPLATE_META = st.one_of(
+    _META_VALUES,
+    st.sampled_from([(1, 2), Digest(digest("h1")), float("nan"), float("inf"), "h\x00", 2]),
+)
+_templates = st.builds(
+    QueryCall,
+    name=st.none() | st.sampled_from(["f", "F", "g", "h", "f\x00"]),
+    arguments=st.none()
+    | st.dictionaries(_ARG_NAMES | st.just("nope"), _TEMPLATE_VALUES, max_size=2),
+    metadata=st.none()
+    | st.dictionaries(
+        _SECTIONS,
+        st.none() | st.dictionaries(_META_KEYS, _TEMPLATE_META, max_size=2),
+        max_size=2,
+    ),
+    module=st.none() | st.sampled_from(["m", "M", 3]),
+    version=st.none() | st.sampled_from(["1", "1 "]),
+    code_digest=st.none() | st.sampled_from(["abc", "ABC"]),
+    result=st.none() | _TEMPLATE_VALUES,
+)
+
+
+def _template_from(call: Call, data: Any) -> QueryCall:
+    """A template built from parts of a stored call, so that it matches something."""
+    record = call.digest()
+    pick = data.draw(st.fixed_dictionaries({f: st.booleans() for f in ["n", "a", "m", "r", "md"]}))
+    md = None
+    if pick["md"] and call.metadata:
+        section = data.draw(st.sampled_from(sorted(call.metadata)))
+        entries = call.metadata[section]
+        keep = data.draw(st.sets(st.sampled_from(sorted(entries)))) if entries else set()
+        md = {section: {k: entries[k] for k in keep}}
+    args = None
+    if pick["a"] and call.arguments:
+        name = data.draw(st.sampled_from(sorted(call.arguments)))
+        args = {name: data.draw(st.sampled_from([call.arguments[name], record.arguments[name]]))}
+    return QueryCall(
+        name=call.name if pick["n"] else None,
+        arguments=args,
+        metadata=md,
+        module=call.module if pick["m"] else None,
+        result=call.result if pick["r"] else None,
+    )
+
+
+def _keys(found: Any) -> list[tuple[str, DigestedCall]]:
+    return sorted(((c.to_lookup_key(), c) for c in found), key=lambda kc: kc[0])
+
+
+@settings(
+    max_examples=400 if FULL else 40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(calls=st.lists(_calls, min_size=1, max_size=6), templates=st.lists(_templates, max_size=3), data=st.data())
+def test_query_equals_generic_query(sql: Sql, calls: list[Call], templates: list[QueryCall], data: Any) -> None:
+    for key in sql.list():
+        sql.evict(key)
+    memory = CallMemory()
+    for call in calls:
+        assert sql.save(call) == memory.save(call)
+    derived = [_template_from(data.draw(st.sampled_from(calls)), data) for _ in range(3)]
+    for template in [*templates, *derived, QueryCall()]:
+        assert _keys(sql.query(template)) == _keys(memory.query(template)), template
+
+
+def test_query_pushes_conditions_into_sql(sql: Sql) -> None:
+    """Name, arguments, result and scalar metadata become SQL; others stay in Python."""
+    sql.save(_call(1))
+    pushed = QueryCall(
+        name="_f", arguments={"x": 1}, result=1, metadata={"run": {"i": 1, "s": "a", "b": True}}
+    )
+    conditions = sql._build_call_conditions(pushed)
+    assert len(conditions) == 4
+    assert len(sql._build_call_conditions(QueryCall(metadata={"run": {"t": (1,)}}))) == 1
+    statement = sa.select(sa.literal(1)).where(*conditions)
+    text = str(statement.compile(dialect=sql.engine.dialect))
+    assert "fleche_metadata" in text and "fleche_arguments" in text
+    assert [c.name for c in sql.query(pushed)] == []
+    assert [c.arguments["x"] for c in sql.query(QueryCall(metadata={"run": {"i": 1}}))] == [digest(1)]
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def test_pickles_as_settings_only(sql: Sql) -> None:
+    key = sql.save(_call(1))
+    blob = pickle.dumps(sql)
+    assert b"sqlalchemy" not in blob and len(blob) < 400
+    copy = pickle.loads(blob)
+    assert copy == sql and copy.engine is None
+    assert copy.load(key) == _call(1)
+    assert copy.engine is not sql.engine
+    _close(copy)
+
+
+def _backend_id(storage: Sql) -> Any:
+    with storage._session_scope(Intent.READ) as s:
+        if storage.engine.dialect.name == "postgresql":
+            return s.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        if storage.engine.dialect.name == "mysql":
+            return s.execute(sa.text("SELECT CONNECTION_ID()")).scalar()
+        return id(s.connection().connection.dbapi_connection)
+
+
+def _forked_child(storage: Sql, key: str, parent_backend: Any, start: Any, out: Any) -> None:
+    try:
+        start.wait()
+        for i in range(40):
+            assert storage.load(key) == _call(1)
+            storage.save(_call(10 + i % 4))
+        out.put(("ok", _backend_id(storage) != parent_backend, storage._pid == os.getpid()))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        out.put(("error", repr(e), None))
+
+
+def test_fork_gives_the_child_its_own_connections(sql: Sql) -> None:
+    """Parent and forked child work at once; the parent keeps its very connection."""
+    key = sql.save(_call(1))
+    before = _backend_id(sql)
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Barrier(2), ctx.Queue()
+    child = ctx.Process(target=_forked_child, args=(sql, key, before, start, out))
+    child.start()
+    start.wait()
+    for _ in range(40):
+        assert sql.load(key) == _call(1)
+    result = out.get(timeout=120)
+    child.join(timeout=60)
+    assert result == ("ok", True, True), result
+    assert child.exitcode == 0
+    assert _backend_id(sql) == before
+    assert {sql.load(sql.save(_call(10 + i))).result for i in range(4)} == {digest(10 + i) for i in range(4)}
+
+
+def _consistent(call: DigestedCall) -> bool:
+    w = call.metadata["w"]
+    return call.result == digest((w["p"], w["n"]))
+
+
+def _hammer(url: str, p: int, rounds: int, start: Any, out: Any) -> None:
+    """Save overlapping calls with changing result and metadata; check every read is whole."""
+    try:
+        storage = Sql(url)
+        start.wait()
+        saved: list[Digest] = []
+        for n in range(rounds):
+            i = (p * 7 + n) % 40
+            call = Call.from_call(_f, i).replace(result=(p, n), metadata={"w": {"p": p, "n": n}})
+            key = storage.save(call)
+            saved.append(key)
+            loaded = storage.load(key)
+            assert loaded.arguments == {"x": digest(i), "y": digest(0)} and _consistent(loaded)
+            earlier = storage.load(saved[(n * 31) % len(saved)])  # never missing, never torn
+            assert _consistent(earlier)
+        _close(storage)
+        out.put(("ok", p))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        out.put(("error", f"process {p}: {e!r}\n{traceback.format_exc()}"))
+
+
+@pytest.mark.slow
+def test_many_processes_save_overlapping_calls(db_url: str) -> None:
+    """8 processes save overlapping calls (200 times each under FLECHE_STRESS=full)."""
+    rounds = 200 if FULL else 25
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(db_url, p, rounds, start, out)) for p in range(8)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    errors = [r[1] for r in results if r[0] != "ok"]
+    assert not errors, errors[0]
+    storage = Sql(db_url)
+    expected = {Call.from_call(_f, (p * 7 + n) % 40).to_lookup_key() for p in range(8) for n in range(rounds)}
+    assert set(storage.list()) == expected
+    for key in expected:
+        assert _consistent(storage.load(key))
+    _close(storage)
+
+
+# -- SQLite specifics ---------------------------------------------------------------------------
+
+
+def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite"
+    storage = Sql(path)
+    storage.save(_call(1))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with storage._session_scope(Intent.READ) as s:
+        assert s.execute(sa.text("PRAGMA busy_timeout")).scalar() == 30000
+        assert s.execute(sa.text("PRAGMA foreign_keys")).scalar() == 1
+    _close(storage)
+
+
+def test_network_filesystems_are_recognised(tmp_path: Path) -> None:
+    mounts = (
+        "/dev/sda1 / ext4 rw 0 0\n"
+        "server:/export /mnt/share nfs4 rw 0 0\n"
+        "//host/data /mnt/smb\\040drive cifs rw 0 0\n"
+        "tmpfs /mnt/share/local tmpfs rw 0 0\n"
+    )
+    assert _filesystem_type(Path("/mnt/share/a/b.sqlite"), mounts) == "nfs4"
+    assert _filesystem_type(Path("/mnt/smb drive/b.sqlite"), mounts) == "cifs"
+    assert _filesystem_type(Path("/mnt/share/local/b"), mounts) == "tmpfs"
+    assert _filesystem_type(Path("/mnt/shared"), mounts) == "ext4"
+    assert _is_network_filesystem("nfs4") and _is_network_filesystem("cifs")
+    assert not _is_network_filesystem("ext4") and not _is_network_filesystem(None)
+    assert not _is_network_filesystem(_filesystem_type(tmp_path))
+
+
+def test_importing_storage_needs_no_sqlalchemy() -> None:
+    code = (
+        "import sys; sys.modules['sqlalchemy'] = None\n"
+        "import fleche.storage as s\n"
+        "assert 'Sql' in dir(s)\n"
+        "try:\n    s.Sql\nexcept ImportError:\n    print('lazy')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "lazy"
