@@ -98,3 +98,38 @@ def test_key_locks_are_dropped_when_unused():
     for i in range(1000):
         storage.save(i)
     assert len(storage._key_locks._locks) == 0
+
+
+def test_locks_held_at_fork_are_free_in_the_child():
+    import multiprocessing
+
+    storage = SerializingValueMemory()
+    key = digest("k")
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():  # another thread holds the locks while the main thread forks
+        with storage._operation_context(key):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        # With fork, a Process's arguments are inherited as they are, not pickled.
+        child = ctx.Process(target=_save_in_child, args=(storage, key, results))
+        child.start()
+        outcome = results.get(timeout=30)
+        child.join(30)
+    finally:
+        release.set()
+        holder.join()
+    assert outcome == [1]
+
+
+def _save_in_child(storage, key, results):
+    # Without renewal the child would wait for ever for locks held by a thread it does not have.
+    got = storage._lock.acquire(timeout=2) and storage._get_key_lock(key).acquire(timeout=2)
+    results.put([1] if got else "locks still held after fork")

@@ -100,6 +100,16 @@ def active_cache() -> BaseCache:
     return _fallback
 
 
+def runtime_metadata(started: float, wall: float) -> dict[str, Any]:
+    """When and where a call ran: start (ISO 8601, UTC), wall time in seconds, host, pid."""
+    return {
+        "start": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
+        "wall_time": wall,
+        "host": _HOST,
+        "pid": os.getpid(),
+    }
+
+
 def _warn(message: str) -> None:
     warnings.warn(message, FlecheWarning, stacklevel=3)
 
@@ -178,15 +188,7 @@ class _Cached:
         return result
 
     def store(self, cache: BaseCache, call: Call, result: Any, started: float, wall: float) -> None:
-        metadata = {
-            "runtime": {
-                "start": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
-                "wall_time": wall,
-                "host": _HOST,
-                "pid": os.getpid(),
-            },
-            "function": self.info,
-        }
+        metadata = {"runtime": runtime_metadata(started, wall), "function": self.info}
         try:
             cache.save(call.replace(result=result, metadata=metadata))
         except Indigestible as e:

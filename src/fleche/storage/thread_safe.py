@@ -9,6 +9,7 @@ processes is the business of ``fleche.storage.locks``.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -21,14 +22,32 @@ from .base import Intent, OperationContext
 __all__ = ["PerKeyLockMixin", "SerializingMixin", "_PicklableLock", "_PicklableRLock"]
 
 
+# Locks copied into a child by fork may be held by a thread that does not exist there; every lock
+# object this module made is renewed in the child so it starts unlocked.
+_FORK_RENEWED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _renew_after_fork() -> None:
+    for obj in list(_FORK_RENEWED):
+        obj._renew()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_after_fork)
+
+
 class _PicklableLock:
-    """A ``threading.Lock`` that pickles as a fresh, unlocked lock."""
+    """A ``threading.Lock`` that pickles as a fresh, unlocked lock (and is renewed after fork)."""
 
     _factory = staticmethod(threading.Lock)
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "__weakref__")
 
     def __init__(self) -> None:
+        self._renew()
+        _FORK_RENEWED.add(self)
+
+    def _renew(self) -> None:
         self._lock = self._factory()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
@@ -63,12 +82,16 @@ class _KeyLockTable:
 
     A ``threading.Lock`` guards the table itself, and only while a lock is looked up; the
     per-key locks are weakly referenced, so the table never grows beyond the keys in use.
-    Pickles as an empty table.
+    Pickles as an empty table, and is emptied in a child after fork.
     """
 
-    __slots__ = ("_guard", "_locks")
+    __slots__ = ("_guard", "_locks", "__weakref__")
 
     def __init__(self) -> None:
+        self._renew()
+        _FORK_RENEWED.add(self)
+
+    def _renew(self) -> None:
         self._guard = threading.Lock()
         self._locks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
