@@ -282,3 +282,27 @@ def test_unpickled_copies_lock_across_processes(tmp_path, method):
         p.join(120)
         assert p.exitcode == 0
     assert values.load(key) == 100
+
+
+def test_one_storage_in_two_threads_honours_the_timeout_and_reads_do_not_wait(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.1)
+    key = values.save("old", digest("k"))
+    holding, release = threading.Event(), threading.Event()
+
+    def compute_once() -> None:
+        with values.locked(key):
+            holding.set()
+            release.wait(60)
+            values.save("new", key)
+
+    t = threading.Thread(target=compute_once)
+    t.start()
+    try:
+        assert holding.wait(60)
+        with pytest.raises(LockTimeout, match=key):
+            values.save("other", key)
+        assert values.load(key) == "old" and values.contains(key)  # readers never wait
+    finally:
+        release.set()
+        t.join()
+    assert values.load(key) == "new"

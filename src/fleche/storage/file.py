@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..digest import Digest, _mk
 from .base import StorageBackend
@@ -44,6 +44,9 @@ class FileStorage(StorageBackend):
     root: Path
     lock_timeout: float | None = 1.0
     durable: bool = False
+
+    _atomic_writes: ClassVar[bool] = True
+    """Writes replace whole entries atomically, so readers need no lock."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, (str, os.PathLike)):
