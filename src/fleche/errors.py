@@ -12,6 +12,7 @@ __all__ = [
     "NetworkFilesystemWarning",
     "SaveError",
     "SchemaVersionError",
+    "SignatureError",
 ]
 
 
@@ -42,6 +43,11 @@ class CorruptEntryError(FlecheError, ValueError):
 
     def __reduce__(self):  # keep the three fields through pickling (e.g. from a Dask worker)
         return (type(self), (self.key, self.location, self.reason))
+
+
+class SignatureError(CorruptEntryError):
+    """A storage with a secret key found an entry that is unsigned or whose signature matches
+    none of its keys; nothing from it was unpickled."""
 
 
 class LockTimeout(FlecheError, TimeoutError):

@@ -182,7 +182,57 @@ class StorageTests:
         for i in range(12):
             self.assert_loaded(storage, self.save(storage, self.item(i)), self.item(i))
 
+    # -- compound sections ------------------------------------------------------------------
+
+    def read_counter(self, storage: Any) -> int:
+        """The counter kept in ``storage`` by :meth:`write_counter` (0 before the first)."""
+        raise NotImplementedError
+
+    def write_counter(self, storage: Any, n: int) -> None:
+        raise NotImplementedError
+
+    def counter_key(self) -> Digest:
+        raise NotImplementedError
+
+    @pytest.mark.persistent
+    def test_locked_read_modify_write_threads(self, storage: Any) -> None:
+        """8 threads increment one counter under ``locked``; no increment is lost."""
+        start = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                start.wait()
+                _bump(storage, self, 25)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert self.read_counter(storage) == 200
+
+    @pytest.mark.persistent
+    def test_locked_is_reentrant(self, storage: Any) -> None:
+        with storage.locked(self.counter_key()) as key:
+            assert key == self.counter_key()
+            with storage.locked(key):
+                self.write_counter(storage, 1)
+        assert self.read_counter(storage) == 1
+
     # -- processes --------------------------------------------------------------------------
+
+    def test_processes_locked_read_modify_write(self, storage: Any) -> None:
+        """3 processes x 2 threads increment one counter under ``locked``; none is lost."""
+        if not self.shared_between_processes:
+            pytest.skip(f"{type(self).__name__} is private to one process")
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(3) as pool:
+            pool.starmap(_bump_in_threads, [(storage, self, 2, 15)] * 3)
+        assert self.read_counter(storage) == 90
 
     @pytest.mark.parametrize("method", ["spawn", "fork"])
     def test_processes_share_entries(self, storage: Any, method: str) -> None:
@@ -201,6 +251,30 @@ class StorageTests:
 
 def _save_items(storage: Any, contract: StorageTests, indices: range) -> list[tuple[int, Digest]]:
     return [(i, contract.save(storage, contract.item(i))) for i in indices]
+
+
+def _bump(storage: Any, contract: StorageTests, times: int) -> None:
+    for _ in range(times):
+        with storage.locked(contract.counter_key()):
+            contract.write_counter(storage, contract.read_counter(storage) + 1)
+
+
+def _bump_in_threads(storage: Any, contract: StorageTests, threads: int, times: int) -> None:
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _bump(storage, contract, times)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 _VALUES: list[Callable[[int], Any]] = [
@@ -224,6 +298,18 @@ class ValueStorageTests(StorageTests):
 
     def key_of(self, obj: Any) -> Digest:
         return digest(obj)
+
+    def counter_key(self) -> Digest:
+        return digest("fleche contract counter")
+
+    def read_counter(self, storage: Any) -> int:
+        try:
+            return storage.load(self.counter_key())
+        except KeyError:
+            return 0
+
+    def write_counter(self, storage: Any, n: int) -> None:
+        storage.save(n, self.counter_key())
 
     @pytest.mark.persistent
     def test_key_is_content_digest(self, storage: Any) -> None:
@@ -259,6 +345,21 @@ class CallStorageTests(StorageTests):
 
     def key_of(self, obj: Any) -> Digest:
         return obj.to_lookup_key()
+
+    def _counter_call(self, n: int) -> Call:
+        return Call.from_call(_sample_function, "counter").replace(metadata={"counter": {"n": n}})
+
+    def counter_key(self) -> Digest:
+        return self._counter_call(0).to_lookup_key()
+
+    def read_counter(self, storage: Any) -> int:
+        try:
+            return storage.load(self.counter_key()).metadata["counter"]["n"]
+        except KeyError:
+            return 0
+
+    def write_counter(self, storage: Any, n: int) -> None:
+        storage.save(self._counter_call(n))
 
     @pytest.mark.persistent
     def test_key_is_lookup_key(self, storage: Any) -> None:

@@ -28,7 +28,10 @@ from .base import (
     ValueStorage,
 )
 from .destructuring import DestructuringMixin, register_destructurer
+from .file import FileStorage
+from .locks import InterProcessLockMixin
 from .memory import CallMemory, MemoryBackend, ValueMemory
+from .pickle_file import CallPickleFile, PickleFileBackend, ValuePickleFile
 from .thread_safe import PerKeyLockMixin, SerializingMixin
 from .void import CallVoid, ValueVoid, VoidBackend
 
@@ -36,21 +39,26 @@ __all__ = [
     "AmbiguousDigestError",
     "CallMemory",
     "CallMixin",
+    "CallPickleFile",
     "CallStorage",
     "CallVoid",
     "CorruptEntryError",
     "DestructuringMixin",
+    "FileStorage",
     "Intent",
+    "InterProcessLockMixin",
     "KeyManagement",
     "LockTimeout",
     "MemoryBackend",
     "OperationContext",
     "PerKeyLockMixin",
+    "PickleFileBackend",
     "SaveError",
     "SerializingMixin",
     "StorageBackend",
     "ValueMemory",
     "ValueMixin",
+    "ValuePickleFile",
     "ValueStorage",
     "ValueVoid",
     "VoidBackend",

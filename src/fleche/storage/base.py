@@ -129,6 +129,20 @@ class KeyManagement(OperationContext):
         with self._operation_context(key):
             self._evict(key)
 
+    @contextlib.contextmanager
+    def locked(self, key: Digest | str) -> Iterator[Digest]:
+        """Hold ``key``'s write lock for a compound section (read-modify-write, compute-once).
+
+        Yields the full key. Excludes every operation that takes the same lock: the same key's
+        writes and ``locked`` sections in other threads and, for storages with inter-process
+        locks, in other processes. Reentrant for the holding thread, so the section may save and
+        evict ``key`` itself. What it excludes depends on the mixins; a storage without locking
+        mixins excludes nothing.
+        """
+        key = self._normalize_key(key)
+        with self._operation_context(key):
+            yield key
+
     def contains(self, key: Digest | str) -> bool:
         """Whether an entry is stored under ``key`` (full or short); a snapshot that another
         thread or process may change at once."""
