@@ -7,48 +7,16 @@ once for every kind of storage. File storages add the bytes they write to the pr
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .caches import CacheWrapper
+from .counters import BYTES_WRITTEN, Counters
 from .call import Call
 from .digest import Digest
 
 __all__ = ["BYTES_WRITTEN", "Counters", "StatsCache"]
-
-
-class Counters:
-    """Named numeric counters that many threads update at once; pickles as zeroed counters."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[str, float] = {}
-
-    def add(self, name: str, amount: float = 1) -> None:
-        """Add ``amount`` to counter ``name`` (atomic among threads of this process)."""
-        with self._lock:
-            self._values[name] = self._values.get(name, 0) + amount
-
-    def get(self, name: str) -> float:
-        return self._values.get(name, 0)
-
-    def snapshot(self) -> dict[str, float]:
-        """A consistent copy of every counter."""
-        with self._lock:
-            return dict(self._values)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._values.clear()
-
-    def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (type(self), ())
-
-
-BYTES_WRITTEN = Counters()
-"""Bytes written by file storages in this process, under the name ``"bytes"``."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..counters import BYTES_WRITTEN
 from ..digest import Digest, _mk
 from .base import StorageBackend
 
@@ -131,6 +132,7 @@ class FileStorage(StorageBackend):
                 self._write_file(value, tmp)
             if self.durable:
                 _fsync_path(tmp)
+            BYTES_WRITTEN.add("bytes", os.stat(tmp).st_size)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
