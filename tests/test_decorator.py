@@ -250,3 +250,27 @@ def test_async_functions_are_refused():
 
     with pytest.raises(TypeError, match="async"):
         fleche(coro)
+
+
+def test_corrupt_entry_is_a_miss_that_gets_overwritten(tmp_path):
+    from fleche.storage import CallPickleFile, ValuePickleFile
+
+    cache = Cache(ValuePickleFile(root=tmp_path / "v"), CallPickleFile(root=tmp_path / "c"))
+    runs = []
+
+    @fleche(cache=cache)
+    def compute(x):
+        runs.append(x)
+        return [x, x]
+
+    compute(1)
+    path = cache.calls._path(compute.digest(1))
+    with open(path, "r+b") as f:  # flip a byte in the payload
+        f.seek(-3, 2)
+        byte = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.warns(FlecheWarning, match="corrupt"):
+        assert compute(1) == [1, 1]
+    assert runs == [1, 1]
+    assert compute(1) == [1, 1] and runs == [1, 1]  # repaired: a hit again
