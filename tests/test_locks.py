@@ -306,3 +306,48 @@ def test_one_storage_in_two_threads_honours_the_timeout_and_reads_do_not_wait(tm
         release.set()
         t.join()
     assert values.load(key) == "new"
+
+
+def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path):
+    from fleche.storage import locks
+
+    def open_lock_files():
+        return sum(
+            1 for fd in os.listdir("/proc/self/fd")
+            if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path))
+        )
+
+    key = digest("kept open")
+    with hold(str(tmp_path), key):
+        pass
+    assert open_lock_files() == 1  # kept for the next hold: no open/close per lock
+    with hold(str(tmp_path), key):
+        assert open_lock_files() == 1
+    for i in range(300):
+        with hold(str(tmp_path), digest(i), stripes=4096):
+            pass
+    assert open_lock_files() <= locks._MAX_OPEN_LOCK_FILES
+    # A stripe whose file was closed while idle locks again.
+    with hold(str(tmp_path), key):
+        assert not _another_process_can_lock(str(tmp_path), key)
+    assert _another_process_can_lock(str(tmp_path), key)
+
+
+def _probe_lock(directory, key, results):
+    import fasteners
+
+    lock = fasteners.InterProcessLock(stripe_path(directory, key))
+    got = lock.acquire(blocking=False)
+    if got:
+        lock.release()
+    results.put(got)
+
+
+def _another_process_can_lock(directory, key):
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    p = ctx.Process(target=_probe_lock, args=(directory, key, results))
+    p.start()
+    got = results.get(timeout=60)
+    p.join(60)
+    return got

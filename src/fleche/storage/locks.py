@@ -48,6 +48,27 @@ _DELAY = 0.001
 _MAX_DELAY = 0.02
 
 
+class _KeptOpenLock(fasteners.InterProcessLock):
+    """A fasteners lock whose file stays open between holds.
+
+    fasteners opens (and creates the directory of) its lock file on every acquire and closes it
+    on every release; both syscalls cost more than the lock itself. The registry opens each lock
+    file once per process and closes it only while it is not held (see ``_Registry.touch``).
+    """
+
+    def _do_open(self) -> None:
+        if self.lockfile is None or self.lockfile.closed:
+            self.lockfile = open(self.path, "a")  # noqa: SIM115 - kept open on purpose
+
+    def _do_close(self) -> None:
+        pass
+
+    def close_file(self) -> None:
+        if self.lockfile is not None:
+            self.lockfile.close()
+            self.lockfile = None
+
+
 class _Stripe:
     """This process's share of one lock file: the file lock and how many holds use it."""
 
@@ -58,7 +79,15 @@ class _Stripe:
         self._cond = threading.Condition(threading.Lock())
         self._holders = 0
         self._acquiring = False
-        self._file_lock = fasteners.InterProcessLock(path)
+        self._file_lock = _KeptOpenLock(path)
+
+    def close_if_idle(self) -> bool:
+        """Close the lock file unless a thread holds or is taking the lock."""
+        with self._cond:
+            if self._holders or self._acquiring:
+                return False
+            self._file_lock.close_file()
+            return True
 
     def enter(self, deadline: float | None) -> bool:
         """Count one hold in, taking the file lock if none is held; False on timeout."""
@@ -99,12 +128,17 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+_MAX_OPEN_LOCK_FILES = 64
+"""Lock files a process keeps open at most (idle ones beyond this are closed, oldest first)."""
+
+
 class _Registry:
     """Per-process tables of stripes (by lock file) and key locks (by directory and key)."""
 
     def __init__(self) -> None:
         self.guard = threading.Lock()
         self.stripes: dict[str, _Stripe] = {}
+        self.open_order: dict[str, _Stripe] = {}  # insertion order = least recently used first
         self.keys: weakref.WeakValueDictionary[tuple[str, str], Any] = (
             weakref.WeakValueDictionary()
         )
@@ -118,7 +152,18 @@ class _Registry:
                     os.makedirs(directory, exist_ok=True)
                     self.made_dirs.add(directory)
                 stripe = self.stripes[path] = _Stripe(path)
+            self.open_order.pop(path, None)
+            self.open_order[path] = stripe
+            if len(self.open_order) > _MAX_OPEN_LOCK_FILES:
+                self._close_idle()
             return stripe
+
+    def _close_idle(self) -> None:
+        for path, stripe in list(self.open_order.items()):
+            if len(self.open_order) <= _MAX_OPEN_LOCK_FILES // 2:
+                break
+            if stripe.close_if_idle():
+                del self.open_order[path]
 
     def key_lock(self, directory: str, key: str) -> Any:
         with self.guard:
