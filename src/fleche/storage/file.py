@@ -1,8 +1,9 @@
 """A backend keeping one file per key in a directory that many processes may share.
 
-Layout under ``root``: each entry is ``root/<first two hex digits>/<full key>``; temporary files
-are dot-files next to the entry they will replace; lock files live in ``root/.locks/``. Nothing
-else is ever read as an entry.
+Layout under ``root``: each entry is ``root/<first two hex digits>/<full key><suffix>``, where a
+backend may set ``_entry_suffix`` (e.g. ``".h5"``; none by default); temporary files are dot-files
+next to the entry they will replace; lock files live in ``root/.locks/``. Nothing else is ever
+read as an entry.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..digest import Digest, _mk
 from .base import StorageBackend
@@ -45,6 +46,9 @@ class FileStorage(StorageBackend):
     lock_timeout: float | None = 1.0
     durable: bool = False
 
+    _entry_suffix: ClassVar[str] = ""
+    """Appended to the key to name an entry file (e.g. ``".h5"``), so other tools recognize it."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.root, (str, os.PathLike)):
             raise TypeError(f"root must be a str or Path, got {type(self.root).__name__}")
@@ -73,7 +77,7 @@ class FileStorage(StorageBackend):
     # -- layout ---------------------------------------------------------------------------------
 
     def _path(self, key: Digest) -> str:
-        return f"{self.root}/{key[:2]}/{key}"
+        return f"{self.root}/{key[:2]}/{key}{self._entry_suffix}"
 
     def _lock_directory(self) -> str:
         return f"{self.root}/.locks"
@@ -87,6 +91,7 @@ class FileStorage(StorageBackend):
         included.
         """
         keys: list[Digest] = []
+        suffix = self._entry_suffix
         try:
             top = os.scandir(self.root)
         except FileNotFoundError:
@@ -101,9 +106,10 @@ class FileStorage(StorageBackend):
                     continue
                 with entries:
                     keys.extend(
-                        _mk(e.name)
+                        _mk(e.name[:64])
                         for e in entries
-                        if _ENTRY.fullmatch(e.name)
+                        if e.name.endswith(suffix)
+                        and _ENTRY.fullmatch(e.name, 0, len(e.name) - len(suffix))
                         and e.name.startswith(sub.name)
                         and e.is_file(follow_symlinks=False)
                     )
