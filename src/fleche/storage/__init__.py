@@ -66,7 +66,11 @@ __all__ = [
 ]
 
 # Storages that need optional dependencies or later modules: name -> submodule.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "BagOfHoldingH5FileBackend": "h5_file",
+    "CallBagOfHoldingH5File": "h5_file",
+    "ValueBagOfHoldingH5File": "h5_file",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,164 @@
+"""HDF5 entries written by ``bagofholding``, and the value and call storages on them.
+
+Each entry is one HDF5 file, ``root/<first two hex digits>/<key>.h5``, written by
+:class:`bagofholding.H5Bag`: the stored object's structure becomes groups under ``/object``, numpy
+arrays become datasets with their dtype and shape, and every node's attrs say what it holds. So a
+stored file opens with plain ``h5py`` (or HDFView, ``h5ls``) and shows the data.
+
+Writes go through :class:`~fleche.storage.file.FileStorage`: a fresh temporary file, then
+``os.replace``, under the same per-key inter-process locks as the pickle storages. No HDF5 file is
+ever opened for writing by two processes, or reopened for writing at all.
+
+libhdf5's own file locking (``flock``, on by default, ``HDF5_USE_FILE_LOCKING``) is left as it is.
+Checked on ext4 with HDF5 2.0: a process holding an entry open for reading neither blocks a writer
+(which writes a new inode and renames it over the path) nor other readers; it keeps reading the
+old, complete file. HDF5's lock would only refuse opening a file *in place* for writing while
+another process reads it, which this storage never does. On file systems without ``flock``
+support (some NFS mounts) libhdf5 fails to open files unless ``HDF5_USE_FILE_LOCKING=FALSE`` is
+set in the environment; our locks do not depend on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+try:
+    import numpy as np
+    from bagofholding import H5Bag
+    from bagofholding.exceptions import BagMismatchError
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "the HDF5 storages need bagofholding and h5py: pip install 'fleche[h5]'"
+    ) from e
+
+from ..digest import Digest
+from ..errors import CorruptEntryError, SaveError
+from .base import CallMixin, ValueMixin
+from .destructuring import DestructuringMixin
+from .file import FileStorage
+from .locks import InterProcessLockMixin
+from .thread_safe import PerKeyLockMixin
+
+__all__ = ["BagOfHoldingH5FileBackend", "CallBagOfHoldingH5File", "ValueBagOfHoldingH5File"]
+
+_VALIDATORS = ("exact", "semantic-patch", "semantic-minor", "semantic-major", "none")
+
+
+class _Unstorable(Exception):
+    """bagofholding refused a value; ``put`` turns this into a :class:`SaveError` with the key."""
+
+
+@dataclass(frozen=True)
+class BagOfHoldingH5FileBackend(FileStorage):
+    """File storage whose entries are HDF5 files written and read by ``bagofholding``.
+
+    ``version_validator`` says how closely the versions of the packages recorded in an entry (e.g.
+    numpy's, for an array) must match the installed ones for it to load: one of
+    bagofholding's ``"exact"``, ``"semantic-patch"``, ``"semantic-minor"``, ``"semantic-major"``
+    or ``"none"`` (the default, like the pickle storages: load whatever still loads). An entry
+    refused by it reads as a :class:`~fleche.errors.CorruptEntryError`.
+
+    Loading an entry may import and call what it names, as unpickling does: only share a root
+    with writers you trust. libhdf5 serializes all HDF5 work of one process (h5py holds a global
+    lock), so threads of one process read and write entries one at a time.
+    """
+
+    version_validator: str = "none"
+
+    _entry_suffix: ClassVar[str] = ".h5"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.version_validator not in _VALIDATORS:
+            raise ValueError(
+                f"version_validator must be one of {', '.join(map(repr, _VALIDATORS))}, "
+                f"got {self.version_validator!r}"
+            )
+
+    def put(self, value: Any, key: Digest) -> Digest:
+        """Write ``value`` under ``key`` atomically; :class:`SaveError` if bagofholding cannot
+        store it, with nothing left on disk."""
+        try:
+            return super().put(value, key)
+        except _Unstorable as e:
+            kind = type(value)
+            cause = e.__cause__
+            raise SaveError(
+                f"cannot store a value of type {kind.__module__}.{kind.__qualname__} under {key} "
+                f"in HDF5 with bagofholding: {type(cause).__name__}: {cause}"
+            ) from cause
+
+    def _write_file(self, value: Any, tmp_path: str) -> None:
+        try:
+            H5Bag.save(value, tmp_path)
+        except OSError as e:
+            if e.errno is not None:  # the file system's doing (missing directory, full disk)
+                raise
+            raise _Unstorable() from e
+        except Exception as e:  # noqa: BLE001 - bagofholding, h5py and pickling raise many kinds
+            raise _Unstorable() from e
+
+    def _read_file(self, path: str, key: Digest) -> Any:
+        with contextlib.ExitStack() as stack:
+            try:
+                # Held open while loading: a concurrent replace or evict cannot change what we read.
+                bag = stack.enter_context(H5Bag(path))
+            except FileNotFoundError:
+                raise
+            except BagMismatchError as e:
+                raise CorruptEntryError(
+                    key, path, f"written by an incompatible bagofholding: {e}"
+                ) from e
+            except Exception as e:  # noqa: BLE001 - libhdf5 reports damage as OSError and more
+                raise CorruptEntryError(
+                    key, path, f"not a readable HDF5 bag: {type(e).__name__}: {e}"
+                ) from e
+            try:
+                value = bag.load(version_validator=self.version_validator)
+                if isinstance(value, np.generic) and _holds_array(bag):
+                    value = np.asarray(value)
+            except (ImportError, BagMismatchError) as e:
+                raise CorruptEntryError(
+                    key, path, f"intact but cannot be loaded here: {type(e).__name__}: {e}"
+                ) from e
+            except Exception as e:  # noqa: BLE001 - a damaged file fails in arbitrary ways
+                raise CorruptEntryError(
+                    key, path, f"damaged or not a fleche entry: {type(e).__name__}: {e}"
+                ) from e
+            return value
+
+
+def _holds_array(bag: H5Bag) -> bool:
+    """Whether the bag's root is a numpy array: bagofholding loads a 0-d array as a scalar."""
+    meta = bag[H5Bag.storage_root]
+    return meta.module == "numpy" and meta.qualname == "ndarray"
+
+
+@dataclass(frozen=True)
+class ValueBagOfHoldingH5File(
+    PerKeyLockMixin, InterProcessLockMixin, DestructuringMixin, ValueMixin, BagOfHoldingH5FileBackend
+):
+    """A destructuring value storage of HDF5 files, safe to share between threads and processes.
+
+    Lists, tuples, dicts and dataclasses are stored element by element (see
+    :class:`~fleche.storage.destructuring.DestructuringMixin`), so each array or data frame gets
+    a file of its own that other HDF5 tools can open.
+
+    >>> import tempfile, numpy as np
+    >>> values = ValueBagOfHoldingH5File(tempfile.mkdtemp())
+    >>> values.load(values.save({"a": np.arange(3)}))
+    {'a': array([0, 1, 2])}
+    """
+
+
+@dataclass(frozen=True)
+class CallBagOfHoldingH5File(
+    PerKeyLockMixin, InterProcessLockMixin, CallMixin, BagOfHoldingH5FileBackend
+):
+    """A call storage of HDF5 files, safe to share between threads and processes.
+
+    Each record is one file: the :class:`~fleche.call.DigestedCall`'s fields as groups and
+    string datasets, its arguments and result as :class:`~fleche.digest.Digest` keys.
+    """
