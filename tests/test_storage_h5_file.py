@@ -174,6 +174,10 @@ def _arrays(min_dims: int) -> st.SearchStrategy:
 
 
 arrays = _arrays(0)
+# h5py cannot store a str with a NUL character (a SaveError, tested below), nor bagofholding a
+# dict key "." inside a file; both are left out of the round trips.
+texts = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=8)
+keys = texts.filter(lambda k: k != ".").map(lambda k: k[:4]) | st.integers()
 series = hpd.series(dtype=float, index=hpd.range_indexes(max_size=8)) | hpd.series(
     elements=st.integers(-(2**40), 2**40), dtype=np.int64, index=hpd.range_indexes(max_size=8)
 )
@@ -182,7 +186,7 @@ frames = hpd.data_frames(
         hpd.column("x", dtype=float),
         hpd.column("n", dtype=np.int32),
         hpd.column("flag", dtype=bool),
-        hpd.column("label", elements=st.text(max_size=5), dtype=object),
+        hpd.column("label", elements=texts, dtype=object),
     ],
     index=hpd.range_indexes(max_size=6),
 )
@@ -192,7 +196,7 @@ scalars = (
     | st.integers()
     | st.floats()
     | st.complex_numbers(allow_nan=False)
-    | st.text(max_size=8)
+    | texts
     | st.binary(max_size=8)
 )
 
@@ -202,7 +206,7 @@ def _nested(leaves: st.SearchStrategy) -> st.SearchStrategy:
         leaves,
         lambda children: st.lists(children, max_size=4)
         | st.lists(children, max_size=4).map(tuple)
-        | st.dictionaries(st.text(max_size=4) | st.integers(), children, max_size=4),
+        | st.dictionaries(keys, children, max_size=4),
         max_leaves=10,
     )
 
@@ -368,8 +372,9 @@ def test_dataframe_and_call_entries_show_their_data(tmp_path):
         (lambda: threading.Lock(), "_thread.lock"),
         (lambda: (i for i in range(3)), "builtins.generator"),
         (lambda: _local_instance(), "_local_instance.<locals>.Local"),
+        (lambda: "nul\x00inside", "builtins.str"),
     ],
-    ids=["lambda", "lock", "generator", "local class"],
+    ids=["lambda", "lock", "generator", "local class", "NUL in str"],
 )
 def test_unstorable_value_raises_save_error_and_leaves_nothing(tmp_path, make, type_name):
     values = ValueBagOfHoldingH5File(tmp_path)
