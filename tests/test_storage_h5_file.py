@@ -21,7 +21,7 @@ pytest.importorskip("bagofholding")
 np = pytest.importorskip("numpy")
 pd = pytest.importorskip("pandas")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 from hypothesis.extra import pandas as hpd  # noqa: E402
@@ -225,6 +225,8 @@ _ROUND_TRIP = settings(
 
 @_ROUND_TRIP
 @given(value=arrays)
+@example(value=np.array(0.0, dtype=">f8"))  # 0-d: loaded as a scalar by bagofholding, restored
+@example(value=np.array("ab", dtype="U5"))
 def test_arrays_round_trip(tmp_path, value):
     values = ValueBagOfHoldingH5File(tmp_path)
     assert_same(values.load(values.save(value)), value)

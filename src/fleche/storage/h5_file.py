@@ -119,8 +119,8 @@ class BagOfHoldingH5FileBackend(FileStorage):
                 ) from e
             try:
                 value = bag.load(version_validator=self.version_validator)
-                if isinstance(value, np.generic) and _holds_array(bag):
-                    value = np.asarray(value)
+                if isinstance(value, np.generic):
+                    value = _as_stored_array(bag, value)
             except (ImportError, BagMismatchError) as e:
                 raise CorruptEntryError(
                     key, path, f"intact but cannot be loaded here: {type(e).__name__}: {e}"
@@ -132,10 +132,15 @@ class BagOfHoldingH5FileBackend(FileStorage):
             return value
 
 
-def _holds_array(bag: H5Bag) -> bool:
-    """Whether the bag's root is a numpy array: bagofholding loads a 0-d array as a scalar."""
+def _as_stored_array(bag: H5Bag, value: Any) -> Any:
+    """``value`` as the 0-d array it was stored as, if it was: bagofholding loads a 0-d array as
+    a numpy scalar (in native byte order)."""
     meta = bag[H5Bag.storage_root]
-    return meta.module == "numpy" and meta.qualname == "ndarray"
+    if not (meta.module == "numpy" and meta.qualname == "ndarray"):
+        return value
+    stored = bag.file[H5Bag.storage_root].dtype
+    same = stored.kind == value.dtype.kind and stored.itemsize == value.dtype.itemsize
+    return np.asarray(value, dtype=stored if same else value.dtype)
 
 
 @dataclass(frozen=True)
