@@ -46,6 +46,9 @@ class FileStorage(StorageBackend):
     lock_timeout: float | None = 1.0
     durable: bool = False
 
+    _atomic_writes: ClassVar[bool] = True
+    """Writes replace whole entries atomically, so readers need no lock."""
+
     _entry_suffix: ClassVar[str] = ""
     """Appended to the key to name an entry file (e.g. ``".h5"``), so other tools recognize it."""
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..digest import Digest
+from ..errors import LockTimeout
 from .base import Intent, OperationContext
 
 __all__ = ["PerKeyLockMixin", "SerializingMixin", "_PicklableLock", "_PicklableRLock"]
@@ -116,7 +117,8 @@ class PerKeyLockMixin(OperationContext):
     obtained the table lock is released, so two threads operating on different keys never block
     each other. Operations on the same key are serialized by the per-key lock, which is reentrant
     to allow nested calls (e.g. ``expand`` inside ``load``). The guarantee covers the threads of
-    one process; pickled copies start with their own, fresh lock table.
+    one process; pickled copies start with their own, fresh lock table. A storage with a
+    ``lock_timeout`` attribute waits at most that long, then raises ``LockTimeout``.
 
     Place before the concrete storage class in the MRO::
 
@@ -133,10 +135,23 @@ class PerKeyLockMixin(OperationContext):
         """The reentrant lock for ``key``: the same object for as long as anyone holds it."""
         return self._key_locks.get(str(key))
 
-    @contextlib.contextmanager
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
-    ) -> Iterator[None]:
-        with self._get_key_lock(key):
+    ) -> contextlib.AbstractContextManager[None]:
+        # Backends whose writes are atomic replacements (class flag ``_atomic_writes``) serve
+        # reads without the lock, so a reader never waits for a long ``locked`` section.
+        if intent is Intent.READ and getattr(self, "_atomic_writes", False):
+            return super()._operation_context(key, intent=intent)
+        return self._locked_context(key, intent)
+
+    @contextlib.contextmanager
+    def _locked_context(self, key: Digest | str, intent: Intent) -> Iterator[None]:
+        lock = self._get_key_lock(key)
+        timeout = getattr(self, "lock_timeout", None)  # honoured where the storage has one
+        if not lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise LockTimeout(str(key), "a thread lock of this process", timeout)
+        try:
             with super()._operation_context(key, intent=intent):
                 yield
+        finally:
+            lock.release()

@@ -1,0 +1,308 @@
+"""Inter-process locks: registry, reentrancy, striping, timeouts, dead holders, fork, pickling."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+
+import pytest
+
+from fleche.digest import digest
+from fleche.errors import LockTimeout
+from fleche.storage import ValuePickleFile
+from fleche.storage.locks import hold, stripe_path
+
+SPAWN = multiprocessing.get_context("spawn")
+FORK = multiprocessing.get_context("fork")
+
+
+def _keys_in(stripes: int, same: bool, n: int = 2) -> list[str]:
+    """n keys that all share one stripe (same=True) or all lie in different stripes."""
+    seen: dict[str, list[str]] = {}
+    for i in range(100000):
+        key = digest(i)
+        slot = stripe_path("d", key, stripes)
+        if same:
+            seen.setdefault(slot, []).append(key)
+            if len(seen[slot]) == n:
+                return seen[slot]
+        elif slot not in seen:
+            seen[slot] = [key]
+            if len(seen) == n:
+                return [v[0] for v in seen.values()]
+    raise AssertionError("no keys found")
+
+
+def _try_lock(storage, key, timeout, result) -> None:
+    try:
+        with hold(storage._lock_directory(), key, stripes=storage.lock_stripes, timeout=timeout):
+            result.append("acquired")
+    except LockTimeout as e:
+        result.append(e)
+
+
+def _holder(storage, key, holding, release) -> None:
+    """Child process: hold ``key`` through a pickled storage until told to release."""
+    with storage.locked(key):
+        holding.set()
+        release.wait(60)
+
+
+def _try_in_child(storage, key, timeout, queue) -> None:
+    result: list = []
+    _try_lock(storage, key, timeout, result)
+    queue.put(result[0] if result[0] == "acquired" else "timeout")
+
+
+def _child_result(ctx, storage, key, timeout=0.2) -> str:
+    queue = ctx.Queue()
+    p = ctx.Process(target=_try_in_child, args=(storage, key, timeout, queue))
+    p.start()
+    try:
+        return queue.get(timeout=60)
+    finally:
+        p.join(60)
+
+
+# -- one process ------------------------------------------------------------------------------
+
+
+def test_reentrant_in_one_thread(tmp_path):
+    values = ValuePickleFile(tmp_path)
+    key = digest("k")
+    with values.locked(key):
+        with values.locked(key):
+            values.save(1, key)
+        values.evict(key)
+    assert _child_result(FORK, values, key) == "acquired"
+
+
+def test_pickled_copies_in_one_process_exclude_each_other(tmp_path):
+    storage = ValuePickleFile(tmp_path, lock_timeout=0.1)
+    a, b = pickle.loads(pickle.dumps(storage)), pickle.loads(pickle.dumps(storage))
+    key = digest("shared")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_in_a() -> None:
+        with a.locked(key):
+            holding.set()
+            release.wait(60)
+
+    t = threading.Thread(target=hold_in_a)
+    t.start()
+    try:
+        assert holding.wait(60)
+        with pytest.raises(LockTimeout):
+            with b.locked(key):
+                pass
+        with pytest.raises(LockTimeout):
+            b.save("blocked", key)
+        assert not b.contains(key)
+    finally:
+        release.set()
+        t.join()
+    with b.locked(key):
+        b.save("free", key)
+    assert a.load(key) == "free"
+
+
+def test_keys_sharing_a_stripe_do_not_block_threads_of_one_process(tmp_path):
+    """Threads wait only for the same key; crossed holds on two stripes do not deadlock."""
+    values = ValuePickleFile(tmp_path, lock_stripes=4, lock_timeout=5)
+    by_stripe: dict[str, list[str]] = {}
+    for i in range(200):
+        by_stripe.setdefault(stripe_path("d", digest(i), 4), []).append(digest(i))
+    (k1, k3), (k2, k4) = (keys[:2] for keys in list(by_stripe.values())[:2])
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def cross(first: str, second: str) -> None:
+        try:
+            with values.locked(first):
+                barrier.wait(10)
+                with values.locked(second):
+                    values.save(f"v{second}", second)
+                barrier.wait(10)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    # T1 holds k1 (stripe A) then takes k4 (stripe B); T2 holds k2 (stripe B) then takes k3 (A).
+    threads = [threading.Thread(target=cross, args=(k1, k4)), threading.Thread(target=cross, args=(k2, k3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert values.load(k3) == f"v{k3}" and values.load(k4) == f"v{k4}"
+
+
+def test_stripes_bound_the_lock_files(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_stripes=8)
+    for i in range(300):
+        values.save(i)
+    lock_files = list((tmp_path / ".locks").iterdir())
+    assert 1 <= len(lock_files) <= 8
+    assert all(p.suffix == ".lock" for p in lock_files)
+    assert len(list(values.list())) == 300
+
+
+def test_nested_stripes_release_in_reverse_order(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.1)
+    k1, k2 = _keys_in(values.lock_stripes, same=False)
+    with values.locked(k1):
+        with values.locked(k2):
+            assert _child_result(FORK, values, k2) == "timeout"
+        assert _child_result(FORK, values, k2) == "acquired"
+        assert _child_result(FORK, values, k1) == "timeout"
+    assert _child_result(FORK, values, k1) == "acquired"
+
+
+# -- several processes ------------------------------------------------------------------------
+
+
+def test_lock_timeout_while_another_process_holds_the_key(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.2)
+    key = values.save("before", digest("contended"))
+    holding, release = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_holder, args=(values, key, holding, release))
+    p.start()
+    try:
+        assert holding.wait(60)
+        with pytest.raises(LockTimeout) as info:
+            values.save("during", key)
+        err = info.value
+        assert isinstance(err, TimeoutError)
+        assert err.key == key and err.timeout == 0.2
+        assert err.lock_path == stripe_path(str(tmp_path / ".locks"), key, values.lock_stripes)
+        assert key in str(err) and err.lock_path in str(err) and "0.2" in str(err)
+        with pytest.raises(LockTimeout):
+            values.evict(key)
+        assert values.load(key) == "before"  # reads take no lock, and nothing changed
+        # Keys of other stripes are free.
+        other = next(k for k in (digest(i) for i in range(100))
+                     if stripe_path("d", k) != stripe_path("d", key))
+        values.save("other", other)
+    finally:
+        release.set()
+        p.join(60)
+    values.save("after", key)
+    assert values.load(key) == "after"
+
+
+def test_a_stripe_excludes_other_processes_for_every_key_in_it(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_stripes=2)
+    k1, k2 = _keys_in(2, same=True)
+    with values.locked(k1):
+        assert _child_result(SPAWN, values, k2) == "timeout"
+    assert _child_result(SPAWN, values, k2) == "acquired"
+
+
+def test_a_killed_holder_frees_the_lock_at_once(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.2)
+    key = digest("victim")
+    holding, release = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_holder, args=(values, key, holding, release))
+    p.start()
+    assert holding.wait(60)
+    with pytest.raises(LockTimeout):
+        values.save(1, key)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    values.save(2, key)
+    assert values.load(key) == 2
+
+
+def _writer(storage, key, started) -> None:
+    big = [bytes(4_000_000)]
+    n = 0
+    while True:
+        storage.save((n, big * 4), key)
+        n += 1
+        started.set()
+
+
+def test_writer_killed_mid_write_leaves_no_partial_entry_and_no_lock(tmp_path):
+    values = ValuePickleFile(tmp_path, remaining_depth=10)
+    key = digest("big")
+    started = SPAWN.Event()
+    p = SPAWN.Process(target=_writer, args=(values, key, started))
+    p.start()
+    try:
+        assert started.wait(60)
+        # Wait for the next write to be under way: its temporary file exists.
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / key[:2]).glob(".*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.001)  # polling for a file, not synchronizing
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(60)
+    n, big = values.load(key)
+    assert n >= 0 and big == [bytes(4_000_000)] * 4
+    assert set(values.list()) == {key}
+    for leftover in (tmp_path / key[:2]).glob(".*.tmp"):
+        assert leftover.name.startswith(f".{key}.")  # a stray the listing ignores
+    with values.locked(key):  # the dead writer's lock is free at once
+        values.save("fresh", key)
+    assert values.load(key) == "fresh"
+
+
+def test_fork_child_does_not_inherit_held_locks(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.2)
+    key = digest("held by parent")
+    with values.locked(key):
+        # The child's registry is fresh: it must not believe it shares the parent's file lock.
+        assert _child_result(FORK, values, key) == "timeout"
+        other = _keys_in(values.lock_stripes, same=False)
+        free = next(k for k in other if stripe_path("d", k) != stripe_path("d", key))
+        assert _child_result(FORK, values, free) == "acquired"
+    assert _child_result(FORK, values, key) == "acquired"
+
+
+def _count_under_lock(storage, key, n) -> None:
+    for _ in range(n):
+        with storage.locked(key):
+            storage.save(storage.load(key) + 1, key)
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
+def test_unpickled_copies_lock_across_processes(tmp_path, method):
+    ctx = multiprocessing.get_context(method)
+    values = ValuePickleFile(tmp_path, lock_timeout=30)
+    key = values.save(0, digest("counter"))
+    procs = [ctx.Process(target=_count_under_lock, args=(values, key, 25)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    _count_under_lock(values, key, 25)
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert values.load(key) == 100
+
+
+def test_one_storage_in_two_threads_honours_the_timeout_and_reads_do_not_wait(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.1)
+    key = values.save("old", digest("k"))
+    holding, release = threading.Event(), threading.Event()
+
+    def compute_once() -> None:
+        with values.locked(key):
+            holding.set()
+            release.wait(60)
+            values.save("new", key)
+
+    t = threading.Thread(target=compute_once)
+    t.start()
+    try:
+        assert holding.wait(60)
+        with pytest.raises(LockTimeout, match=key):
+            values.save("other", key)
+        assert values.load(key) == "old" and values.contains(key)  # readers never wait
+    finally:
+        release.set()
+        t.join()
+    assert values.load(key) == "new"
