@@ -68,6 +68,9 @@ __all__ = [
 # Storages that need optional dependencies or later modules: name -> submodule.
 _LAZY: dict[str, str] = {
     "Sql": "sql",
+    "BagOfHoldingH5FileBackend": "h5_file",
+    "CallBagOfHoldingH5File": "h5_file",
+    "ValueBagOfHoldingH5File": "h5_file",
 }
 
 

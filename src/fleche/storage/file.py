@@ -1,8 +1,9 @@
 """A backend keeping one file per key in a directory that many processes may share.
 
-Layout under ``root``: each entry is ``root/<first two hex digits>/<full key>``; temporary files
-are dot-files next to the entry they will replace; lock files live in ``root/.locks/``. Nothing
-else is ever read as an entry.
+Layout under ``root``: each entry is ``root/<first two hex digits>/<full key><suffix>``, where a
+backend may set ``_entry_suffix`` (e.g. ``".h5"``; none by default); temporary files are dot-files
+next to the entry they will replace; lock files live in ``root/.locks/``. Nothing else is ever
+read as an entry.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class FileStorage(StorageBackend):
     _atomic_writes: ClassVar[bool] = True
     """Writes replace whole entries atomically, so readers need no lock."""
 
+    _entry_suffix: ClassVar[str] = ""
+    """Appended to the key to name an entry file (e.g. ``".h5"``), so other tools recognize it."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.root, (str, os.PathLike)):
             raise TypeError(f"root must be a str or Path, got {type(self.root).__name__}")
@@ -77,7 +81,7 @@ class FileStorage(StorageBackend):
     # -- layout ---------------------------------------------------------------------------------
 
     def _path(self, key: Digest) -> str:
-        return f"{self.root}/{key[:2]}/{key}"
+        return f"{self.root}/{key[:2]}/{key}{self._entry_suffix}"
 
     def _lock_directory(self) -> str:
         return f"{self.root}/.locks"
@@ -91,6 +95,7 @@ class FileStorage(StorageBackend):
         included.
         """
         keys: list[Digest] = []
+        suffix = self._entry_suffix
         try:
             top = os.scandir(self.root)
         except FileNotFoundError:
@@ -105,9 +110,10 @@ class FileStorage(StorageBackend):
                     continue
                 with entries:
                     keys.extend(
-                        _mk(e.name)
+                        _mk(e.name[:64])
                         for e in entries
-                        if _ENTRY.fullmatch(e.name)
+                        if e.name.endswith(suffix)
+                        and _ENTRY.fullmatch(e.name, 0, len(e.name) - len(suffix))
                         and e.name.startswith(sub.name)
                         and e.is_file(follow_symlinks=False)
                     )
