@@ -77,7 +77,9 @@ _REFS = _RefDigests(MAX_TRACKED_REFS)
 def key_of(ref: ObjectRef) -> Digest | None:
     """The call digest a cached task's ``ObjectRef`` stands for; ``None`` for other refs.
 
-    Only known in the driver process that submitted the task.
+    Only known in the driver process that submitted the task, and only when the driver could key
+    the call (not when it depends on the value of a ref from elsewhere, which the worker keys).
+    Thread-safe.
     """
     return _REFS.get(ref)
 
