@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +30,13 @@ from dask.core import flatten
 from dask.utils import ensure_dict
 from distributed import Client, WorkerPlugin
 
+from ._tasks import ComputeAndSave as _ComputeAndSave
+from ._tasks import Upstream
+from ._tasks import load_result as _load_result
 from .caches import BaseCache
 from .call import Call
-from .decorator import active_cache, get_default_cache, runtime_metadata, set_default_cache
+from .decorator import active_cache, get_default_cache, set_default_cache
 from .digest import Digest, Indigestible, digest
-from .errors import SaveError
 from .stats import StatsCache
 
 __all__ = ["CachingOptimizer", "FlecheCache", "cached", "rewrite_graph"]
@@ -111,16 +112,6 @@ def _collect_stats(dask_worker: Any) -> dict[str, dict[str, float]]:
 
 
 # -- whole-graph caching ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """Stands in a task's arguments for the result of another task, by that task's digest."""
-
-    key: Digest
-
-    def __digest__(self) -> Digest:
-        return self.key
 
 
 @dataclass(frozen=True)
@@ -222,39 +213,6 @@ def _digests(dsk: Mapping[Hashable, ts.GraphNode]) -> tuple[dict, dict]:
         except (_Uncacheable, Indigestible):
             digests[key] = None
     return digests, calls
-
-
-class _ComputeAndSave:
-    """Runs a task's function on the worker and saves its result under the task's digest."""
-
-    def __init__(self, store: BaseCache, call: Call, func: Any) -> None:
-        self.store = store
-        self.call = call
-        self.func = func
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        started, t0 = time.time(), time.perf_counter()
-        result = self.func(*args, **kwargs)
-        wall = time.perf_counter() - t0
-        try:
-            self.store.save(
-                self.call.replace(result=result, metadata={"runtime": runtime_metadata(started, wall)})
-            )
-        except (SaveError, Indigestible) as e:
-            logger.warning(
-                "result of %s (type %s) not cached: %s", self.call.name, type(result).__name__, e
-            )
-        return result
-
-
-def _load_result(store: BaseCache, key: Digest) -> Any:
-    try:
-        return store.load_result(key)
-    except KeyError:
-        raise KeyError(
-            f"cached task result {key} vanished after the graph was built (evicted meanwhile?); "
-            "build and compute the graph again"
-        ) from None
 
 
 def rewrite_graph(
