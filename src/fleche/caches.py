@@ -104,6 +104,38 @@ def _values_of(record: DigestedCall) -> list[Digest]:
     return [*record.arguments.values(), record.result]
 
 
+def _fits(value: Any, budget: int) -> int | None:
+    """Roughly how many bytes ``value`` pickles to, if it is a plain value under ``budget``."""
+    t = type(value)
+    if value is None or t is bool or t is float or t is complex:
+        return 9
+    if t is int:
+        return value.bit_length() // 8 + 9 if value.bit_length() < 8 * budget else None
+    if t is str or t is bytes:
+        return len(value) + 9 if len(value) < budget else None
+    if t in (tuple, list, set, frozenset):
+        total = 4
+        for item in value:
+            size = _fits(item, budget - total)
+            if size is None:
+                return None
+            total += size
+        return total if total < budget else None
+    if t is dict:
+        total = 4
+        for k, item in value.items():
+            ks = _fits(k, budget - total)
+            vs = None if ks is None else _fits(item, budget - total - ks)
+            if vs is None:
+                return None
+            total += ks + vs
+        return total if total < budget else None
+    nbytes = getattr(value, "nbytes", None)  # numpy arrays and scalars
+    if type(nbytes) is int and nbytes < budget and getattr(value, "dtype", None) is not None:
+        return None if value.dtype.hasobject else nbytes + 128
+    return None
+
+
 @dataclass(frozen=True)
 class Cache(BaseCache):
     """A value storage and a call storage used together.
@@ -119,28 +151,53 @@ class Cache(BaseCache):
 
     values: ValueStorage
     calls: CallStorage
+    inline_bytes: int = 2048
+    """Arguments and results smaller than about this many bytes are kept in the call record
+    itself when the call storage supports it (``keeps_inline_values``), so a hit reads one entry
+    and a miss writes one; 0 keeps every value in the value storage."""
 
-    def save(self, call: Call) -> Digest:
+    def save(self, call: Call, *, overwrite: bool = False) -> Digest:
         """Store the values, then the record; return the call's lookup key.
 
-        A reader in any thread or process never finds the record without its values. If a value
-        cannot be stored (``SaveError``), the record is not written; values already written stay
-        until :meth:`gc`.
+        A reader in any thread or process never finds the record without its values. Values
+        already stored are not written again (their key is their content) unless ``overwrite``,
+        which rewrites them, e.g. to repair a corrupt entry. If a value cannot be stored
+        (``SaveError``), the record is not written; values already written stay until :meth:`gc`.
         """
         record = call.digest()
         key = record.to_lookup_key()
+        limit = self.inline_bytes if self.calls.keeps_inline_values else 0
+        inline: dict[Digest, Any] = {}
+        arguments = call.arguments
         with self._operation_context(key):
-            arguments = call.arguments
             for name, value_key in record.arguments.items():
-                if isinstance(arguments, LazyArguments) and self._has_value(value_key):
-                    continue
-                self.values.save(arguments[name], value_key)
-            self.values.save(call.result, record.result)
-            self.calls.save(record)
+                self._store_value(lambda n=name: arguments[n], value_key, limit, inline, overwrite)
+            self._store_value(lambda: call.result, record.result, limit, inline, overwrite)
+            self.calls.save(record.replace(inline=inline or None) if inline else record)
         return key
 
-    def _has_value(self, key: Digest) -> bool:
-        return self.values.contains(key)
+    def _store_value(
+        self, get: Any, key: Digest, limit: int, inline: dict, overwrite: bool
+    ) -> None:
+        if key in inline:
+            return
+        value = get()
+        if limit and _fits(value, limit) is not None:
+            inline[key] = value
+        elif overwrite or not self.values.contains(key):
+            self.values.save(value, key)
+
+    def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
+        """Hold the call key's lock in the call storage (see ``KeyManagement.locked``): the
+        compute-once section of the decorator. Saving the same call inside it is allowed."""
+        return self.calls.locked(key)
+
+    def discard(self, key: Digest | str) -> None:
+        """Remove the entry ``key`` from whichever storage holds it (a call record or a value);
+        used to clear a corrupt entry. Does nothing if neither has it."""
+        for storage in (self.calls, self.values):
+            with contextlib.suppress(KeyError):
+                storage.evict(key)
 
     def load(self, key: Digest | str) -> Call:
         """The stored call: result loaded now, arguments loaded on first access."""
@@ -149,22 +206,27 @@ class Cache(BaseCache):
             record = self.calls.load(key)
             return self._loaded(record)
 
+    def value_of(self, record: DigestedCall, key: Digest) -> Any:
+        """The argument or result value ``key`` of ``record``, from the record or the values."""
+        return record.value(key, self.values.load)
+
     def _loaded(self, record: DigestedCall) -> Call:
         return Call(
             name=record.name,
-            arguments=LazyArguments(record.arguments, self.values.load),
+            arguments=LazyArguments(record.arguments, lambda d: record.value(d, self.values.load)),
             metadata=record.metadata,
             module=record.module,
             version=record.version,
             code_digest=record.code_digest,
-            result=self.values.load(record.result),
+            result=record.value(record.result, self.values.load),
         )
 
     def load_result(self, key: Digest | str) -> Any:
-        """The stored result only: one record read and one value read, no argument loaded."""
+        """The stored result only: one record read (and one value read unless it is inline)."""
         key = self.calls._normalize_key(key)
         with self._operation_context(key, intent=Intent.READ):
-            return self.values.load(self.calls.load(key).result)
+            record = self.calls.load(key)
+            return record.value(record.result, self.values.load)
 
     def contains(self, key: Digest | str) -> bool:
         return self.calls.contains(key)

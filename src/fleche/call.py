@@ -19,14 +19,23 @@ arguments only::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .digest import Digest, digest
+from .digest import Digest, digest, digest_mapping, digest_sequence
 
-__all__ = ["Call", "DigestedCall", "LazyArguments", "Metadata", "QueryCall"]
+__all__ = [
+    "Call",
+    "DigestedCall",
+    "KnownArguments",
+    "LazyArguments",
+    "Metadata",
+    "QueryCall",
+    "lookup_key",
+]
 
 Metadata = Mapping[str, Mapping[str, Any]]
 """Metadata of a call: named sections (e.g. ``"runtime"``) of JSON-compatible entries."""
@@ -39,9 +48,58 @@ def _argument_digests(arguments: Mapping[str, Any]) -> dict[str, Digest]:
     return {name: digest(value) for name, value in arguments.items()}
 
 
+@functools.lru_cache(maxsize=4096)
+def _identity_digests(
+    name: str, module: str | None, version: str | None, code_digest: str | None
+) -> tuple[Digest, ...]:
+    return tuple(digest(part) for part in ("fleche.call", name, module, version, code_digest))
+
+
+_name_digest = functools.lru_cache(maxsize=4096)(digest)
+
+
+def lookup_key(
+    name: str,
+    module: str | None,
+    version: str | None,
+    code_digest: str | None,
+    argument_digests: Mapping[str, Digest],
+) -> Digest:
+    """The lookup key of a call from its identity and its arguments' digests.
+
+    Equal to ``digest(("fleche.call", name, module, version, code_digest, arguments))``; the
+    identity part is digested once per function, which keeps the decorator's hit path short.
+    """
+    pairs = [(_name_digest(k), d) for k, d in argument_digests.items()]
+    return digest_sequence(
+        tuple, [*_identity_digests(name, module, version, code_digest), digest_mapping(dict, pairs)]
+    )
+
+
 def _lookup_key(call: Call | DigestedCall) -> Digest:
-    arguments = _argument_digests(call.arguments)
-    return digest(("fleche.call", call.name, call.module, call.version, call.code_digest, arguments))
+    return lookup_key(
+        call.name, call.module, call.version, call.code_digest, _argument_digests(call.arguments)
+    )
+
+
+class KnownArguments(Mapping[str, Any]):
+    """Argument values together with their digests, so nothing is digested twice."""
+
+    def __init__(self, values: Mapping[str, Any], digests: Mapping[str, Digest]) -> None:
+        self._values = values
+        self.digests = digests
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return repr(dict(self._values))
 
 
 class LazyArguments(Mapping[str, Any]):
@@ -127,7 +185,15 @@ class Call:
 
     def replace(self, **changes: Any) -> Call:
         """A copy with the given fields changed (records are immutable)."""
-        return dataclasses.replace(self, **changes)
+        unknown = changes.keys() - self.__dict__.keys()
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
+        # Copying the instance dict is several times faster than dataclasses.replace, which
+        # matters on the decorator's miss path; records have no __post_init__ to re-run.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
 
 @dataclass(frozen=True)
@@ -140,9 +206,22 @@ class DigestedCall(Call):
 
     arguments: Mapping[str, Digest] = field(default_factory=dict)
     result: Digest | None = None
+    inline: Mapping[Digest, Any] | None = field(default=None, compare=False, repr=False)
+    """Small argument and result values kept in the record itself, by digest.
+
+    A cache stores small values here when its call storage keeps them (``keeps_inline_values``),
+    so a hit reads one entry; they are not part of the record's identity or equality.
+    """
 
     def digest(self) -> DigestedCall:
         return self
+
+    def value(self, key: Digest, load: Callable[[Digest], Any]) -> Any:
+        """The value ``key`` names: from ``inline`` if it is there, else ``load(key)``."""
+        inline = self.inline
+        if inline is not None and key in inline:
+            return inline[key]
+        return load(key)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ Which cache a decorated function uses, first match wins:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import functools
@@ -20,13 +21,13 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 from .caches import BaseCache, memory_cache
-from .call import Call, QueryCall
-from .digest import Digest, Indigestible, code_digest
-from .errors import CorruptEntryError, FlecheWarning, SaveError
+from .call import Call, KnownArguments, QueryCall, lookup_key
+from .digest import Digest, Indigestible, code_digest, digest
+from .errors import CorruptEntryError, FlecheWarning, LockTimeout, SaveError
 
 __all__ = [
     "active_cache",
@@ -127,6 +128,7 @@ class _Cached:
         hash_code: bool,
         ignore: Iterable[str],
         cache: BaseCache | None,
+        compute_once: bool = False,
     ) -> None:
         if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
             raise TypeError(f"@fleche cannot cache async functions yet: {func.__qualname__}")
@@ -142,6 +144,7 @@ class _Cached:
         if cache is not None and not isinstance(cache, BaseCache):
             raise TypeError(f"cache= needs a cache (e.g. fleche.caches.Cache), got {cache!r}")
         self.cache = cache
+        self.compute_once = compute_once
         self.version = version
         self.template = Call(
             name=func.__qualname__,
@@ -151,48 +154,127 @@ class _Cached:
             code_digest=code_digest(func) if hash_code else None,
         )
         self.info = {"version": version, "module": func.__module__}
+        params = list(self.signature.parameters.values())
+        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        self._simple = tuple(p.name for p in params) if plain else None
+        self._positional = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
 
     def resolve_cache(self) -> BaseCache:
         return self.cache if self.cache is not None else active_cache()
 
-    def make_call(self, args: tuple, kwargs: dict) -> Call:
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = bound.arguments
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by name, in signature order, defaults applied, ignored ones left
+        out; ``TypeError`` if they do not fit the signature."""
+        arguments = self._fast_bind(args, kwargs)
+        if arguments is None:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
         if self.ignore:
             arguments = {k: v for k, v in arguments.items() if k not in self.ignore}
-        return self.template.replace(arguments=arguments)
+        return arguments
+
+    def _fast_bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+        # Signatures of plain parameters bind without inspect (a large part of a hit's cost);
+        # anything unusual, including every error, takes inspect's path.
+        if self._simple is None or len(args) > self._positional:
+            return None
+        arguments = dict(zip(self._simple, args))
+        used = 0
+        for name in self._simple[len(args):]:
+            if name in kwargs:
+                arguments[name] = kwargs[name]
+                used += 1
+            elif name in self._defaults:
+                arguments[name] = self._defaults[name]
+            else:
+                return None
+        return arguments if used == len(kwargs) else None
+
+    def make_call(self, args: tuple, kwargs: dict) -> Call:
+        return self.template.replace(arguments=self.bind(args, kwargs))
+
+    def key(self, arguments: Mapping[str, Any]) -> tuple[Digest, dict[str, Digest]]:
+        t = self.template
+        digests = {name: digest(value) for name, value in arguments.items()}
+        return lookup_key(t.name, t.module, t.version, t.code_digest, digests), digests
 
     def run(self, args: tuple, kwargs: dict) -> Any:
         cache = self.resolve_cache()
         try:
-            call = self.make_call(args, kwargs)
-            key = call.to_lookup_key()
+            arguments = self.bind(args, kwargs)
+            key, digests = self.key(arguments)
         except Indigestible as e:
             _warn(f"{self.func.__qualname__} ran uncached: {e}")
             return self.func(*args, **kwargs)
         except TypeError:
             return self.func(*args, **kwargs)  # raises the usual error for bad arguments
+        overwrite = False
         try:
             return cache.load_result(key)
         except KeyError:
             pass
         except CorruptEntryError as e:
             _warn(f"{self.func.__qualname__}: recomputing over a corrupt cache entry ({e})")
+            discard = getattr(cache, "discard", None)
+            if discard is not None and cache.writable:
+                discard(e.key)
+            overwrite = True
+        if self.compute_once and cache.writable:
+            return self._compute_once(cache, key, args, kwargs, arguments, digests, overwrite)
+        return self._compute(cache, args, kwargs, arguments, digests, overwrite)
+
+    def _compute(
+        self, cache: BaseCache, args: tuple, kwargs: dict, arguments: Mapping[str, Any],
+        digests: dict[str, Digest], overwrite: bool,
+    ) -> Any:
         started = time.time()
         t0 = time.perf_counter()
         result = self.func(*args, **kwargs)
         wall = time.perf_counter() - t0
         if cache.writable:
-            self.store(cache, call, result, started, wall)
+            call = self.template.replace(arguments=KnownArguments(arguments, digests))
+            self.store(cache, call, result, started, wall, overwrite)
         return result
 
-    def store(self, cache: BaseCache, call: Call, result: Any, started: float, wall: float) -> None:
+    def _compute_once(
+        self, cache: BaseCache, key: Digest, args: tuple, kwargs: dict,
+        arguments: Mapping[str, Any], digests: dict[str, Digest], overwrite: bool,
+    ) -> Any:
+        # Single flight: hold the key's lock (across processes for file storages), look again,
+        # and compute only if still missing. A waiter that times out computes itself.
+        locked = getattr(cache, "locked", None)
+        if locked is None:
+            return self._compute(cache, args, kwargs, arguments, digests, overwrite)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(locked(key))
+            except LockTimeout as e:
+                _warn(f"{self.func.__qualname__}: computing without waiting longer ({e})")
+                return self._compute(cache, args, kwargs, arguments, digests, overwrite)
+            if not overwrite:
+                try:
+                    return cache.load_result(key)
+                except (KeyError, CorruptEntryError):
+                    pass
+            return self._compute(cache, args, kwargs, arguments, digests, overwrite)
+
+    def store(
+        self, cache: BaseCache, call: Call, result: Any, started: float, wall: float,
+        overwrite: bool = False,
+    ) -> None:
         metadata = {"runtime": runtime_metadata(started, wall), "function": self.info}
+        call = call.replace(result=result, metadata=metadata)
         try:
-            cache.save(call.replace(result=result, metadata=metadata))
+            if overwrite:
+                cache.save(call, overwrite=True)
+            else:
+                cache.save(call)
         except Indigestible as e:
             _warn(f"{self.func.__qualname__}: result not cached, it has no digest: {e}")
+        except LockTimeout as e:
+            _warn(f"{self.func.__qualname__}: result not cached, its key stayed locked: {e}")
         except SaveError as e:
             _warn(
                 f"{self.func.__qualname__}: result of type {type(result).__qualname__} "
@@ -203,7 +285,7 @@ class _Cached:
 def _attach(wrapper: Any, cached: _Cached) -> None:
     def key(*args: Any, **kwargs: Any) -> Digest:
         """The lookup key of this call."""
-        return cached.make_call(args, kwargs).to_lookup_key()
+        return cached.key(cached.bind(args, kwargs))[0]
 
     def contains(*args: Any, **kwargs: Any) -> bool:
         """Whether this call's result is stored."""
@@ -245,6 +327,7 @@ def fleche(
     hash_code: bool = False,
     ignore: Iterable[str] = (),
     cache: BaseCache | None = None,
+    compute_once: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -258,6 +341,7 @@ def fleche(
     hash_code: bool = False,
     ignore: Iterable[str] = (),
     cache: BaseCache | None = None,
+    compute_once: bool = False,
 ) -> Any:
     """Cache a function's calls by the content of their arguments.
 
@@ -271,8 +355,12 @@ def fleche(
     ``FlecheWarning``, exceptions propagate and are not cached, and a result that cannot be
     stored is returned with a warning. The wrapper keeps the function's name, signature and
     docstring and gains ``.digest``, ``.contains``, ``.load``, ``.call`` (each taking the call's
-    arguments) and ``.query(**arguments)``. Safe to call from many threads and processes at once;
-    two that miss the same key at once may both compute it.
+    arguments) and ``.query(**arguments)``. Safe to call from many threads and processes at once.
+    Two callers that miss the same key at once may both compute it, unless
+    ``compute_once=True``: then a caller that misses holds the key's lock (across processes for
+    file storages) while it looks again and computes, and the others wait for its result; a
+    waiter gives up after the storage's ``lock_timeout`` and computes itself rather than hang,
+    so set ``lock_timeout`` above the usual computing time.
 
     >>> from fleche.caches import memory_cache
     >>> @fleche(cache=memory_cache())
@@ -285,7 +373,7 @@ def fleche(
     def decorate(f: Callable[..., Any]) -> Any:
         cached = _Cached(
             f, version=version, hash_version=hash_version, hash_module=hash_module,
-            hash_code=hash_code, ignore=ignore, cache=cache,
+            hash_code=hash_code, ignore=ignore, cache=cache, compute_once=compute_once,
         )
 
         @functools.wraps(f)

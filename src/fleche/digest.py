@@ -82,6 +82,10 @@ class Digest(str):
     def __repr__(self) -> str:
         return f"Digest({str.__repr__(self)})"
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Stored digests were valid when written; unpickling skips the validation (hot path).
+        return (_mk, (str(self),))
+
 
 def _mk(hexstr: str) -> Digest:
     """Wrap a hex string known to be valid, skipping validation (hot path)."""

@@ -52,6 +52,9 @@ class Intent(enum.StrEnum):
     may skip exclusive locks for it when the backend's writes are atomic."""
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable and reentrant: the base hook costs nothing
+
+
 class OperationContext(abc.ABC):  # noqa: B024 - a hook base, deliberately without abstract methods
     """Minimal base that exposes the :meth:`_operation_context` hook.
 
@@ -60,10 +63,9 @@ class OperationContext(abc.ABC):  # noqa: B024 - a hook base, deliberately witho
     attach to either layer without duplication.
     """
 
-    @contextlib.contextmanager
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
-    ) -> Iterator[None]:
+    ) -> contextlib.AbstractContextManager[None]:
         """Context manager entered around every operation on ``key``.
 
         The base implementation is a no-op. Override in a mixin to inject any resource scoped to
@@ -78,7 +80,7 @@ class OperationContext(abc.ABC):  # noqa: B024 - a hook base, deliberately witho
                     with super()._operation_context(key, intent=intent):
                         yield
         """
-        yield
+        return _NO_CONTEXT
 
 
 def _check_key_text(key: Any) -> str:
@@ -299,6 +301,10 @@ class ValueMixin(ValueStorage, StorageBackend):
 
 class CallStorage(KeyManagement):
     """Abstract domain interface for call storage: :class:`DigestedCall` records by lookup key."""
+
+    keeps_inline_values: bool = False
+    """Whether a saved record's ``inline`` values come back on load (pickled whole, not by
+    reference), so a cache may keep small values in the record instead of the value storage."""
 
     @abc.abstractmethod
     def save(self, call: DigestedCall) -> Digest:

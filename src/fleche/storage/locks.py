@@ -23,6 +23,7 @@ pass record locks to children), and the parent's thread locks mean nothing there
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -128,8 +129,21 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-_MAX_OPEN_LOCK_FILES = 64
-"""Lock files a process keeps open at most (idle ones beyond this are closed, oldest first)."""
+def _open_file_budget() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 8))
+
+
+_MAX_OPEN_LOCK_FILES = _open_file_budget()
+"""Lock files a process keeps open at most: an eighth of its file descriptor limit, at most
+1024 (one storage's default stripes). Idle ones beyond it are closed, least recently used first."""
 
 
 class _Registry:
@@ -176,9 +190,25 @@ class _Registry:
 _registry = _Registry()
 
 
+def _close_lock_files() -> None:
+    for stripe in list(_registry.stripes.values()):
+        stripe.close_if_idle()
+
+
+atexit.register(_close_lock_files)
+
+
 def _reset_after_fork() -> None:
     global _registry
     _registry = _Registry()
+
+
+def _close_lock_files() -> None:
+    for stripe in list(_registry.stripes.values()):
+        stripe.close_if_idle()
+
+
+atexit.register(_close_lock_files)
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

@@ -226,3 +226,5 @@ class ValuePickleFile(
 @dataclass(frozen=True)
 class CallPickleFile(PerKeyLockMixin, InterProcessLockMixin, CallMixin, PickleFileBackend):
     """A call storage of pickle files, safe to share between threads and processes."""
+
+    keeps_inline_values = True
