@@ -12,6 +12,7 @@ Third-party storages can run the same contract. Requires pytest.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import pickle
 import threading
@@ -199,6 +200,7 @@ class StorageTests:
         """8 threads increment one counter under ``locked``; no increment is lost."""
         start = threading.Barrier(8)
         errors: list[BaseException] = []
+        storage = _with_lock_timeout(storage, 60.0)  # eight writers queue on one key
 
         def work() -> None:
             try:
@@ -230,8 +232,10 @@ class StorageTests:
         if not self.shared_between_processes:
             pytest.skip(f"{type(self).__name__} is private to one process")
         ctx = multiprocessing.get_context("spawn")
+        # Six writers queue on one key: give slow backends on a loaded machine time to take turns.
+        patient = _with_lock_timeout(storage, 60.0)
         with ctx.Pool(3) as pool:
-            pool.starmap(_bump_in_threads, [(storage, self, 2, 15)] * 3)
+            pool.starmap(_bump_in_threads, [(patient, self, 2, 15)] * 3)
         assert self.read_counter(storage) == 90
 
     @pytest.mark.parametrize("method", ["spawn", "fork"])
@@ -247,6 +251,15 @@ class StorageTests:
         for keys in results:
             for i, key in keys:
                 self.assert_loaded(storage, key, self.item(i))
+
+
+def _with_lock_timeout(storage: Any, timeout: float) -> Any:
+    """A copy of ``storage`` that waits up to ``timeout`` for locks (itself if it has none)."""
+    if dataclasses.is_dataclass(storage) and any(
+        f.name == "lock_timeout" for f in dataclasses.fields(storage)
+    ):
+        return dataclasses.replace(storage, lock_timeout=timeout)
+    return storage
 
 
 def _save_items(storage: Any, contract: StorageTests, indices: range) -> list[tuple[int, Digest]]:

@@ -1,0 +1,183 @@
+"""Per-call cost of caching: hit and miss latency of fleche's stores next to the best peers.
+
+Every system caches the same function (a small dict from an int) in a fresh directory on the same
+disk, in one run: first N calls with new arguments (misses), then the same N calls again (hits).
+Prints medians and p90 in microseconds and the fleche / peer ratios; ``--json`` writes the
+numbers. Peers come with the ``bench`` extra (``pip install -e ".[bench]"``); a missing peer is
+skipped with a note.
+
+Run: python3 benchmarks/overhead.py [--calls 2000] [--rounds 3] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fleche import fleche
+from fleche.caches import Cache, memory_cache
+
+Factory = Callable[[Path], Callable[[int], Any]]
+
+
+def result_of(x: int) -> dict:
+    return {"x": x, "y": [x, 2 * x], "name": "point"}
+
+
+def uncached(_: Path) -> Callable[[int], Any]:
+    return result_of
+
+
+def fleche_memory(_: Path) -> Callable[[int], Any]:
+    return fleche(cache=memory_cache())(result_of)
+
+
+def fleche_pickle(d: Path) -> Callable[[int], Any]:
+    from fleche.storage import CallPickleFile, ValuePickleFile
+
+    return fleche(cache=Cache(ValuePickleFile(d / "values"), CallPickleFile(d / "calls")))(result_of)
+
+
+def fleche_sqlite(d: Path) -> Callable[[int], Any]:
+    from fleche.storage import Sql, ValuePickleFile
+
+    return fleche(cache=Cache(ValuePickleFile(d / "values"), Sql(str(d / "calls.sqlite"))))(result_of)
+
+
+def fleche_h5(d: Path) -> Callable[[int], Any]:
+    from fleche.storage import Sql, ValueBagOfHoldingH5File
+
+    cache = Cache(ValueBagOfHoldingH5File(d / "values"), Sql(str(d / "calls.sqlite")))
+    return fleche(cache=cache)(result_of)
+
+
+def diskcache_memoize(d: Path) -> Callable[[int], Any]:
+    import diskcache
+
+    return diskcache.Cache(str(d / "diskcache")).memoize()(result_of)
+
+
+def joblib_memory(d: Path) -> Callable[[int], Any]:
+    import joblib
+
+    return joblib.Memory(str(d / "joblib"), verbose=0).cache(result_of)
+
+
+def cachier_pickle(d: Path) -> Callable[[int], Any]:
+    from cachier import cachier
+
+    # separate_files: one file per call, like fleche, instead of one file rewritten per call.
+    return cachier(cache_dir=str(d / "cachier"), separate_files=True)(_fresh_function())
+
+
+def _fresh_function() -> Callable[[int], Any]:
+    def point(x: int) -> dict:
+        return {"x": x, "y": [x, 2 * x], "name": "point"}
+
+    return point
+
+
+SYSTEMS: dict[str, tuple[Factory, float]] = {
+    # name: (factory, share of --calls to run: slow stores get fewer calls, same statistics)
+    "uncached call": (uncached, 1.0),
+    "fleche memory": (fleche_memory, 1.0),
+    "fleche pickle files": (fleche_pickle, 1.0),
+    "fleche sqlite + pickle": (fleche_sqlite, 0.25),
+    "fleche sqlite + hdf5": (fleche_h5, 0.1),
+    "diskcache memoize": (diskcache_memoize, 1.0),
+    "joblib.Memory": (joblib_memory, 0.25),
+    "cachier (files)": (cachier_pickle, 0.25),
+}
+PEERS = ["diskcache memoize", "joblib.Memory", "cachier (files)"]
+
+
+def timings(f: Callable[[int], Any], n: int, offset: int) -> tuple[list[float], list[float]]:
+    """Per-call seconds of n misses then n hits of the same arguments."""
+    misses, hits = [], []
+    for phase in (misses, hits):
+        for i in range(offset, offset + n):
+            t0 = time.perf_counter()
+            f(i)
+            phase.append(time.perf_counter() - t0)
+    return misses, hits
+
+
+def p90(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=10)[-1]
+
+
+def run(calls: int, rounds: int, directory: str | None) -> dict[str, dict[str, float]]:
+    samples: dict[str, dict[str, list[float]]] = {}
+    for r in range(rounds):
+        # Rounds interleave the systems, so a noisy moment hurts all of them alike.
+        for name, (factory, share) in SYSTEMS.items():
+            n = max(20, int(calls * share))
+            with tempfile.TemporaryDirectory(dir=directory) as tmp:
+                try:
+                    f = factory(Path(tmp))
+                except ImportError as e:
+                    if r == 0:
+                        print(f"  skipping {name}: {e} (pip install -e '.[bench]')", file=sys.stderr)
+                    continue
+                print(f"  round {r + 1}/{rounds}: {name} ({n} calls)", file=sys.stderr, flush=True)
+                misses, hits = timings(f, n, offset=r * 1_000_000)
+            entry = samples.setdefault(name, {"miss": [], "hit": []})
+            entry["miss"] += misses
+            entry["hit"] += hits
+    return {
+        name: {
+            "miss_median_us": statistics.median(s["miss"]) * 1e6,
+            "miss_p90_us": p90(s["miss"]) * 1e6,
+            "hit_median_us": statistics.median(s["hit"]) * 1e6,
+            "hit_p90_us": p90(s["hit"]) * 1e6,
+            "calls": len(s["hit"]),
+        }
+        for name, s in samples.items()
+    }
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    lines = [
+        f"{'system':<24} {'miss med':>9} {'miss p90':>9} {'hit med':>9} {'hit p90':>9}   (us)",
+        "-" * 72,
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"{name:<24} {r['miss_median_us']:9.1f} {r['miss_p90_us']:9.1f} "
+            f"{r['hit_median_us']:9.1f} {r['hit_p90_us']:9.1f}"
+        )
+    lines.append("")
+    lines.append("ratios (median fleche / median peer; below 1.0 fleche is faster)")
+    for store in ("fleche pickle files", "fleche sqlite + pickle"):
+        for peer in PEERS:
+            if store in results and peer in results:
+                a, b = results[store], results[peer]
+                lines.append(
+                    f"  {store:<24} / {peer:<18} hit {a['hit_median_us'] / b['hit_median_us']:5.2f}"
+                    f"   miss {a['miss_median_us'] / b['miss_median_us']:5.2f}"
+                )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per phase (default 2000)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--dir", help="directory for the stores (default: the system temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args()
+    results = run(args.calls, args.rounds, args.dir)
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
