@@ -174,7 +174,7 @@ def _brief_repr(limit: int) -> reprlib.Repr:
 
 
 _BRIEF = _brief_repr(40)
-_FULL = _brief_repr(400)
+_FULL = _brief_repr(120)
 
 
 def _value(values: Any, key: Digest, shown: reprlib.Repr) -> tuple[Any, str]:
@@ -188,7 +188,16 @@ def _value(values: Any, key: Digest, shown: reprlib.Repr) -> tuple[Any, str]:
         return None, f"<corrupt value {key[:12]}>"
     except Exception as e:  # noqa: BLE001 - unpickling or mending a value may raise anything
         return None, f"<unloadable value {key[:12]}: {type(e).__name__}>"
-    return value, shown.repr(value)
+    return value, _shown(value, shown)
+
+
+def _shown(value: Any, shown: reprlib.Repr) -> str:
+    """A value for people: arrays by kind and shape (the numbers only in full views)."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if isinstance(shape, tuple) and shape and dtype is not None and not isinstance(value, type):
+        head = f"<{type(value).__name__} {dtype} {'x'.join(map(str, shape))}>"
+        return head if shown is _BRIEF else f"{head} {shown.repr(value)}"
+    return shown.repr(value)
 
 
 def _json_value(value: Any, text: str) -> Any:
