@@ -266,3 +266,40 @@ def test_the_fleche_script_is_declared():
     from fleche.cli import main
 
     assert main(["ls", "memory://"]) == 0  # main returns the exit status for the script
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
+def test_copy_into_a_server_database(kind, tmp_path):
+    """A laptop's directory into a cluster's database store (``.ci/run`` provides the databases);
+    a password never shows."""
+    url = os.environ.get({"postgresql": "FLECHE_TEST_POSTGRES_URL",
+                          "mariadb": "FLECHE_TEST_MARIADB_URL"}[kind])
+    if not url:
+        pytest.skip(f"no {kind} database to test with")
+    from sqlalchemy.engine import make_url
+
+    from fleche.storage._sql_schema import schema
+
+    password = make_url(url).password or "no password"
+    target = f"{url}?values={tmp_path}/shared-values"
+
+    def drop():
+        calls = fleche.open(target).calls
+        calls.list()  # connects
+        schema.drop_all(calls.engine)
+        calls.engine.dispose()
+
+    source = spec_for("pickle", tmp_path)
+    populate(source)
+    drop()
+    try:
+        done = run("copy", source, target)
+        assert done.stdout.startswith("copied 6 calls") and password not in done.stdout
+        info = run("info", target)
+        assert password not in info.stdout
+        assert "size    n/a" in info.stdout and "cli_tasks.square    4" in info.stdout
+        (one,) = run_json("ls", target, "--where", "x=3", here=True)
+        assert one["short_key"] and fleche.open(target).load_result(one["key"]) == 9
+        run_here("verify", target)
+    finally:
+        drop()

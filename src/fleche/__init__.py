@@ -8,6 +8,11 @@ storages that many threads and processes can share safely::
     @fleche
     def simulate(temperature, steps=100):
         ...
+
+``fleche.open(spec)`` opens a store named by one string (``"/shared/store"``,
+``"sqlite:///calls.db"``, ``"postgresql://host/db?values=/shared/values"``; see
+:mod:`fleche.spec`), and the environment variable ``FLECHE_CACHE`` makes one the default of
+every process it is set in. The ``fleche`` command (:mod:`fleche.cli`) looks inside stores.
 """
 
 from .caches import BaseCache, Cache, CacheStack, ReadOnlyCache, memory_cache

@@ -1,4 +1,12 @@
-"""Terminal output for the command line: aligned tables, truncation, sizes, a progress bar."""
+"""Terminal output for the command line: aligned tables, truncation, sizes, a progress bar.
+
+>>> print(table(["key", "arguments"], [["ab12", "x=1"], ["cd34", "x=" + "9" * 30]], 20, 1))
+key   arguments
+ab12  x=1
+cd34  x=99999999999…
+>>> size(1536), duration(0.0123), duration(125)
+('1.5 KiB', '12 ms', '2m05s')
+"""
 
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ class StoreSpec:
         return self.calls + (f"?{query}" if query else "")
 
     def open(self) -> Cache:
-        """The cache this spec names (for ``memory://``, the one of this process)."""
+        """The cache this spec names (for ``memory://``, the one of this process; thread-safe)."""
         if self.kind == "memory":
             with _memory_lock:
                 cache = _memory.get(self.calls)
@@ -314,9 +314,10 @@ def open_store(spec: str | os.PathLike[str]) -> Cache:
     """The :class:`~fleche.caches.Cache` a spec names (exported as ``fleche.open``).
 
     Cheap: no file is created and no connection opened until the cache is used, so opening the
-    same spec in many processes costs nothing. ``memory://`` specs give the same cache object
-    for the same spec string within a process. Raises :class:`~fleche.errors.SpecError` for a
-    bad spec.
+    same spec in many processes costs nothing; caches opened from one spec in any threads and
+    processes share the same files or database. Thread-safe: ``memory://`` specs give the same
+    cache object for the same spec string in every thread of a process. Raises
+    :class:`~fleche.errors.SpecError` for a bad spec.
     """
     return parse(spec).open()
 

@@ -97,7 +97,8 @@ def verify(cache: Any, progress: Callable[[int, int], None] | None = None) -> Re
     Each value entry is read once. Lists the calls before the values, so a call saved while
     this runs is not reported dangling for values written after the listing (values are
     written before their record). ``progress(done, total)`` follows the entries. O(calls +
-    values) reads; changes nothing.
+    values) reads; changes nothing, so it may run while other processes use the store (an
+    entry evicted meanwhile is skipped; one saved meanwhile may or may not be checked).
     """
     calls, values = cache.calls, cache.values
     call_keys = list(calls.list())
