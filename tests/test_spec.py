@@ -173,6 +173,7 @@ def test_a_bad_fleche_cache_fails_loudly():
 
 def test_resolution_order_with_fleche_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    monkeypatch.setattr(decorator, "_from_env", None)  # as in a new process
     assert decorator.get_default_cache() == fleche.open(str(tmp_path / "env"))
     assert fleche.active_cache() is decorator.get_default_cache()  # opened once
     explicit = fleche.open("memory://explicit")
@@ -186,6 +187,8 @@ def test_resolution_order_with_fleche_cache(tmp_path, monkeypatch):
         fleche.set_default_cache(None)
     assert fleche.active_cache() == fleche.open(str(tmp_path / "env"))
     monkeypatch.delenv(CACHE_ENV)
+    assert decorator.get_default_cache() is not None  # read once per process
+    monkeypatch.setattr(decorator, "_from_env", None)
     assert decorator.get_default_cache() is None
 
 

@@ -7,7 +7,8 @@ Which cache a decorated function uses, first match wins:
    variable: it holds in this thread and in asyncio tasks started from it, not in other threads);
 3. the process-wide default: the cache set with :func:`set_default_cache` (what worker plugins
    install), else the cache the environment variable ``FLECHE_CACHE`` names (a store spec, see
-   :mod:`fleche.spec`; read when first needed, so worker processes started with it use it);
+   :mod:`fleche.spec`; read once, when first needed, so worker processes started with it use
+   it; changing it later in the same process has no effect);
 4. an in-memory cache private to this process, created on first use.
 
 A bad ``FLECHE_CACHE`` makes every decorated call without a cache of its own fail with a
@@ -50,7 +51,7 @@ _ACTIVE: contextvars.ContextVar[BaseCache | None] = contextvars.ContextVar(
 _default: BaseCache | None = None
 _fallback: BaseCache | None = None
 _fallback_lock = threading.Lock()
-_from_env: tuple[str, BaseCache] | None = None
+_from_env: tuple[str | None, BaseCache | None] | None = None  # (FLECHE_CACHE, its cache) once read
 _HOST = socket.gethostname()
 
 
@@ -97,21 +98,21 @@ def get_default_cache() -> BaseCache | None:
 
 
 def _environment_cache() -> BaseCache | None:
-    """The cache ``FLECHE_CACHE`` names, opened once per value of the variable."""
+    """The cache ``FLECHE_CACHE`` names, read and opened once per process, on first use (the
+    variable is not looked at again: decorated calls stay cheap)."""
     global _from_env
-    text = os.environ.get(CACHE_ENV)
-    if not text:
-        return None
     known = _from_env
-    if known is not None and known[0] == text:
+    if known is not None:
         return known[1]
-    try:
-        opened = open_store(text)
-    except SpecError as e:
-        raise SpecError(e.spec, f"{e.reason} (from the environment variable {CACHE_ENV})") from None
     with _fallback_lock:
-        if _from_env is None or _from_env[0] != text:
-            _from_env = (text, opened)
+        if _from_env is None:
+            text = os.environ.get(CACHE_ENV)
+            try:
+                _from_env = (text, open_store(text) if text else None)
+            except SpecError as e:
+                raise SpecError(
+                    e.spec, f"{e.reason} (from the environment variable {CACHE_ENV})"
+                ) from None
         return _from_env[1]
 
 
