@@ -84,6 +84,17 @@ def test_transfer_copies_everything_once():
         assert dst.load(key).arguments["x"] == [x, [x]]
 
 
+def test_transfer_reports_progress_over_every_call():
+    src, dst = memory_cache(), memory_cache()
+    for x in range(3):
+        src.save(record(x, x))
+    dst.save(record(1, 1))
+    seen = []
+    assert src.transfer(dst, progress=lambda done, total: seen.append((done, total))) == 2
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert ReadOnlyCache(src).transfer(memory_cache(), progress=lambda *_: None) == 3
+
+
 def test_gc_removes_only_unreachable_values():
     cache = memory_cache()
     shared = [1, [2, 3]]

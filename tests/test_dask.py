@@ -51,7 +51,7 @@ def test_plugin_registration_is_idempotent(client, tmp_path):
     client.register_plugin(FlecheCache(store))
     assert all(names == [plugin.name] for names in plugins(client).values())
     with pytest.raises(TypeError, match="cache"):
-        FlecheCache("not a store")
+        FlecheCache(42)
 
 
 def test_second_run_is_served_from_the_store(client, tmp_path):

@@ -202,7 +202,7 @@ def test_a_dask_run_finds_the_ray_runs_results(store, log):
 
 def test_wrong_arguments_are_refused():
     with pytest.raises(TypeError, match="cache"):
-        cached_remote(tasks.inc, "not a store")
+        cached_remote(tasks.inc, 42)
     with pytest.raises(ValueError, match="num_returns"):
         cached_remote(tasks.inc, num_returns=2)
     with pytest.raises(ValueError, match="worker_process_setup_hook"):

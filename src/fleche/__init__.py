@@ -8,6 +8,11 @@ storages that many threads and processes can share safely::
     @fleche
     def simulate(temperature, steps=100):
         ...
+
+``fleche.open(spec)`` opens a store named by one string (``"/shared/store"``,
+``"sqlite:///calls.db"``, ``"postgresql://host/db?values=/shared/values"``; see
+:mod:`fleche.spec`), and the environment variable ``FLECHE_CACHE`` makes one the default of
+every process it is set in. The ``fleche`` command (:mod:`fleche.cli`) looks inside stores.
 """
 
 from .caches import BaseCache, Cache, CacheStack, ReadOnlyCache, memory_cache
@@ -15,6 +20,7 @@ from .call import Call, DigestedCall, QueryCall
 from .decorator import active_cache, cache, fleche, get_default_cache, set_default_cache
 from .digest import Digest, Indigestible, digest, register_digest_hook
 from .errors import FlecheError, FlecheWarning
+from .spec import open_store as open  # noqa: A004 - fleche.open(spec); not in __all__ on purpose
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,21 +254,27 @@ class Cache(BaseCache):
             except KeyError:
                 continue  # result value gone (evicted or gc'd concurrently)
 
-    def transfer(self, other: BaseCache) -> int:
+    def transfer(
+        self, other: BaseCache, *, progress: Callable[[int, int], None] | None = None
+    ) -> int:
         """Copy every call and its values into ``other``, skipping calls it already has.
 
-        Returns the number of calls copied. Safe to run while others use either cache; calls
-        saved meanwhile may or may not be copied.
+        Returns the number of calls copied. ``progress(done, total)`` is called after each call
+        looked at, copied or not. Safe to run while others use either cache; calls saved
+        meanwhile may or may not be copied. A corrupt entry raises ``CorruptEntryError`` and
+        stops the copy; what was copied stays, so running it again resumes.
         """
         copied = 0
-        for key in list(self.calls.list()):
-            if other.contains(key):
-                continue
-            try:
-                other.save(self.load(key))
-            except KeyError:
-                continue
-            copied += 1
+        keys = list(self.calls.list())
+        for done, key in enumerate(keys, 1):
+            if not other.contains(key):
+                try:
+                    other.save(self.load(key))
+                    copied += 1
+                except KeyError:
+                    pass
+            if progress is not None:
+                progress(done, len(keys))
         return copied
 
     def gc(self, dry_run: bool = False) -> list[Digest]:
@@ -472,5 +478,5 @@ class ReadOnlyCache(CacheWrapper):
     def gc(self, dry_run: bool = False) -> list[Digest]:
         raise self._refuse("collect garbage")
 
-    def transfer(self, other: BaseCache) -> int:
-        return self.cache.transfer(other)  # reads only from this cache
+    def transfer(self, other: BaseCache, **options: Any) -> int:
+        return self.cache.transfer(other, **options)  # reads only from this cache

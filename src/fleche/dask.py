@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,8 @@ from .caches import BaseCache
 from .call import Call
 from .decorator import active_cache, get_default_cache, set_default_cache
 from .digest import Digest, Indigestible, digest
+from .spec import as_cache
+from .spec import parse as parse_spec
 from .stats import StatsCache
 
 __all__ = ["CachingOptimizer", "FlecheCache", "cached", "rewrite_graph"]
@@ -56,16 +59,27 @@ class FlecheCache(WorkerPlugin):
     worker counts hits, misses, saves, bytes written and the time spent loading and saving;
     :meth:`stats` gathers the counts.
 
+    ``store`` is a cache or a store spec (see :mod:`fleche.spec`). A spec is checked here and
+    opened on each worker, so the plugin ships as a short string and its name derives from the
+    canonical spec: registering ``"/shared/store"`` and ``"file:///shared/store"`` is one plugin.
+
     >>> client.register_plugin(FlecheCache(store))  # doctest: +SKIP
+    >>> client.register_plugin(FlecheCache("postgresql://db-host/fleche?values=/shared/v"))  # doctest: +SKIP
     """
 
     idempotent = True
 
-    def __init__(self, store: BaseCache) -> None:
-        if not isinstance(store, BaseCache):
-            raise TypeError(f"FlecheCache needs a cache (fleche.caches.Cache), got {store!r}")
-        self.store = store
-        self.name = _store_name(store)
+    def __init__(self, store: BaseCache | str | os.PathLike[str]) -> None:
+        if isinstance(store, (str, os.PathLike)):
+            store = str(parse_spec(store))  # a bad spec fails here, on the client
+            self.name = "fleche-" + hashlib.sha256(store.encode()).hexdigest()[:16]
+        elif isinstance(store, BaseCache):
+            self.name = _store_name(store)
+        else:
+            raise TypeError(
+                f"FlecheCache needs a cache (fleche.caches.Cache) or a store spec, got {store!r}"
+            )
+        self.store: BaseCache | str = store
         self.cache: StatsCache | None = None
         self._previous: BaseCache | None = None
 
@@ -74,7 +88,7 @@ class FlecheCache(WorkerPlugin):
 
         Runs once per worker, before it runs tasks (also for workers that join later).
         """
-        self.cache = StatsCache(self.store)
+        self.cache = StatsCache(as_cache(self.store))
         self._previous = get_default_cache()
         set_default_cache(self.cache)
 
@@ -82,7 +96,7 @@ class FlecheCache(WorkerPlugin):
         """Restore the previous default cache when the worker closes or the plugin goes."""
         if self.cache is not None and get_default_cache() is self.cache:
             set_default_cache(self._previous)
-        close = getattr(self.store, "close", None)
+        close = getattr(self.cache.cache if self.cache is not None else None, "close", None)
         if callable(close):
             close()
         self.cache = None

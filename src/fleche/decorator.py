@@ -5,8 +5,14 @@ Which cache a decorated function uses, first match wins:
 1. the ``cache=`` argument of the decorator;
 2. the active cache of the current context, set with ``fleche.cache(c)`` (a ``contextvars``
    variable: it holds in this thread and in asyncio tasks started from it, not in other threads);
-3. the process-wide default, set with :func:`set_default_cache` (what worker plugins install);
+3. the process-wide default: the cache set with :func:`set_default_cache` (what worker plugins
+   install), else the cache the environment variable ``FLECHE_CACHE`` names (a store spec, see
+   :mod:`fleche.spec`; read once, when first needed, so worker processes started with it use
+   it; changing it later in the same process has no effect);
 4. an in-memory cache private to this process, created on first use.
+
+A bad ``FLECHE_CACHE`` makes every decorated call without a cache of its own fail with a
+:class:`~fleche.errors.SpecError` naming the variable, rather than silently cache in memory.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from typing import Any, TypeVar, overload
 from .caches import BaseCache, memory_cache
 from .call import Call, KnownArguments, QueryCall, lookup_key
 from .digest import Digest, Indigestible, code_digest, digest
-from .errors import CorruptEntryError, FlecheWarning, LockTimeout, SaveError
+from .errors import CorruptEntryError, FlecheWarning, LockTimeout, SaveError, SpecError
+from .spec import CACHE_ENV, open_store
 
 __all__ = [
     "active_cache",
@@ -45,6 +52,7 @@ _ACTIVE: contextvars.ContextVar[BaseCache | None] = contextvars.ContextVar(
 _default: BaseCache | None = None
 _fallback: BaseCache | None = None
 _fallback_lock = threading.Lock()
+_from_env: tuple[str | None, BaseCache | None] | None = None  # (FLECHE_CACHE, its cache) once read
 _HOST = socket.gethostname()
 
 
@@ -82,8 +90,31 @@ def set_default_cache(c: BaseCache | None) -> None:
 
 
 def get_default_cache() -> BaseCache | None:
-    """The process-wide default cache, if one was set."""
-    return _default
+    """The process-wide default cache: the one set with :func:`set_default_cache`, else the one
+    ``FLECHE_CACHE`` names, else ``None``. Raises :class:`~fleche.errors.SpecError` for a bad
+    ``FLECHE_CACHE``."""
+    if _default is not None:
+        return _default
+    return _environment_cache()
+
+
+def _environment_cache() -> BaseCache | None:
+    """The cache ``FLECHE_CACHE`` names, read and opened once per process, on first use (the
+    variable is not looked at again: decorated calls stay cheap)."""
+    global _from_env
+    known = _from_env
+    if known is not None:
+        return known[1]
+    with _fallback_lock:
+        if _from_env is None:
+            text = os.environ.get(CACHE_ENV)
+            try:
+                _from_env = (text, open_store(text) if text else None)
+            except SpecError as e:
+                raise SpecError(
+                    e.spec, f"{e.reason} (from the environment variable {CACHE_ENV})"
+                ) from None
+        return _from_env[1]
 
 
 def active_cache() -> BaseCache:
@@ -92,8 +123,9 @@ def active_cache() -> BaseCache:
     c = _ACTIVE.get()
     if c is not None:
         return c
-    if _default is not None:
-        return _default
+    c = get_default_cache()
+    if c is not None:
+        return c
     if _fallback is None:
         with _fallback_lock:
             if _fallback is None:

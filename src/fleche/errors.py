@@ -13,6 +13,7 @@ __all__ = [
     "SaveError",
     "SchemaVersionError",
     "SignatureError",
+    "SpecError",
 ]
 
 
@@ -112,3 +113,18 @@ class SchemaVersionError(DatabaseError):
 
 class NetworkFilesystemWarning(UserWarning):
     """A SQLite database lies on a network filesystem, where WAL mode and locking are unsafe."""
+
+
+class SpecError(FlecheError, ValueError):
+    """A store spec (the string ``fleche.open`` and ``FLECHE_CACHE`` take) is malformed.
+
+    ``spec`` is the spec with any password replaced by ``***``; ``reason`` says what is wrong.
+    """
+
+    def __init__(self, spec: str, reason: str) -> None:
+        super().__init__(f"bad store spec {spec!r}: {reason}")
+        self.spec = spec
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.spec, self.reason))

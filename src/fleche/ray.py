@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from .caches import BaseCache
 from .decorator import _Cached, active_cache, fleche, set_default_cache
 from .digest import Digest, Indigestible
 from .errors import CorruptEntryError, FlecheWarning
+from .spec import as_cache, open_store
+from .spec import parse as parse_spec
 
 __all__ = ["CachedRemote", "cached_remote", "install_store", "key_of", "remote", "runtime_env"]
 
@@ -149,10 +152,10 @@ class CachedRemote:
     """
 
     def __init__(
-        self, func: Callable[..., Any], store: BaseCache | None = None, **ray_options: Any
+        self, func: Callable[..., Any], store: BaseCache | str | None = None, **ray_options: Any
     ) -> None:
-        if store is not None and not isinstance(store, BaseCache):
-            raise TypeError(f"store needs a cache (e.g. fleche.caches.Cache), got {store!r}")
+        if store is not None:
+            store = as_cache(store)
         if ray_options.get("num_returns", 1) != 1:
             raise ValueError("cached Ray tasks return one object; num_returns must be 1")
         cached = getattr(func, "__fleche__", None)
@@ -238,20 +241,21 @@ class CachedRemote:
 
 
 def cached_remote(
-    func: Callable[..., Any], store: BaseCache | None = None, **ray_options: Any
+    func: Callable[..., Any], store: BaseCache | str | None = None, **ray_options: Any
 ) -> CachedRemote:
     """``func`` as a cached Ray task: ``cached_remote(f, store).remote(*args)``.
 
     ``func`` is a plain function or a ``@fleche``-decorated one (whose ``version``, ``ignore`` and
     other settings then apply); keys are those ``@fleche`` gives for the same arguments, so Ray,
-    Dask and plain runs share stored results. ``store`` defaults to the decorator's ``cache=``,
-    else the driver's active cache; it must be shared with the workers (files or a database).
+    Dask and plain runs share stored results. ``store`` (a cache or a store spec, see
+    :mod:`fleche.spec`) defaults to the decorator's ``cache=``, else the driver's active cache;
+    it must be shared with the workers (files or a database).
     ``ray_options`` are Ray task options (``num_cpus``, ``resources``, ...).
     """
     return CachedRemote(func, store, **ray_options)
 
 
-def remote(store: BaseCache | None = None, **ray_options: Any) -> Callable[[Callable[..., Any]], CachedRemote]:
+def remote(store: BaseCache | str | None = None, **ray_options: Any) -> Callable[[Callable[..., Any]], CachedRemote]:
     """Decorator form of :func:`cached_remote`::
 
         @fleche.ray.remote(store, num_cpus=1)
@@ -269,14 +273,24 @@ def remote(store: BaseCache | None = None, **ray_options: Any) -> Callable[[Call
 # -- the worker side: a default cache in every worker process -----------------------------------
 
 
-def install_store(store: BaseCache) -> Callable[[], None]:
+def install_store(store: BaseCache | str) -> Callable[[], None]:
     """A Ray worker process setup hook that makes ``store`` the process-wide default cache.
 
-    Ray pickles the hook with the store in it and runs it once in each worker process of the
-    job, before the worker's first task.
+    ``store`` is a cache or a store spec (see :mod:`fleche.spec`); a spec is checked here and
+    opened in each worker. Ray pickles the hook with the store in it and runs it once in each
+    worker process of the job, before the worker's first task.
     """
+    if isinstance(store, (str, os.PathLike)):
+        spec = str(parse_spec(store))  # a bad spec fails here, on the driver
+
+        def fleche_install_store() -> None:
+            set_default_cache(open_store(spec))
+
+        return fleche_install_store
     if not isinstance(store, BaseCache):
-        raise TypeError(f"install_store needs a cache (fleche.caches.Cache), got {store!r}")
+        raise TypeError(
+            f"install_store needs a cache (fleche.caches.Cache) or a store spec, got {store!r}"
+        )
 
     def fleche_install_store() -> None:
         set_default_cache(store)
@@ -284,8 +298,9 @@ def install_store(store: BaseCache) -> Callable[[], None]:
     return fleche_install_store
 
 
-def runtime_env(store: BaseCache, **runtime_env: Any) -> dict[str, Any]:
-    """A Ray ``runtime_env`` making ``store`` the default cache in every worker process.
+def runtime_env(store: BaseCache | str, **runtime_env: Any) -> dict[str, Any]:
+    """A Ray ``runtime_env`` making ``store`` (a cache or a spec) the default cache in every
+    worker process.
 
     Pass it to ``ray.init(runtime_env=...)`` (Ray runs setup hooks for the job's workers only, not
     per task); other ``runtime_env`` entries go in as keyword arguments. Every ``@fleche``

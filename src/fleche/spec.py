@@ -1,0 +1,377 @@
+"""Store specs: one string that names a cache, the same in every process and on every host.
+
+``fleche.open(spec)`` builds the :class:`~fleche.caches.Cache` a spec names; ``FLECHE_CACHE``
+holds a spec that becomes the process-wide default cache (see :mod:`fleche.decorator`), and the
+``fleche`` command line, :class:`fleche.dask.FlecheCache` and the :mod:`fleche.ray` helpers take
+specs too. The forms:
+
+================================================  =============================================
+``DIR`` or ``file://DIR``                         pickle files: values in ``DIR/values``, calls
+                                                  in ``DIR/calls``
+``DIR?format=h5``                                 HDF5 files, the same layout
+``sqlite:///path.db``                             calls in a SQLite file, values as pickle files
+                                                  in ``path.db-values`` next to it
+``sqlite:///path.db?values=DIR``                  ... values in ``DIR``
+``postgresql://user:pw@host/db?values=DIR``       calls in PostgreSQL (psycopg 3), values in
+                                                  ``DIR``, which every host must reach
+``mysql://user:pw@host/db?values=DIR``            ... in MariaDB/MySQL (pymysql)
+``memory://`` or ``memory://NAME``                in this process's memory; one cache per spec
+                                                  string and process
+================================================  =============================================
+
+Options, after ``?`` and joined by ``&``: ``values=DIR`` (SQL stores), ``format=pickle``
+(default), ``cloudpickle`` (values stored with cloudpickle) or ``h5``; ``lock_timeout=SECONDS``
+(or ``none``) and ``durable=true`` for the file storages. Relative paths are made absolute when
+the spec is parsed, ``~`` is expanded; a directory whose name contains ``?`` is written as a
+``file://`` URL with ``%3F``. Other options of a SQL URL (``sslmode=require``...) stay
+in the database URL. A bare ``postgresql://`` means ``postgresql+psycopg://`` and a bare
+``mysql://``/``mariadb://`` means ``...+pymysql://``, the drivers of the ``sql`` extra.
+
+Secret keys never go into a spec (specs are printed and logged): set ``FLECHE_SECRET_KEY``.
+
+>>> import tempfile
+>>> root = tempfile.mkdtemp()
+>>> cache = open_store(root + "?format=cloudpickle")
+>>> spec_of(cache) == root + "?format=cloudpickle"
+True
+>>> open_store("memory://") is open_store("memory://")
+True
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from .caches import BaseCache, Cache
+from .errors import SpecError
+from .storage.memory import CallMemory, ValueMemory
+from .storage.pickle_file import SECRET_KEY_ENV, CallPickleFile, ValuePickleFile
+
+__all__ = ["CACHE_ENV", "StoreSpec", "as_cache", "mask", "open_store", "parse", "spec_of"]
+
+CACHE_ENV = "FLECHE_CACHE"
+"""Environment variable holding the spec of the process-wide default cache."""
+
+FORMATS = ("pickle", "cloudpickle", "h5")
+_OPTIONS = ("values", "format", "lock_timeout", "durable")
+_SQL_BACKENDS = {"sqlite": None, "postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/@:?]*:)[^/@?]*@")
+_DEFAULT_LOCK_TIMEOUT = 1.0
+
+_memory: dict[str, Cache] = {}
+_memory_lock = threading.Lock()
+
+
+def mask(spec: str) -> str:
+    """``spec`` with the password of its URL, if any, replaced by ``***`` (for printing)."""
+    return _PASSWORD.sub(r"\1***@", spec)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """A parsed spec: where the calls and values of a store live and how they are written.
+
+    ``kind`` is ``"directory"``, ``"sql"`` or ``"memory"``; ``calls`` is the directory, the
+    database URL or the memory name; ``values`` the values directory (``None`` for memory).
+    Building it touches nothing; :meth:`open` creates no file and opens no connection either
+    (storages do that on first use).
+    """
+
+    kind: str
+    calls: str
+    values: str | None = None
+    format: str = "pickle"
+    lock_timeout: float | None = _DEFAULT_LOCK_TIMEOUT
+    durable: bool = False
+    url_query: tuple[tuple[str, str], ...] = field(default=())
+
+    def __str__(self) -> str:
+        """The canonical spec: absolute paths, default options left out."""
+        options: dict[str, str] = {}
+        if self.kind == "memory":
+            return f"memory://{self.calls}"
+        if self.kind == "sql" and self.values != _sqlite_values_default(self.calls):
+            options["values"] = str(self.values)
+        if self.format != "pickle":
+            options["format"] = self.format
+        if self.lock_timeout != _DEFAULT_LOCK_TIMEOUT:
+            options["lock_timeout"] = "none" if self.lock_timeout is None else f"{self.lock_timeout:g}"
+        if self.durable:
+            options["durable"] = "true"
+        pairs = [*self.url_query, *options.items()]
+        query = urllib.parse.urlencode(pairs, safe="/~:") if pairs else ""
+        return self.calls + (f"?{query}" if query else "")
+
+    def open(self) -> Cache:
+        """The cache this spec names (for ``memory://``, the one of this process; thread-safe)."""
+        if self.kind == "memory":
+            with _memory_lock:
+                cache = _memory.get(self.calls)
+                if cache is None:
+                    cache = _memory[self.calls] = Cache(ValueMemory(), CallMemory())
+                return cache
+        settings = {"lock_timeout": self.lock_timeout, "durable": self.durable}
+        values = _value_storage(self.format, Path(self.values or ""), settings)
+        if self.kind == "directory":
+            return Cache(values, _call_storage(self.format, Path(self.calls) / "calls", settings))
+        from .storage.sql import Sql
+
+        return Cache(values, Sql(_sql_argument(self.calls, self.url_query)))
+
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file of a ``sqlite://`` spec, else ``None``."""
+        if self.kind == "sql" and self.calls.startswith("sqlite"):
+            return Path(self.calls.split(":///", 1)[1])
+        return None
+
+    def exists(self) -> bool:
+        """Whether the store is there already (``False`` for a directory or SQLite file that
+        opening would create); server databases and memory always count as there."""
+        if self.kind == "directory":
+            return Path(self.calls).is_dir()
+        path = self.sqlite_path()
+        return path.is_file() if path is not None else True
+
+
+def _value_storage(fmt: str, root: Path, settings: dict[str, Any]) -> Any:
+    if fmt == "h5":
+        from .storage.h5_file import ValueBagOfHoldingH5File
+
+        return ValueBagOfHoldingH5File(root, **settings)
+    return ValuePickleFile(root, serializer=fmt, **settings)
+
+
+def _call_storage(fmt: str, root: Path, settings: dict[str, Any]) -> Any:
+    if fmt == "h5":
+        from .storage.h5_file import CallBagOfHoldingH5File
+
+        return CallBagOfHoldingH5File(root, **settings)
+    return CallPickleFile(root, **settings)
+
+
+def _sql_argument(url: str, query: tuple[tuple[str, str], ...]) -> str:
+    """What ``Sql`` gets: a SQLite file as a plain absolute path (so copies unpickled anywhere
+    open the same file), other databases as their URL."""
+    if url.startswith("sqlite") and not query:
+        return url.split(":///", 1)[1]
+    return url + ("?" + urllib.parse.urlencode(query) if query else "")
+
+
+def _sqlite_values_default(url: str) -> str | None:
+    # Next to the database, named like SQLite's own companions (path.db-wal, path.db-shm).
+    return url.split(":///", 1)[1] + "-values" if url.startswith("sqlite") else None
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _parse_options(text: str, query: str, allowed: tuple[str, ...], sql: bool) -> tuple[dict, list]:
+    """fleche's options from ``query`` and, for SQL URLs, the pairs left for the database."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise SpecError(text, f"cannot read the options {query!r}: write NAME=VALUE&NAME=VALUE") from None
+    options: dict[str, str] = {}
+    rest: list[tuple[str, str]] = []
+    for name, value in pairs:
+        if name == "secret_key":
+            raise SpecError(
+                text, f"a secret key does not belong in a spec (specs get printed and logged); "
+                f"set the environment variable {SECRET_KEY_ENV} in every process instead"
+            )
+        if name in _OPTIONS:
+            if name not in allowed:
+                raise SpecError(text, f"option {name!r} does not apply to this kind of store")
+            if name in options:
+                raise SpecError(text, f"option {name!r} is given twice")
+            options[name] = value
+            continue
+        close = get_close_matches(name, allowed, n=1, cutoff=0.7)
+        if not sql or close:
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(
+                text, f"unknown option {name!r}{hint}; options are {', '.join(allowed)}"
+            )
+        rest.append((name, value))  # a database driver option, e.g. sslmode=require
+    return options, rest
+
+
+def _common(text: str, options: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    fmt = options.get("format", "pickle")
+    if fmt not in FORMATS:
+        raise SpecError(text, f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out["format"] = fmt
+    if "lock_timeout" in options:
+        raw = options["lock_timeout"]
+        if raw.lower() == "none":
+            out["lock_timeout"] = None
+        else:
+            try:
+                out["lock_timeout"] = float(raw)
+            except ValueError:
+                out["lock_timeout"] = -1.0
+            if not out["lock_timeout"] >= 0:
+                raise SpecError(
+                    text, f"lock_timeout must be a number of seconds >= 0 or none, got {raw!r}"
+                )
+    if "durable" in options:
+        raw = options["durable"].lower()
+        if raw not in ("true", "false", "1", "0", "yes", "no"):
+            raise SpecError(text, f"durable must be true or false, got {options['durable']!r}")
+        out["durable"] = raw in ("true", "1", "yes")
+    return out
+
+
+def parse(spec: str | os.PathLike[str]) -> StoreSpec:
+    """Parse a spec (see the module docstring) without opening anything.
+
+    Relative paths become absolute against the current directory. Raises
+    :class:`~fleche.errors.SpecError` naming what is wrong: an unknown scheme or option, a
+    missing path, a server database without ``values=``, a secret key.
+    """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"a store spec is a str (or a path), got {type(spec).__name__}: {spec!r}")
+    text = mask(spec)
+    if not spec.strip():
+        raise SpecError(text, "it is empty; give a directory, a database URL or memory://")
+    scheme_match = _SCHEME.match(spec)
+    base, _, query = spec.partition("?")
+    if scheme_match is None:
+        return _directory(text, base, query)
+    scheme = scheme_match.group(1).lower()
+    if scheme == "file":
+        path = urllib.parse.unquote(base[len("file://"):])
+        return _directory(text, path, query)
+    if scheme == "memory":
+        if query:
+            raise SpecError(text, "memory:// takes no options")
+        name = base[len("memory://"):]
+        if "/" in name:
+            raise SpecError(text, "write memory:// or memory://NAME (a name without '/')")
+        return StoreSpec("memory", name)
+    backend, _, driver = scheme.partition("+")
+    if backend == "postgres":
+        raise SpecError(text, "write postgresql:// (or postgresql+psycopg://), not postgres://")
+    if backend in _SQL_BACKENDS:
+        return _sql(text, scheme, backend, driver, base, query)
+    raise SpecError(
+        text, f"unknown scheme {scheme + '://'!r}; use a directory path, file://, sqlite://, "
+        "postgresql://, mysql:// or memory://"
+    )
+
+
+def _directory(text: str, path: str, query: str) -> StoreSpec:
+    if not path:
+        raise SpecError(text, "no directory given")
+    options, _ = _parse_options(text, query, ("format", "lock_timeout", "durable"), sql=False)
+    return StoreSpec("directory", _absolute(path), _absolute(path) + "/values", **_common(text, options))
+
+
+def _sql(text: str, scheme: str, backend: str, driver: str, base: str, query: str) -> StoreSpec:
+    options, rest = _parse_options(text, query, _OPTIONS, sql=True)
+    settings = _common(text, options)
+    values = options.get("values")
+    if values == "":
+        raise SpecError(text, "values= needs a directory")
+    if backend == "sqlite":
+        path = base.split("://", 1)[1]
+        if not path.startswith("/") or path == "/":
+            raise SpecError(
+                text, "write sqlite:///relative/path.db or sqlite:////absolute/path.db "
+                "(an in-memory SQLite database is private to one connection: use memory://)"
+            )
+        db = _absolute(urllib.parse.unquote(path[1:]))
+        url = f"{scheme}:///{db}"
+        default_values = db + "-values"
+    else:
+        url = f"{backend}+{driver or _SQL_BACKENDS[backend]}://{base.split('://', 1)[1]}"
+        default_values = None
+        if values is None:
+            raise SpecError(
+                text, f"a {backend} store needs values=DIR, a directory every host using it can "
+                f"reach, e.g. {mask(url)}?values=/shared/fleche-values"
+            )
+    return StoreSpec(
+        "sql", url, _absolute(values) if values else default_values, url_query=tuple(rest),
+        **settings,
+    )
+
+
+def open_store(spec: str | os.PathLike[str]) -> Cache:
+    """The :class:`~fleche.caches.Cache` a spec names (exported as ``fleche.open``).
+
+    Cheap: no file is created and no connection opened until the cache is used, so opening the
+    same spec in many processes costs nothing; caches opened from one spec in any threads and
+    processes share the same files or database. Thread-safe: ``memory://`` specs give the same
+    cache object for the same spec string in every thread of a process. Raises
+    :class:`~fleche.errors.SpecError` for a bad spec.
+    """
+    return parse(spec).open()
+
+
+def as_cache(store: BaseCache | str | os.PathLike[str]) -> BaseCache:
+    """``store`` itself if it is a cache, else the cache its spec names."""
+    if isinstance(store, BaseCache):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return open_store(store)
+    raise TypeError(f"expected a cache (fleche.caches.Cache) or a store spec, got {store!r}")
+
+
+def spec_of(cache: BaseCache) -> str | None:
+    """A spec that opens a cache equal to ``cache``, or ``None`` if no spec can say it.
+
+    Works for caches built by hand as well as by :func:`open_store`, also after pickling.
+    Contains the database password, if any; print ``mask(spec_of(cache))``.
+    """
+    parsed = _spec_from_storages(cache)
+    if parsed is None:
+        return None
+    try:
+        equal = parsed.open() == cache
+    except Exception:  # noqa: BLE001 - an extra not installed here, an odd storage
+        return None
+    return str(parsed) if equal else None
+
+
+def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
+    if not isinstance(cache, Cache):
+        return None
+    with _memory_lock:
+        for name, known in _memory.items():
+            if known is cache:
+                return StoreSpec("memory", name)
+    values, calls = cache.values, cache.calls
+    root = getattr(values, "root", None)
+    if root is None:
+        return None
+    fmt = "h5" if type(values).__name__.startswith("ValueBagOfHolding") else getattr(
+        values, "serializer", "pickle"
+    )
+    settings = {"format": fmt, "lock_timeout": values.lock_timeout, "durable": values.durable}
+    calls_root = getattr(calls, "root", None)
+    if calls_root is not None:
+        if root.name != "values" or calls_root != root.parent / "calls":
+            return None
+        return StoreSpec("directory", str(root.parent), str(root), **settings)
+    url = getattr(calls, "url", None)
+    if not isinstance(url, str):
+        return None
+    if "://" not in url:
+        url = f"sqlite:///{url}"
+    base, _, query = url.partition("?")
+    pairs = tuple(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    return StoreSpec("sql", base, str(root), url_query=pairs, **settings)
