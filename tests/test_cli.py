@@ -1,6 +1,7 @@
 """The ``fleche`` command line, run as ``python -m fleche`` in subprocesses against real stores."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -59,8 +60,13 @@ def run_json(*args, status=0, here=False):
 LONG_LABEL = "a label far too long for any table column " * 4
 
 
-def populate(spec):
-    with fleche.cache(fleche.open(spec)):
+def populate(spec, inline=False):
+    """Store six calls; unless ``inline``, every value goes to the value storage (small values
+    would otherwise live in pickle call records, and these tests corrupt value files)."""
+    cache = fleche.open(spec)
+    if not inline:
+        cache = dataclasses.replace(cache, inline_bytes=0)
+    with fleche.cache(cache):
         for x in range(4):
             tasks.square(x)
         tasks.simulate(1.5)
@@ -303,3 +309,13 @@ def test_copy_into_a_server_database(kind, tmp_path):
         run_here("verify", target)
     finally:
         drop()
+
+
+def test_verify_accepts_values_kept_inline(tmp_path):
+    spec = spec_for("pickle", tmp_path)
+    populate(spec, inline=True)
+    cache = fleche.open(spec)
+    record = cache.calls.load(tasks.square.digest(3))
+    assert record.inline and record.result in record.inline  # 9 lives in the record
+    report = run_json("verify", spec, here=True)
+    assert report["problems"] == [] and report["calls"] == 6
