@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..digest import Digest
 from .base import CallMixin, StorageBackend, ValueMixin
@@ -25,6 +25,7 @@ class MemoryBackend(StorageBackend):
     """
 
     storage: dict[Digest, Any] = field(default_factory=dict)
+    _atomic_writes: ClassVar[bool] = True  # one dict assignment: readers need no lock
 
     def list(self) -> Iterable[Digest]:
         """A snapshot of the stored keys."""
