@@ -28,6 +28,7 @@ __all__ = [
     "SELECT_RECORD",
     "SELECT_RECORDS",
     "KeyRead",
+    "key_lock",
     "upsert",
 ]
 
@@ -130,3 +131,33 @@ def upsert(dialect: str) -> Any:
         stmt = mysql.insert(calls)
         return stmt.on_duplicate_key_update({name: stmt.inserted[name] for name in _UPDATED})
     return None
+
+
+_YEAR_S = 365 * 24 * 3600
+
+
+@functools.lru_cache(maxsize=None)
+def key_lock(dialect: str) -> tuple[Any, Any] | None:
+    """Statements taking and releasing a database lock on one key, or None where the write
+    transaction itself excludes other writers (SQLite's ``BEGIN IMMEDIATE``).
+
+    PostgreSQL: a transaction-scoped advisory lock on ``id`` (released at commit; no release
+    statement). MariaDB/MySQL: ``GET_LOCK(name, a year)`` (MariaDB has no infinite wait), held
+    by the connection until released; it returns 1 when taken.
+    """
+    if dialect == "postgresql":
+        lock_id = sa.bindparam("id", type_=sa.BigInteger)
+        return sa.select(sa.func.pg_advisory_xact_lock(lock_id)), None
+    if dialect in ("mysql", "mariadb"):
+        name = sa.bindparam("name", type_=sa.String)
+        return (
+            sa.select(sa.func.get_lock(name, _YEAR_S)),
+            sa.select(sa.func.release_lock(name)),
+        )
+    return None
+
+
+def key_lock_params(key: str) -> dict[str, Any]:
+    """The parameters of :func:`key_lock` for ``key``: two keys share a lock only if their first
+    15 hex digits agree, which merely serializes them."""
+    return {"id": int(key[:15], 16), "name": "fleche:" + key[:56]}

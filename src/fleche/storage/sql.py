@@ -86,6 +86,8 @@ class _Binds(NamedTuple):
     """Write transactions (``BEGIN IMMEDIATE`` in SQLite, READ COMMITTED on servers)."""
     reads: dict[str, _statements.KeyRead]
     """Reads of one row by key outside any operation, compiled for this database."""
+    key_lock: tuple[Any, Any] | None
+    """Take and release the database's lock on a key (``_statements.key_lock``)."""
 
 
 def _open(binds: _Binds, intent: Intent) -> sa.Connection:
@@ -185,7 +187,7 @@ class Sql(PerKeyLockMixin, CallStorage):
                 snapshot = engine.execution_options(isolation_level="REPEATABLE READ")
                 write = engine  # READ COMMITTED, see _sql_engine.create_engine
             reads = {name: _statements.KeyRead(s, engine.dialect) for name, s in _READS.items()}
-            binds = _Binds(snapshot, write, reads)
+            binds = _Binds(snapshot, write, reads, _statements.key_lock(engine.dialect.name))
             object.__setattr__(self, "engine", engine)
             object.__setattr__(self, "session", functools.partial(_open, binds))
             object.__setattr__(self, "_local", threading.local())
@@ -213,12 +215,14 @@ class Sql(PerKeyLockMixin, CallStorage):
         return URL.create("sqlite+pysqlite", database=str(path))
 
     @contextlib.contextmanager
-    def _session_scope(self, intent: Intent) -> Iterator[sa.Connection]:
+    def _session_scope(self, intent: Intent, key: str | None = None) -> Iterator[sa.Connection]:
         """The connection of the operation running in this thread, or a new one in a transaction.
 
         Nested operations (``locked`` around ``save``, ``load`` calling ``expand``) share the
         outermost connection, so one operation is one transaction; a read transaction is one
-        snapshot (``REPEATABLE READ`` on servers).
+        snapshot (``REPEATABLE READ`` on servers). A new write transaction for ``key`` first
+        takes the database's lock on it (see ``_statements.key_lock``), so write operations on
+        one key, ``locked`` sections included, exclude each other in every process.
         """
         binds = self._connect()
         local = self._local
@@ -226,13 +230,24 @@ class Sql(PerKeyLockMixin, CallStorage):
         if current is not None:
             yield current
             return
+        lock = None if key is None or intent is not Intent.WRITE else binds.key_lock
         with self.session(intent) as conn:
             local.conn = conn
             try:
                 with conn.begin():
+                    if lock is not None:
+                        taken = conn.execute(lock[0], _statements.key_lock_params(key)).scalar()
+                        if lock[1] is not None and taken != 1:  # GET_LOCK: NULL on an error
+                            raise DatabaseError(_safe_url(self.url), f"GET_LOCK for {key} failed")
                     yield conn
             finally:
                 local.conn = None
+                if lock is not None and lock[1] is not None and not conn.invalidated:
+                    try:
+                        conn.execute(lock[1], _statements.key_lock_params(key))
+                        conn.rollback()
+                    except exc.DBAPIError:
+                        conn.invalidate()  # closing the connection drops its GET_LOCK locks
 
     def _read_one(self, read: str, key: str) -> Any:
         """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds.
@@ -261,7 +276,7 @@ class Sql(PerKeyLockMixin, CallStorage):
     @contextlib.contextmanager
     def _write_context(self, key: Digest | str) -> Iterator[None]:
         with super()._operation_context(key, intent=Intent.WRITE):
-            with self._session_scope(Intent.WRITE):
+            with self._session_scope(Intent.WRITE, str(key)):
                 yield
 
     def _in_operation(self) -> bool:
