@@ -25,12 +25,18 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fleche.call import Call, DigestedCall, QueryCall  # noqa: E402
 from fleche.digest import Digest, digest  # noqa: E402
-from fleche.errors import DatabaseError, SaveError, SchemaVersionError  # noqa: E402
+from fleche.errors import (  # noqa: E402
+    CorruptEntryError,
+    DatabaseError,
+    SaveError,
+    SchemaVersionError,
+)
 from fleche.storage import CallMemory, Intent  # noqa: E402
 from fleche.storage._sql_engine import _filesystem_type, _is_network_filesystem  # noqa: E402
 from fleche.storage._sql_schema import (  # noqa: E402
     SCHEMA_VERSION,
     arguments,
+    calls,
     metadata_sections,
     schema,
     versions,
@@ -295,6 +301,167 @@ def test_expand_rejects_wildcards_before_touching_the_database(sql: Sql) -> None
             sql.expand(bad)
 
 
+# -- whole records in one row, inline values ------------------------------------------------
+
+def _inline_values() -> list[Any]:
+    """Small values of every kind a cache keeps inline."""
+    return [*_PLAIN_INLINE_VALUES, *_numpy_values()]
+
+
+def _numpy_values() -> list[Any]:
+    numpy = pytest.importorskip("numpy")
+    return [
+        numpy.arange(6, dtype=numpy.int32).reshape(2, 3), numpy.linspace(0, 1, 5),
+        numpy.array([], dtype=numpy.uint8), numpy.float64(2.5), numpy.int16(-3),
+        numpy.array(["ab", "c"]),
+    ]
+
+
+_PLAIN_INLINE_VALUES = [
+    None, True, False, 0, -7, 2**70, 1.5, -0.0, 1 + 2j, "", "é😀 text", b"", b"\x00\xffbytes",
+    (1, "a", None), [1, [2.5, "x"]], {"a": 1, 2: (3,)}, {1, 2}, frozenset({"f"}),
+]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if hasattr(a, "shape") or hasattr(b, "shape"):
+        np = pytest.importorskip("numpy")
+        return type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    return type(a) is type(b) and (a == b or repr(a) == repr(b))
+
+
+def test_inline_values_round_trip(sql: Sql) -> None:
+    assert sql.keeps_inline_values
+    inline = {digest(v): v for v in _inline_values()}
+    record = _call(1).replace(inline=inline)
+    key = sql.save(record)
+    loaded = sql.load(key)
+    assert loaded == record
+    assert set(loaded.inline) == set(inline) and all(type(k) is Digest for k in loaded.inline)
+    for k, v in inline.items():
+        assert _same(loaded.inline[k], v), (v, loaded.inline[k])
+    assert [c.inline for c in sql.query(QueryCall(name="_f"))][0].keys() == inline.keys()
+    sql.save(_call(1))  # a replacement without inline values drops the old ones
+    assert sql.load(key).inline is None
+
+
+def test_cache_hit_reads_small_values_from_the_record(sql: Sql, tmp_path: Path) -> None:
+    from fleche.caches import Cache
+    from fleche.storage import ValuePickleFile
+
+    np = pytest.importorskip("numpy")
+    values = ValuePickleFile(tmp_path / "values")
+    cache = Cache(values, sql)
+    small, big = (1, "two", np.arange(3)), np.zeros(10_000)
+    key_small = cache.save(Call.from_call(_f, 1).replace(result=small))
+    key_big = cache.save(Call.from_call(_f, 2).replace(result=big))
+    assert list(values.list()) == [digest(big)]  # only the big value went to the value storage
+    assert _same(cache.load_result(key_small)[2], small[2])
+    assert cache.load(key_small).arguments["x"] == 1
+    assert _same(cache.load_result(key_big), big)
+
+
+class _Unpicklable:
+    def __reduce__(self) -> Any:
+        raise TypeError("no pickling here")
+
+
+def test_unpicklable_inline_value_is_refused_and_loses_nothing(sql: Sql) -> None:
+    key = sql.save(_call(1).replace(inline={digest(1): 1}))
+    with pytest.raises(SaveError, match="does not pickle.*no pickling here"):
+        sql.save(_call(1, result=5).replace(inline={digest(5): _Unpicklable()}))
+    with pytest.raises(SaveError, match="full Digest"):
+        sql.save(_call(1).replace(inline={"abc": 1}))
+    loaded = sql.load(key)
+    assert loaded == _call(1) and loaded.inline == {digest(1): 1}
+
+
+UNPICKLED: list[str] = []
+
+
+def _mark_unpickled() -> str:
+    UNPICKLED.append("ran")
+    return "ran"
+
+
+class _Trap:
+    def __reduce__(self) -> Any:
+        return (_mark_unpickled, ())
+
+
+def test_only_inline_blobs_this_storage_wrote_are_unpickled(sql: Sql, db_url: str) -> None:
+    key = sql.save(_call(1).replace(inline={digest(1): 1}))
+    other = sql.save(_call(2))
+    engine = _engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.update(calls).where(calls.c.key == key).values(inline=pickle.dumps(_Trap())))
+            conn.execute(sa.update(calls).where(calls.c.key == other).values(record="{not json"))
+        with pytest.raises(CorruptEntryError, match="bad magic") as info:
+            sql.load(key)
+        assert info.value.key == key and "fleche_calls" in info.value.location
+        assert UNPICKLED == []
+        with pytest.raises(CorruptEntryError, match="bad record JSON"):
+            sql.load(other)
+        with engine.begin() as conn:
+            conn.execute(sa.update(calls).where(calls.c.key == key).values(inline=b"FLCI\x01garbage"))
+        with pytest.raises(CorruptEntryError, match="do not unpickle"):
+            sql.load(key)
+        sql.save(_call(1))  # a corrupt entry is overwritten by the next save
+        assert sql.load(key) == _call(1)
+    finally:
+        engine.dispose()
+
+
+def _version(n: int) -> DigestedCall:
+    """Version ``n`` of one record: result, metadata and inline value all say ``n``."""
+    value = ("v", n)
+    return _call(0, result=value, metadata={"w": {"n": n}}).replace(inline={digest(value): value})
+
+
+def _whole(record: DigestedCall) -> int:
+    """The version ``record`` is, checking that all its parts belong to that one version."""
+    n = record.metadata["w"]["n"]
+    value = ("v", n)
+    assert record.result == digest(value), record
+    assert record.inline == {digest(value): value}, record
+    return n
+
+
+def _resave(url: str, started: Any, stop: Any, count: Any) -> None:
+    storage = Sql(url)
+    n = 1
+    while not stop.is_set():
+        storage.save(_version(n))
+        with count.get_lock():
+            count.value = n
+        started.set()
+        n += 1
+    _close(storage)
+
+
+def test_loads_see_old_or_new_under_concurrent_resaves(sql: Sql, db_url: str) -> None:
+    """Another process replaces one record again and again; every load here is one whole
+    version, and the versions seen never go back."""
+    key = sql.save(_version(0))
+    ctx = multiprocessing.get_context("spawn")
+    started, stop, count = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+    writer = ctx.Process(target=_resave, args=(db_url, started, stop, count))
+    writer.start()
+    try:
+        assert started.wait(timeout=120), "the writer never saved"
+        seen: list[int] = []
+        while count.value < 100 or len(set(seen)) < 10:
+            seen.append(_whole(sql.load(key)))
+            assert writer.is_alive() or stop.is_set(), "the writer died"
+        assert seen == sorted(seen)  # each load sees a committed version at least as new
+    finally:
+        stop.set()
+        writer.join(timeout=120)
+    assert writer.exitcode == 0
+    assert _whole(sql.load(key)) >= count.value
+
+
 # -- query pushdown -----------------------------------------------------------------------------
 
 _VALUES = [0, 1, 1.0, True, False, -0.0, 0.0, "1", "a", "A", "a ", None, (1,), [1], b"1"]
@@ -430,7 +597,7 @@ def _backend_id(storage: Sql) -> Any:
             return s.execute(sa.text("SELECT pg_backend_pid()")).scalar()
         if storage.engine.dialect.name == "mysql":
             return s.execute(sa.text("SELECT CONNECTION_ID()")).scalar()
-        return id(s.connection().connection.dbapi_connection)
+        return id(s.connection.dbapi_connection)
 
 
 def _forked_child(storage: Sql, key: str, parent_backend: Any, start: Any, out: Any) -> None:

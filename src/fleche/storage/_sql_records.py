@@ -1,15 +1,28 @@
-"""What ``Sql`` can store exactly, so that a loaded record equals the saved one."""
+"""What ``Sql`` can store exactly, and the encoding of a whole record in one ``fleche_calls`` row.
+
+A row holds the record's fields as columns, its arguments and metadata as JSON text (``record``)
+and its inline values as a pickle behind a magic prefix (``inline``), so one SELECT gives the
+whole record back.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
 from ..call import DigestedCall
-from ..digest import DIGEST_LENGTH, Digest
-from ..errors import SaveError
+from ..digest import DIGEST_LENGTH, Digest, _mk
+from ..errors import CorruptEntryError, SaveError
+
+INLINE_MAGIC = b"FLCI\x01"
+"""Prefix of every ``inline`` BLOB this storage writes (format version 1); nothing else is
+unpickled."""
+
+_PROTOCOL = 5
+_loads_json = json.loads
 
 
 def _dump(entries: Mapping[str, Any]) -> str:
@@ -95,3 +108,54 @@ def _check_record(call: DigestedCall) -> None:
                 _check_json(dict(entries), f"metadata[{section!r}]")
     except SaveError as e:
         raise SaveError(f"cannot save a call of {call.name!r}: {e}") from None
+
+
+def dump_record(call: DigestedCall) -> str:
+    """The JSON text of ``call``'s arguments (in order) and metadata, for the ``record`` column."""
+    metadata = None if call.metadata is None else {s: dict(e) for s, e in call.metadata.items()}
+    return _dump({"a": {name: str(value) for name, value in call.arguments.items()}, "m": metadata})
+
+
+def load_record(text: str, key: str, location: str) -> tuple[dict[str, Digest], Any]:
+    """The arguments and metadata from a ``record`` column; :class:`CorruptEntryError` if it is
+    not what :func:`dump_record` writes."""
+    try:
+        data = _loads_json(text)
+        arguments = {name: _mk(value) for name, value in data["a"].items()}
+        metadata = data["m"]
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CorruptEntryError(key, location, f"bad record JSON: {type(e).__name__}: {e}") from None
+    return arguments, metadata
+
+
+def dump_inline(call: DigestedCall) -> bytes | None:
+    """The pickled ``call.inline`` for the ``inline`` column (None when there is nothing);
+    :class:`SaveError` if a value does not pickle."""
+    inline = call.inline
+    if not inline:
+        return None
+    if not isinstance(inline, Mapping):
+        raise SaveError(f"inline values must be a mapping, got {type(inline).__name__}")
+    for key in inline:
+        _check_digest(key, "an inline value's key")
+    try:
+        return INLINE_MAGIC + pickle.dumps({str(k): v for k, v in inline.items()}, _PROTOCOL)
+    except Exception as e:  # noqa: BLE001 - pickling raises many kinds
+        raise SaveError(f"an inline value does not pickle: {type(e).__name__}: {e}") from e
+
+
+def load_inline(blob: bytes | None, key: str, location: str) -> dict[Digest, Any] | None:
+    """The inline values from an ``inline`` column, unpickled only if :func:`dump_inline` wrote
+    them (checked by the magic prefix); :class:`CorruptEntryError` otherwise."""
+    if blob is None:
+        return None
+    blob = bytes(blob)
+    if not blob.startswith(INLINE_MAGIC):
+        raise CorruptEntryError(key, location, "inline values not written by fleche (bad magic)")
+    try:
+        values = pickle.loads(memoryview(blob)[len(INLINE_MAGIC) :])
+    except Exception as e:  # noqa: BLE001 - unpickling raises many kinds
+        raise CorruptEntryError(key, location, f"inline values do not unpickle: {e!r}") from None
+    if type(values) is not dict:
+        raise CorruptEntryError(key, location, f"inline values are a {type(values).__name__}")
+    return {_mk(k): v for k, v in values.items()}

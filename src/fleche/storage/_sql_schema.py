@@ -27,10 +27,14 @@ __all__ = [
     "versions",
 ]
 
-SCHEMA_VERSION = 1
-"""Version of the table layout below; a database of another version is refused."""
+SCHEMA_VERSION = 2
+"""Version of the table layout below; a database of another version is refused.
+
+2: ``fleche_calls`` holds each whole record (``record``, ``inline``), so a load reads one row.
+"""
 
 _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+_LONG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 # MySQL/MariaDB compare text case-insensitively by default; a binary collation keeps equality
 # exact (query results are still re-checked in Python, so this is about index selectivity).
 _TABLE_ARGS: dict[str, Any] = {
@@ -59,7 +63,11 @@ calls = sa.Table(
     sa.Column("version", sa.Text),
     sa.Column("code_digest", sa.Text),
     sa.Column("result", sa.String(DIGEST_LENGTH)),
-    sa.Column("has_metadata", sa.Boolean, nullable=False),
+    # The whole record, written with the rows below in one transaction: a load reads this row
+    # only. ``record`` is JSON {"a": {argument name: digest}, "m": metadata or null}; ``inline``
+    # the pickled small values (see fleche.storage._sql_records.dump_inline), or NULL.
+    sa.Column("record", _LONG_TEXT, nullable=False),
+    sa.Column("inline", _LONG_BLOB),
     sa.Index("ix_fleche_calls_name", "name", mysql_length=255),
     sa.Index("ix_fleche_calls_result", "result"),
     **_TABLE_ARGS,

@@ -6,14 +6,19 @@ cluster. Calls, their arguments and their metadata sections live in three tables
 (``pip install "fleche[sql]"``).
 
 Writes are upserts inside one transaction per record: a reader in any process sees the old
-record or the new one, never a gap. Reads of one record run in one snapshot (``REPEATABLE READ``
-on servers, a read transaction in SQLite's WAL mode), so they never see half of a replacement.
+record or the new one, never a gap. Each calls row also holds its whole record (arguments,
+metadata, inline values), written in that transaction, so a load is one row read by one
+statement, which sees one snapshot in every supported database and so never half of a
+replacement. Reads of several statements (``list``, ``query`` batches, an explicit
+``_session_scope``) run in one snapshot (``REPEATABLE READ`` on servers, a read transaction in
+SQLite's WAL mode).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,21 +30,29 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import platformdirs
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.orm import Session, sessionmaker
 
 from ..call import Call, DigestedCall, QueryCall
 from ..digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk, digest
-from ..errors import CorruptEntryError, DatabaseError, SaveError
+from ..errors import DatabaseError, SaveError
 from . import _sql_engine
-from ._sql_engine import _is_transient, _safe_url, create_engine
-from ._sql_records import _check_record, _dump, _storable
+from . import _sql_statements as _statements
+from ._sql_engine import _is_transient, _reason, _safe_url, create_engine
+from ._sql_records import (
+    _check_record,
+    _dump,
+    _storable,
+    dump_inline,
+    dump_record,
+    load_inline,
+    load_record,
+)
 from ._sql_schema import SCHEMA_VERSION, arguments, calls, ensure_schema, metadata_sections
 from .base import CallStorage, Intent, _check_key_text, _unique_match
 from .thread_safe import PerKeyLockMixin
@@ -56,8 +69,30 @@ _SIMPLE_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 # -- the storage ----------------------------------------------------------------------------------
 
 
+_READS = {"record": _statements.SELECT_RECORD, "contains": _statements.CONTAINS}
+"""The reads of one row by key that run without SQLAlchemy's execution layer on the hot path."""
+
+
 def _rebuild(cls: type, settings: dict[str, Any]) -> Sql:
     return cls(**settings)
+
+
+class _Binds(NamedTuple):
+    """Where each kind of operation runs (engines, some with execution options)."""
+
+    snapshot: Any
+    """Read transactions of several statements: one snapshot."""
+    write: Any
+    """Write transactions (``BEGIN IMMEDIATE`` in SQLite, READ COMMITTED on servers)."""
+    reads: dict[str, _statements.KeyRead]
+    """Reads of one row by key outside any operation, compiled for this database."""
+    key_lock: tuple[Any, Any] | None
+    """Take and release the database's lock on a key (``_statements.key_lock``)."""
+
+
+def _open(binds: _Binds, intent: Intent) -> sa.Connection:
+    """A new connection for an operation of kind ``intent`` (``Sql.session``)."""
+    return (binds.snapshot if intent is Intent.READ else binds.write).connect()
 
 
 @dataclass(frozen=True)
@@ -69,13 +104,19 @@ class Sql(PerKeyLockMixin, CallStorage):
     ``mysql+pymysql://...``). SQLite files run in WAL mode with a busy timeout; keep them on a
     local disk and use a server database to share records between hosts.
 
-    ``engine`` and ``session`` (a session factory) are created on first use in each process;
+    ``engine`` and ``session`` (a factory of connections, ``session(intent)``) are created on
+    first use in each process;
     a pickled ``Sql`` carries its settings only and connects again where it is unpickled, and a
     forked child drops the connections it inherited. Two ``Sql`` with the same settings are
     equal.
 
     Metadata sections must be dicts of JSON values (dict with str keys, list, str, int, finite
     float, bool, None) without NUL characters, so that a loaded record equals the saved one.
+
+    A record's ``inline`` values (small arguments and results a cache keeps in the record,
+    see ``keeps_inline_values``) are pickled into its row and unpickled on load. Like pickle
+    files, this trusts the database: whoever can write its tables can run code in every process
+    loading from it. Only BLOBs carrying this storage's format prefix are unpickled.
 
     >>> import tempfile
     >>> from fleche.call import Call, QueryCall
@@ -89,12 +130,15 @@ class Sql(PerKeyLockMixin, CallStorage):
     >>> calls.engine.dispose(); tmp.cleanup()
     """
 
+    keeps_inline_values: ClassVar[bool] = True
+    _atomic_writes: ClassVar[bool] = True  # every write is one transaction: reads need no lock
+
     url: str | None = None
     echo: bool = False
     engine: Any = field(default=None, init=False, compare=False, repr=False)
     session: Any = field(default=None, init=False, compare=False, repr=False)
     _local: threading.local | None = field(default=None, init=False, compare=False, repr=False)
-    _binds: dict[Intent, Any] | None = field(default=None, init=False, compare=False, repr=False)
+    _binds: _Binds | None = field(default=None, init=False, compare=False, repr=False)
     _pid: int | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -118,8 +162,8 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     # -- connections ------------------------------------------------------------------------
 
-    def _connect(self) -> dict[Intent, Any]:
-        """The binds for reads and writes of this process; creates the engine on first use."""
+    def _connect(self) -> _Binds:
+        """The engines for this process's operations; creates them on first use."""
         binds, pid = self._binds, os.getpid()
         if binds is not None and self._pid == pid:
             return binds
@@ -137,17 +181,15 @@ class Sql(PerKeyLockMixin, CallStorage):
                 engine.dispose()
                 raise
             if engine.dialect.name == "sqlite":
-                binds = {
-                    Intent.READ: engine,
-                    Intent.WRITE: engine.execution_options(fleche_immediate=True),
-                }
+                snapshot = engine  # a deferred BEGIN: one WAL read snapshot
+                write = engine.execution_options(fleche_immediate=True)
             else:
-                binds = {
-                    Intent.READ: engine.execution_options(isolation_level="REPEATABLE READ"),
-                    Intent.WRITE: engine,  # READ COMMITTED, see _sql_engine.create_engine
-                }
+                snapshot = engine.execution_options(isolation_level="REPEATABLE READ")
+                write = engine  # READ COMMITTED, see _sql_engine.create_engine
+            reads = {name: _statements.KeyRead(s, engine.dialect) for name, s in _READS.items()}
+            binds = _Binds(snapshot, write, reads, _statements.key_lock(engine.dialect.name))
             object.__setattr__(self, "engine", engine)
-            object.__setattr__(self, "session", sessionmaker(expire_on_commit=False))
+            object.__setattr__(self, "session", functools.partial(_open, binds))
             object.__setattr__(self, "_local", threading.local())
             object.__setattr__(self, "_binds", binds)
             object.__setattr__(self, "_pid", pid)
@@ -173,145 +215,140 @@ class Sql(PerKeyLockMixin, CallStorage):
         return URL.create("sqlite+pysqlite", database=str(path))
 
     @contextlib.contextmanager
-    def _session_scope(self, intent: Intent) -> Iterator[Session]:
-        """The session of the operation running in this thread, or a new one in a transaction.
+    def _session_scope(self, intent: Intent, key: str | None = None) -> Iterator[sa.Connection]:
+        """The connection of the operation running in this thread, or a new one in a transaction.
 
-        Nested operations (``load`` calling ``expand``) share the outermost session, so one
-        operation is one transaction.
+        Nested operations (``locked`` around ``save``, ``load`` calling ``expand``) share the
+        outermost connection, so one operation is one transaction; a read transaction is one
+        snapshot (``REPEATABLE READ`` on servers). A new write transaction for ``key`` first
+        takes the database's lock on it (see ``_statements.key_lock``), so write operations on
+        one key, ``locked`` sections included, exclude each other in every process.
         """
         binds = self._connect()
         local = self._local
-        current = getattr(local, "session", None)
+        current = getattr(local, "conn", None)
         if current is not None:
             yield current
             return
-        session = self.session(bind=binds[intent])
-        local.session = session
-        try:
-            with session.begin():
-                yield session
-        finally:
-            local.session = None
-            session.close()
+        lock = None if key is None or intent is not Intent.WRITE else binds.key_lock
+        with self.session(intent) as conn:
+            local.conn = conn
+            try:
+                with conn.begin():
+                    if lock is not None:
+                        taken = conn.execute(lock[0], _statements.key_lock_params(key)).scalar()
+                        if lock[1] is not None and taken != 1:  # GET_LOCK: NULL on an error
+                            raise DatabaseError(_safe_url(self.url), f"GET_LOCK for {key} failed")
+                    yield conn
+            finally:
+                local.conn = None
+                if lock is not None and lock[1] is not None and not conn.invalidated:
+                    try:
+                        conn.execute(lock[1], _statements.key_lock_params(key))
+                        conn.rollback()
+                    except exc.DBAPIError:
+                        conn.invalidate()  # closing the connection drops its GET_LOCK locks
 
-    @contextlib.contextmanager
+    def _read_one(self, read: str, key: str) -> Any:
+        """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds.
+
+        A single statement reads one consistent snapshot in SQLite, PostgreSQL and MariaDB, so
+        outside an operation it runs on its own, without an explicit transaction (autocommit in
+        SQLite, READ COMMITTED on servers); inside one it uses the operation's connection.
+        """
+        binds = self._binds
+        if binds is None or self._pid != os.getpid():
+            binds = self._connect()
+        current = getattr(self._local, "conn", None)
+        if current is not None:
+            return current.execute(_READS[read], {"key": key}).first()
+        return binds.reads[read].first(self.engine, key)
+
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
-    ) -> Iterator[None]:
-        # The per-key lock first, so threads waiting for it hold no connection.
-        with super()._operation_context(key, intent=intent):
-            with self._session_scope(intent):
+    ) -> contextlib.AbstractContextManager[None]:
+        # A read is one statement (see _read_one) and opens nothing here; a write holds one
+        # transaction, taken after the per-key lock so threads waiting for it hold no connection.
+        if intent is Intent.READ:
+            return super()._operation_context(key, intent=intent)
+        return self._write_context(key)
+
+    @contextlib.contextmanager
+    def _write_context(self, key: Digest | str) -> Iterator[None]:
+        with super()._operation_context(key, intent=Intent.WRITE):
+            with self._session_scope(Intent.WRITE, str(key)):
                 yield
 
     def _in_operation(self) -> bool:
-        return self._local is not None and getattr(self._local, "session", None) is not None
+        return self._local is not None and getattr(self._local, "conn", None) is not None
 
     @property
     def _dialect(self) -> str:
-        return self._connect()[Intent.READ].dialect.name
+        return self._connect().write.dialect.name
 
     # -- primitives -------------------------------------------------------------------------
 
-    def _persist_call(self, call: DigestedCall, key: Digest) -> Digest:
+    def _persist_call(self, row: dict[str, Any], call: DigestedCall, key: Digest) -> Digest:
         """Write ``call`` under ``key`` in the current transaction, replacing an earlier record."""
-        row = {
-            "key": str(key),
-            "name": call.name,
-            "module": call.module,
-            "version": call.version,
-            "code_digest": call.code_digest,
-            "result": None if call.result is None else str(call.result),
-            "has_metadata": call.metadata is not None,
-        }
+        upsert = _statements.upsert(self._dialect)
+        if upsert is None:
+            raise DatabaseError(_safe_url(self.url), f"the {self._dialect} dialect is not supported")
         argument_rows = [
-            {"call_key": str(key), "position": i, "name": name, "value": str(value)}
+            {"call_key": key, "position": i, "name": name, "value": str(value)}
             for i, (name, value) in enumerate(call.arguments.items())
         ]
         metadata_rows = [
-            {"call_key": str(key), "position": i, "section": section, "data": _dump(entries)}
+            {"call_key": key, "position": i, "section": section, "data": _dump(entries)}
             for i, (section, entries) in enumerate((call.metadata or {}).items())
         ]
-        with self._session_scope(Intent.WRITE) as s:
+        params = {"key": key}
+        with self._session_scope(Intent.WRITE) as conn:
             # The upsert locks the calls row first, so concurrent saves of one key queue up here
             # and each replaces the rows below as a whole.
-            s.execute(self._upsert(row))
-            s.execute(sa.delete(arguments).where(arguments.c.call_key == key))
-            s.execute(sa.delete(metadata_sections).where(metadata_sections.c.call_key == key))
+            conn.execute(upsert, row)
+            conn.execute(_statements.DELETE_ARGUMENTS, params)
+            conn.execute(_statements.DELETE_METADATA, params)
             if argument_rows:
-                s.execute(sa.insert(arguments), argument_rows)
+                conn.execute(_statements.INSERT_ARGUMENTS, argument_rows)
             if metadata_rows:
-                s.execute(sa.insert(metadata_sections), metadata_rows)
+                conn.execute(_statements.INSERT_METADATA, metadata_rows)
         return key
 
-    def _upsert(self, row: dict[str, Any]) -> Any:
-        values = {k: v for k, v in row.items() if k != "key"}
-        name = self._dialect
-        if name == "sqlite":
-            stmt = sqlite.insert(calls).values(**row)
-            return stmt.on_conflict_do_update(index_elements=[calls.c.key], set_=values)
-        if name == "postgresql":
-            stmt = postgresql.insert(calls).values(**row)
-            return stmt.on_conflict_do_update(index_elements=[calls.c.key], set_=values)
-        if name in ("mysql", "mariadb"):
-            return mysql.insert(calls).values(**row).on_duplicate_key_update(**values)
-        raise DatabaseError(_safe_url(self.url), f"the {name} dialect is not supported")
+    def _decode(self, row: Any) -> DigestedCall:
+        """The record in a row of ``_statements.RECORD_COLUMNS``."""
+        key, name, module, version, code_digest, result, text, blob = row
+        where = f"{_safe_url(self.url)} table fleche_calls"
+        args, metadata = load_record(text, key, where)
+        return DigestedCall(
+            name=name,
+            arguments=args,
+            metadata=metadata,
+            module=module,
+            version=version,
+            code_digest=code_digest,
+            result=None if result is None else _mk(result),
+            inline=None if blob is None else load_inline(blob, key, where),
+        )
 
     def _fetch_call(self, key: Digest) -> DigestedCall:
         """The record stored under the full key ``key``; ``KeyError`` if there is none."""
-        with self._session_scope(Intent.READ) as s:
-            found = self._fetch_many(s, [key])
-        if not found:
+        row = self._read_one("record", key)
+        if row is None:
             raise KeyError(f"nothing stored under {key}")
-        return found[0]
+        return self._decode(row)
 
-    def _fetch_many(self, s: Session, keys: list[str]) -> list[DigestedCall]:
-        """The records stored under ``keys`` (missing ones left out), read in one transaction."""
-        rows = s.execute(sa.select(calls).where(calls.c.key.in_(keys))).all()
-        if not rows:
-            return []
-        args: dict[str, dict[str, Digest]] = {}
-        for call_key, name, value in s.execute(
-            sa.select(arguments.c.call_key, arguments.c.name, arguments.c.value)
-            .where(arguments.c.call_key.in_(keys))
-            .order_by(arguments.c.call_key, arguments.c.position)
-        ):
-            args.setdefault(call_key, {})[name] = _mk(value)
-        meta: dict[str, dict[str, Any]] = {}
-        for call_key, section, data in s.execute(
-            sa.select(metadata_sections.c.call_key, metadata_sections.c.section, metadata_sections.c.data)
-            .where(metadata_sections.c.call_key.in_(keys))
-            .order_by(metadata_sections.c.call_key, metadata_sections.c.position)
-        ):
-            try:
-                meta.setdefault(call_key, {})[section] = json.loads(data)
-            except ValueError as e:
-                raise CorruptEntryError(
-                    call_key, f"{_safe_url(self.url)} table fleche_metadata", f"bad JSON: {e}"
-                ) from None
-        records = []
-        for row in rows:
-            r = row._mapping
-            records.append(
-                DigestedCall(
-                    name=r["name"],
-                    arguments=args.get(r["key"], {}),
-                    metadata=meta.get(r["key"], {}) if r["has_metadata"] else None,
-                    module=r["module"],
-                    version=r["version"],
-                    code_digest=r["code_digest"],
-                    result=None if r["result"] is None else _mk(r["result"]),
-                )
-            )
-        return records
+    def _fetch_many(self, conn: sa.Connection, keys: list[str]) -> list[DigestedCall]:
+        """The records stored under ``keys`` (missing ones left out), read in one statement."""
+        rows = conn.execute(_statements.SELECT_RECORDS, {"keys": keys}).all()
+        return [self._decode(row) for row in rows]
 
     def _contains(self, key: Digest) -> bool:
-        with self._session_scope(Intent.READ) as s:
-            return s.execute(sa.select(calls.c.key).where(calls.c.key == key)).first() is not None
+        return self._read_one("contains", key) is not None
 
     def _evict(self, key: Digest) -> None:
-        with self._session_scope(Intent.WRITE) as s:
+        with self._session_scope(Intent.WRITE) as conn:
             # Arguments and metadata go with it (ON DELETE CASCADE).
-            deleted = s.execute(sa.delete(calls).where(calls.c.key == key)).rowcount
+            deleted = conn.execute(_statements.DELETE_CALL, {"key": key}).rowcount
         if not deleted:
             raise KeyError(f"nothing stored under {key}")
 
@@ -320,8 +357,8 @@ class Sql(PerKeyLockMixin, CallStorage):
     def list(self) -> Iterable[Digest]:
         """Every stored key, sorted: a snapshot of one moment, which other processes may change
         at once."""
-        with self._session_scope(Intent.READ) as s:
-            return [_mk(k) for k in s.execute(sa.select(calls.c.key).order_by(calls.c.key)).scalars()]
+        with self._session_scope(Intent.READ) as conn:
+            return [_mk(k) for k in conn.execute(_statements.LIST_KEYS).scalars()]
 
     def expand(self, key: Digest | str) -> Digest:
         """Expands a short-hand digest to the full length one.
@@ -334,14 +371,9 @@ class Sql(PerKeyLockMixin, CallStorage):
         if len(text) == DIGEST_LENGTH or len(text) < MIN_PREFIX_LENGTH:
             return super().expand(text)
         with self._operation_context(text, intent=Intent.READ):
-            with self._session_scope(Intent.READ) as s:
-                matches = s.execute(
-                    sa.select(calls.c.key).where(
-                        calls.c.key >= text,
-                        calls.c.key < text + "g",  # lets the primary key index serve the scan
-                        calls.c.key.like(text + "%"),
-                    )
-                ).scalars().all()
+            with self._session_scope(Intent.READ) as conn:
+                params = {"low": text, "high": text + "g", "pattern": text + "%"}
+                matches = conn.execute(_statements.EXPAND, params).scalars().all()
         return _unique_match(text, matches)
 
     def save(self, call: DigestedCall | Call) -> Digest:
@@ -350,14 +382,29 @@ class Sql(PerKeyLockMixin, CallStorage):
         One transaction: a reader in any thread or process sees the old record or the new one,
         never neither and never a mix. Concurrent saves of the same key from many processes
         succeed (the last one wins); deadlocks and serialization failures are retried. Raises
-        :class:`SaveError`, with nothing written, for a record the database cannot hold exactly.
+        :class:`SaveError`, with nothing written, for a record the database cannot hold exactly
+        (metadata that is not JSON, an inline value that does not pickle).
         """
         if not isinstance(call, Call):
             raise TypeError(f"a call storage saves Call records, got {type(call).__name__}")
         record = call.digest()
         _check_record(record)
         key = record.to_lookup_key()
-        self._retrying(key, lambda: self._persist_call(record, key))
+        try:
+            inline = dump_inline(record)
+        except SaveError as e:
+            raise SaveError(f"cannot save a call of {record.name!r}: {e}") from e.__cause__
+        row = {
+            "key": key,
+            "name": record.name,
+            "module": record.module,
+            "version": record.version,
+            "code_digest": record.code_digest,
+            "result": None if record.result is None else str(record.result),
+            "record": dump_record(record),
+            "inline": inline,
+        }
+        self._retrying(key, lambda: self._persist_call(row, record, key))
         return key
 
     def evict(self, key: Digest | str) -> None:
@@ -370,9 +417,11 @@ class Sql(PerKeyLockMixin, CallStorage):
         self._retrying(key, lambda: self._evict(key))
 
     def load(self, key: Digest | str) -> DigestedCall:
-        """Return the record stored under ``key`` (full or short); ``KeyError`` if absent.
+        """Return the record stored under ``key`` (full or short) with its inline values;
+        ``KeyError`` if absent.
 
-        Reads in one snapshot, so a concurrent save in any process is seen whole or not at all.
+        One row read in one statement, so a concurrent save in any process is seen whole or not
+        at all.
         """
         key = self._normalize_key(key)
         with self._operation_context(key, intent=Intent.READ):
@@ -503,11 +552,11 @@ class Sql(PerKeyLockMixin, CallStorage):
         :returns: an iterator over the matching calls, with their decoded metadata.
         """
         conditions = self._build_call_conditions(template)
-        with self._session_scope(Intent.READ) as s:
-            keys = s.execute(sa.select(calls.c.key).where(*conditions)).scalars().all()
+        with self._session_scope(Intent.READ) as conn:
+            keys = conn.execute(sa.select(calls.c.key).where(*conditions)).scalars().all()
         for start in range(0, len(keys), _CHUNK):
-            with self._session_scope(Intent.READ) as s:
-                batch = self._fetch_many(s, keys[start : start + _CHUNK])
+            with self._session_scope(Intent.READ) as conn:
+                batch = self._fetch_many(conn, keys[start : start + _CHUNK])
             for call in batch:
                 if template.matches(call):
                     yield call

@@ -1,0 +1,163 @@
+"""The statements ``Sql`` runs on its hot paths, built once with bound parameters.
+
+Built once, each statement hits SQLAlchemy's compiled cache on every execution instead of being
+constructed and looked up anew; values go in as parameters (``key``, ``keys``, column names).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+from ._sql_schema import arguments, calls, metadata_sections
+
+__all__ = [
+    "CONTAINS",
+    "DELETE_ARGUMENTS",
+    "DELETE_CALL",
+    "DELETE_METADATA",
+    "EXPAND",
+    "INSERT_ARGUMENTS",
+    "INSERT_METADATA",
+    "LIST_KEYS",
+    "RECORD_COLUMNS",
+    "SELECT_RECORD",
+    "SELECT_RECORDS",
+    "KeyRead",
+    "key_lock",
+    "upsert",
+]
+
+_KEY = sa.bindparam("key", type_=calls.c.key.type)
+
+RECORD_COLUMNS = (
+    calls.c.key,
+    calls.c.name,
+    calls.c.module,
+    calls.c.version,
+    calls.c.code_digest,
+    calls.c.result,
+    calls.c.record,
+    calls.c.inline,
+)
+"""The columns of one whole record, in the order ``Sql`` decodes them."""
+
+SELECT_RECORD = sa.select(*RECORD_COLUMNS).where(calls.c.key == _KEY)
+SELECT_RECORDS = sa.select(*RECORD_COLUMNS).where(
+    calls.c.key.in_(sa.bindparam("keys", expanding=True))
+)
+CONTAINS = sa.select(calls.c.key).where(calls.c.key == _KEY)
+LIST_KEYS = sa.select(calls.c.key).order_by(calls.c.key)
+EXPAND = sa.select(calls.c.key).where(
+    calls.c.key >= sa.bindparam("low"),
+    calls.c.key < sa.bindparam("high"),  # lets the primary key index serve the scan
+    calls.c.key.like(sa.bindparam("pattern")),
+)
+
+DELETE_CALL = sa.delete(calls).where(calls.c.key == _KEY)
+DELETE_ARGUMENTS = sa.delete(arguments).where(arguments.c.call_key == _KEY)
+DELETE_METADATA = sa.delete(metadata_sections).where(metadata_sections.c.call_key == _KEY)
+INSERT_ARGUMENTS = sa.insert(arguments)
+INSERT_METADATA = sa.insert(metadata_sections)
+
+class KeyRead:
+    """A one-row SELECT by ``key`` compiled once for a dialect, run on a pooled DBAPI connection.
+
+    This skips SQLAlchemy's per-execution machinery (connection wrapper, events, result
+    processing), which costs several times the query itself on a cache hit. Only for statements
+    whose columns need no result processing on the supported drivers (text and bytes).
+    """
+
+    __slots__ = ("sql", "_positional", "_dialect")
+
+    def __init__(self, statement: Any, dialect: Any) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if list(compiled.positiontup or ["key"]) != ["key"]:
+            raise ValueError(f"{statement} must take one parameter, key")
+        self.sql: str = compiled.string
+        self._positional = bool(compiled.positional)
+        self._dialect = dialect
+
+    def first(self, engine: sa.Engine, key: str) -> Any:
+        """The first row for ``key`` (a tuple) or None, read without an explicit transaction.
+
+        A connection the server dropped is replaced and the read repeated once; other driver
+        errors are raised as SQLAlchemy's ``DBAPIError`` subclasses, like SQLAlchemy would.
+        """
+        params: Any = (key,) if self._positional else {"key": key}
+        dbapi_error = self._dialect.loaded_dbapi.Error
+        for attempt in (0, 1):
+            raw = engine.raw_connection()
+            cursor = None
+            try:
+                cursor = raw.cursor()
+                cursor.execute(self.sql, params)
+                return cursor.fetchone()
+            except dbapi_error as e:
+                disconnect = self._dialect.is_disconnect(e, raw.dbapi_connection, cursor)
+                if disconnect:
+                    raw.invalidate(e)
+                    if attempt == 0:
+                        continue
+                raise exc.DBAPIError.instance(
+                    self.sql, params, e, dbapi_error,
+                    connection_invalidated=disconnect, dialect=self._dialect,
+                ) from e
+            finally:
+                if cursor is not None:
+                    cursor.close()
+                raw.close()
+        raise AssertionError("unreachable")
+
+
+_UPDATED = [c.name for c in calls.columns if c.name != "key"]
+
+
+@functools.lru_cache(maxsize=None)
+def upsert(dialect: str) -> Any:
+    """Insert a ``fleche_calls`` row from parameters named as its columns, or replace every
+    column of the row with that key; ``None`` for a dialect without an upsert here."""
+    if dialect in ("sqlite", "postgresql"):
+        module = sqlite if dialect == "sqlite" else postgresql
+        stmt = module.insert(calls)
+        return stmt.on_conflict_do_update(
+            index_elements=[calls.c.key], set_={name: stmt.excluded[name] for name in _UPDATED}
+        )
+    if dialect in ("mysql", "mariadb"):
+        stmt = mysql.insert(calls)
+        return stmt.on_duplicate_key_update({name: stmt.inserted[name] for name in _UPDATED})
+    return None
+
+
+_YEAR_S = 365 * 24 * 3600
+
+
+@functools.lru_cache(maxsize=None)
+def key_lock(dialect: str) -> tuple[Any, Any] | None:
+    """Statements taking and releasing a database lock on one key, or None where the write
+    transaction itself excludes other writers (SQLite's ``BEGIN IMMEDIATE``).
+
+    PostgreSQL: a transaction-scoped advisory lock on ``id`` (released at commit; no release
+    statement). MariaDB/MySQL: ``GET_LOCK(name, a year)`` (MariaDB has no infinite wait), held
+    by the connection until released; it returns 1 when taken.
+    """
+    if dialect == "postgresql":
+        lock_id = sa.bindparam("id", type_=sa.BigInteger)
+        return sa.select(sa.func.pg_advisory_xact_lock(lock_id)), None
+    if dialect in ("mysql", "mariadb"):
+        name = sa.bindparam("name", type_=sa.String)
+        return (
+            sa.select(sa.func.get_lock(name, _YEAR_S)),
+            sa.select(sa.func.release_lock(name)),
+        )
+    return None
+
+
+def key_lock_params(key: str) -> dict[str, Any]:
+    """The parameters of :func:`key_lock` for ``key``: two keys share a lock only if their first
+    15 hex digits agree, which merely serializes them."""
+    return {"id": int(key[:15], 16), "name": "fleche:" + key[:56]}
