@@ -142,6 +142,11 @@ def _create_sqlite_engine(url: URL, echo: bool) -> sa.Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         if on_disk:
             cursor.execute(f"PRAGMA journal_mode={journal}")
+            if journal == "WAL":
+                # WAL's recommended setting: commits survive a crash of any process and the file
+                # is never corrupted; only a power cut may lose the last commits. This matches
+                # the file storages' default (durable=False) and saves an fsync per save.
+                cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
