@@ -20,7 +20,7 @@ from .call import Call, DigestedCall, QueryCall
 from .decorator import active_cache, cache, fleche, get_default_cache, set_default_cache
 from .digest import Digest, Indigestible, digest, register_digest_hook
 from .errors import FlecheError, FlecheWarning
-from .spec import open_store as open  # noqa: A004 - fleche.open(spec); not in __all__ on purpose
+from .spec import open_store as open  # noqa: A004,F401 - fleche.open(spec); not in __all__ on purpose
 
 __version__ = "0.1.0"
 

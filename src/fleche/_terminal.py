@@ -10,7 +10,6 @@ cd34  x=99999999999…
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time

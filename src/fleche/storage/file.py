@@ -65,11 +65,12 @@ class FileStorage(StorageBackend):
 
     # -- the entry format (subclasses) ----------------------------------------------------------
 
-    def _write_file(self, value: Any, tmp_path: str) -> None:
-        """Write ``value`` for ``key`` into the new file ``tmp_path``.
+    def _write_file(self, value: Any, tmp_path: str) -> int | None:
+        """Write ``value`` for ``key`` into the new file ``tmp_path``; return its size if known.
 
         Note for implementers: raise before creating ``tmp_path`` if the value cannot be stored,
-        or leave it to be removed; never touch any other path.
+        or leave it to be removed; never touch any other path. Returning ``None`` makes ``put``
+        ask the file system for the size (for the bytes-written statistics).
         """
         raise NotImplementedError
 
@@ -130,15 +131,15 @@ class FileStorage(StorageBackend):
         tmp = f"{directory}/.{key}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
         try:
             try:
-                self._write_file(value, tmp)
+                size = self._write_file(value, tmp)
             except FileNotFoundError:
                 if os.path.exists(tmp):
                     raise
                 os.makedirs(directory, exist_ok=True)  # first write to this fan-out directory
-                self._write_file(value, tmp)
+                size = self._write_file(value, tmp)
             if self.durable:
                 _fsync_path(tmp)
-            BYTES_WRITTEN.add("bytes", os.stat(tmp).st_size)
+            BYTES_WRITTEN.add("bytes", os.stat(tmp).st_size if size is None else size)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -44,6 +44,7 @@ _SIGNED = 0x01
 _CLOUDPICKLE = 0x02
 _PROTOCOL = 5
 _SERIALIZERS = ("pickle", "cloudpickle")
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def _checksum(prefix: bytes, mac: bytes | memoryview, payload: bytes | memoryview) -> bytes:
@@ -182,9 +183,16 @@ class PickleFileBackend(FileStorage):
         # Encode before touching the disk, so an unpicklable value leaves nothing behind.
         return super().put(self._encode(value, key), key)
 
-    def _write_file(self, value: bytes, tmp_path: str) -> None:
-        with open(tmp_path, "xb") as f:
-            f.write(value)
+    def _write_file(self, value: bytes, tmp_path: str) -> int:
+        # os.open/os.write: no buffering layer, no isatty and seek calls on a file written once.
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o666)
+        try:
+            view = memoryview(value)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        return len(value)
 
     def _read_file(self, path: str, key: Digest) -> Any:
         return self._decode(_read_all(path), key, path)
