@@ -38,6 +38,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 
+from ..counters import BYTES_WRITTEN
 from ..call import Call, DigestedCall, QueryCall
 from ..digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk, digest
 from ..errors import DatabaseError, SaveError
@@ -312,6 +313,7 @@ class Sql(PerKeyLockMixin, CallStorage):
                 conn.execute(_statements.INSERT_ARGUMENTS, argument_rows)
             if metadata_rows:
                 conn.execute(_statements.INSERT_METADATA, metadata_rows)
+        BYTES_WRITTEN.add("bytes", len(row.get("record") or "") + len(row.get("inline") or b""))
         return key
 
     def _decode(self, row: Any) -> DigestedCall:
