@@ -402,3 +402,23 @@ def test_resave_never_leaves_a_gap(tmp_path):
 
 def _f(x):
     return x
+
+
+def test_sweep_removes_only_stale_temporary_files(tmp_path):
+    import time as _time
+
+    from fleche.caches import Cache
+
+    values, calls = ValuePickleFile(tmp_path / "v"), CallPickleFile(tmp_path / "c")
+    cache = Cache(values, calls, inline_bytes=0)
+    key = cache.save(Call("f", {"x": [1, 2]}, result="r"))
+    directory = Path(calls._path(key)).parent
+    stale, fresh = directory / f".{key}.dead.tmp", directory / f".{key}.live.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"writing")
+    old = _time.time() - 7200
+    os.utime(stale, (old, old))
+    assert calls.sweep(dry_run=True) == [str(stale)] and stale.exists()
+    cache.gc()
+    assert not stale.exists() and fresh.exists()
+    assert cache.load_result(key) == "r" and set(calls.list()) == {key}

@@ -280,8 +280,9 @@ class Cache(BaseCache):
     def gc(self, dry_run: bool = False) -> list[Digest]:
         """Remove values that no stored call refers to, directly or as a part; return their keys.
 
-        Lists the values first and the calls after, so a value is kept if any call stored
-        before gc finished reading the calls needs it. A call being saved while gc runs may lose
+        File storages also lose temporary files that writers killed mid-write left behind
+        (older than an hour). Lists the values first and the calls after, so a value is kept if
+        any call stored before gc finished reading the calls needs it. A call being saved while gc runs may lose
         a value it just wrote; it then reads as a miss and is recomputed. O(calls + values).
         """
         candidates = set(self.values.list())
@@ -301,6 +302,10 @@ class Cache(BaseCache):
             for key in garbage:
                 with contextlib.suppress(KeyError):
                     self.values.evict(key)
+            for storage in (self.values, self.calls):
+                sweep = getattr(storage, "sweep", None)  # file storages: writers' leftovers
+                if sweep is not None:
+                    sweep()
         return garbage
 
     def _record_values(self, key: Digest) -> list[Digest]:

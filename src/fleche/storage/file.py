@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,39 @@ class FileStorage(StorageBackend):
                         and e.is_file(follow_symlinks=False)
                     )
         return keys
+
+    def sweep(self, older_than: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Remove temporary files that writers left behind (killed mid-write) and return them.
+
+        Only temporary files last modified more than ``older_than`` seconds ago are touched; a
+        live writer's file is milliseconds old, so sweeping is safe while others write. Entries
+        are never touched. Scans the directory (O(n)).
+        """
+        cutoff = time.time() - older_than
+        removed: list[str] = []
+        try:
+            top = os.scandir(self.root)
+        except FileNotFoundError:
+            return removed
+        with top:
+            subdirs = [d.path for d in top if _FAN_OUT.fullmatch(d.name) and d.is_dir()]
+        for sub in subdirs:
+            try:
+                entries = list(os.scandir(sub))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if not (e.name.startswith(".") and e.name.endswith(_TEMP_SUFFIX)):
+                    continue
+                try:
+                    if e.stat(follow_symlinks=False).st_mtime >= cutoff:
+                        continue
+                    if not dry_run:
+                        os.unlink(e.path)
+                except FileNotFoundError:
+                    continue
+                removed.append(e.path)
+        return removed
 
     def put(self, value: Any, key: Digest) -> Digest:
         """Write ``value`` under ``key`` atomically, replacing any entry in one step.
