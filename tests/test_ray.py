@@ -82,7 +82,7 @@ def test_second_run_is_served_from_the_store(store, log):
     call = store.load(tasks.square.digest(5, log))
     assert call.result == {"x": 5, "square": 25}
     assert call.metadata["runtime"]["pid"] != os.getpid()
-    assert call.metadata["function"]["module"] == "ray_tasks"
+    assert call.metadata["function"]["module"] == "dask_tasks"  # where square is defined
 
 
 def test_plain_functions_get_the_decorator_key(store):

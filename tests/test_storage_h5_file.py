@@ -35,7 +35,11 @@ from fleche.storage import (  # noqa: E402
     FileStorage,
     ValueBagOfHoldingH5File,
 )
-from fleche.testing import CallStorageTests, ValueStorageTests  # noqa: E402
+from fleche.testing import (  # noqa: E402
+    CallStorageTests,
+    ValueStorageTests,
+    assert_corrupt_entry_is_reported_and_evictable,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FULL = os.environ.get("FLECHE_STRESS") == "full"
@@ -443,13 +447,8 @@ def test_corrupt_file_is_a_clear_error_and_evictable(tmp_path, case):
     path = _entry(tmp_path, key)
     damage, reason = _damage_cases()[case]
     damage(path)
-    with pytest.raises(CorruptEntryError, match=reason) as info:
-        values.load(key)
-    assert info.value.key == key and info.value.location == str(path)
-    assert key in str(info.value) and str(path) in str(info.value)
-    assert values.contains(key)
-    values.evict(key)
-    assert not values.contains(key) and not path.exists()
+    assert_corrupt_entry_is_reported_and_evictable(values, key, path, reason)
+    assert not path.exists()
     assert values.save(payload, key) == key
     assert_same(values.load(key), payload)
 

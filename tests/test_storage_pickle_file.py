@@ -14,7 +14,11 @@ from fleche.digest import digest
 from fleche.errors import CorruptEntryError, SaveError, SignatureError
 from fleche.storage import CallPickleFile, FileStorage, PickleFileBackend, ValuePickleFile
 from fleche.storage.pickle_file import SECRET_KEY_ENV
-from fleche.testing import CallStorageTests, ValueStorageTests
+from fleche.testing import (
+    CallStorageTests,
+    ValueStorageTests,
+    assert_corrupt_entry_is_reported_and_evictable,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -231,13 +235,7 @@ def test_damaged_entry_is_detected_and_evictable(stored, case):
     values, key, path = stored
     damage, reason = _damage_cases()[case]
     path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(CorruptEntryError, match=reason) as info:
-        values.load(key)
-    assert info.value.key == key and info.value.location == str(path)
-    assert key in str(info.value) and str(path) in str(info.value)
-    assert values.contains(key)
-    values.evict(key)
-    assert not values.contains(key)
+    assert_corrupt_entry_is_reported_and_evictable(values, key, path, reason)
     assert values.save({"payload": list(range(100))}, key) == key
     assert values.load(key) == {"payload": list(range(100))}
 

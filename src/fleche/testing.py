@@ -25,7 +25,28 @@ from .call import Call, DigestedCall, QueryCall
 from .digest import Digest, digest
 from .storage.base import AmbiguousDigestError, KeyManagement
 
-__all__ = ["CallStorageTests", "StorageTests", "ValueStorageTests"]
+__all__ = [
+    "CallStorageTests",
+    "StorageTests",
+    "ValueStorageTests",
+    "assert_corrupt_entry_is_reported_and_evictable",
+]
+
+
+def assert_corrupt_entry_is_reported_and_evictable(
+    storage: Any, key: Digest, location: Any, reason: str
+) -> None:
+    """A damaged entry: ``load`` raises ``CorruptEntryError`` naming key, location and
+    ``reason`` (a regex); the entry still counts as stored, and ``evict`` removes it."""
+    from .errors import CorruptEntryError
+
+    with pytest.raises(CorruptEntryError, match=reason) as info:
+        storage.load(key)
+    assert info.value.key == key and info.value.location == str(location)
+    assert key in str(info.value) and str(location) in str(info.value)
+    assert storage.contains(key)
+    storage.evict(key)
+    assert not storage.contains(key)
 
 
 def _sample_function(x: Any, y: Any = 0) -> Any:
