@@ -163,3 +163,14 @@ def test_caches_pickle():
     for c in (cache, CacheStack([memory_cache(), cache]), ReadOnlyCache(cache)):
         copy = pickle.loads(pickle.dumps(c))
         assert copy.load_result(key) == "q"
+
+
+def test_contains_many_through_caches_and_stacks():
+    fast, slow = memory_cache(), memory_cache()
+    in_fast = fast.save(record(1, "a"))
+    in_slow = slow.save(record(2, "b"))
+    missing = record(3, None).to_lookup_key()
+    stack = CacheStack([fast, slow], write_through=False)
+    assert fast.contains_many([in_fast, in_slow, missing]) == {in_fast}
+    assert stack.contains_many([in_fast, in_slow[:8], missing]) == {in_fast, in_slow}
+    assert ReadOnlyCache(slow).contains_many([in_slow, missing]) == {in_slow}

@@ -68,6 +68,19 @@ class BaseCache(OperationContext):
     def contains(self, key: Digest | str) -> bool:
         """Whether a call record is stored under ``key``."""
 
+    def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
+        """The full keys of those among ``keys`` whose call records are stored (a snapshot).
+
+        Note for implementers: this default asks :meth:`contains` and :meth:`expand` key by key;
+        caches over storages that answer in one query override it.
+        """
+        found: set[Digest] = set()
+        for key in keys:
+            with contextlib.suppress(KeyError):
+                if self.contains(key):
+                    found.add(self.expand(key))
+        return found
+
     @abc.abstractmethod
     def evict(self, key: Digest | str) -> None:
         """Remove the call record under ``key`` (values stay until :meth:`gc`)."""
@@ -231,6 +244,10 @@ class Cache(BaseCache):
     def contains(self, key: Digest | str) -> bool:
         return self.calls.contains(key)
 
+    def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
+        """The stored ones among ``keys``: one batch question to the call storage."""
+        return self.calls.contains_many(keys)
+
     def evict(self, key: Digest | str) -> None:
         key = self.calls._normalize_key(key)
         with self._operation_context(key):
@@ -370,6 +387,15 @@ class CacheStack(BaseCache):
     def contains(self, key: Digest | str) -> bool:
         return any(layer.contains(key) for layer in self.layers)
 
+    def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
+        """Keys stored in any layer: one batch question per layer, for what the layers above
+        did not have."""
+        wanted = list(keys)
+        found: set[Digest] = set()
+        for layer in self.layers:
+            found |= layer.contains_many(k for k in wanted if k not in found)
+        return found
+
     def evict(self, key: Digest | str) -> None:
         """Evict from every layer that has the call; ``KeyError`` if none had it."""
         found = False
@@ -441,6 +467,9 @@ class CacheWrapper(BaseCache):
 
     def contains(self, key: Digest | str) -> bool:
         return self.cache.contains(key)
+
+    def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
+        return self.cache.contains_many(keys)
 
     def evict(self, key: Digest | str) -> None:
         self.cache.evict(key)

@@ -127,6 +127,14 @@ class StorageTests:
             storage.load(12345)
 
     @pytest.mark.persistent
+    def test_contains_many(self, storage: Any) -> None:
+        keys = [self.save(storage, self.item(i)) for i in range(3)]
+        missing = self.key_of(self.item(99))
+        asked = [keys[0], keys[1][:8], missing, "0000ffff", keys[2]]
+        assert storage.contains_many(asked) == set(keys)
+        assert storage.contains_many([]) == set()
+
+    @pytest.mark.persistent
     def test_short_digests(self, storage: Any) -> None:
         keys = [self.save(storage, self.item(i)) for i in range(20)]
         shorts = storage.shrink(*keys)

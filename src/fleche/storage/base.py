@@ -155,6 +155,23 @@ class KeyManagement(OperationContext):
         with self._operation_context(key, intent=Intent.READ):
             return self._contains(key)
 
+    def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
+        """The full keys of those among ``keys`` (full or short) that are stored.
+
+        A snapshot, like :meth:`contains`; a short key no stored key starts with is left out.
+        Note for implementers: this default asks :meth:`contains` key by key; a backend that can
+        answer for many keys at once (one SQL query, one listing) overrides it.
+        """
+        found: set[Digest] = set()
+        for key in keys:
+            try:
+                full = self._normalize_key(key)
+            except KeyError:
+                continue
+            if self.contains(full):
+                found.add(full)
+        return found
+
     def expand(self, key: Digest | str) -> Digest:
         """Expands a short-hand digest to the full length one.
 

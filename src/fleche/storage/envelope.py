@@ -1,0 +1,198 @@
+"""The envelope every stored payload travels in: a checked header and an optional signature.
+
+One format for every backend (pickle files, HDF5 user blocks, SQL BLOBs, objects), so every
+store detects damage and tampering the same way::
+
+    magic 4 bytes | version u8 | flags u8 | reserved u16 | payload length u64 | checksum 16 bytes
+    [HMAC-SHA256 32 bytes, when flags has SIGNED] | payload
+
+The checksum (BLAKE2b-128) covers the header's first 16 bytes, the HMAC and the payload, so a
+torn, truncated or bit-flipped entry is detected before anything in it is unpickled. The HMAC
+covers the entry's key, the header's first 16 bytes and the payload, so a signed entry cannot be
+altered, or moved to another key, without the secret. Each backend has its own ``magic``, so an
+entry of one kind is never read as another.
+
+Secret keys come from a storage's ``secret_key`` setting or from ``FLECHE_SECRET_KEY``
+(comma-separated): entries are signed with the first key and accepted with any, so keys can be
+rotated.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import CorruptEntryError, SignatureError
+
+__all__ = [
+    "SECRET_KEY_ENV",
+    "SIGNED",
+    "Envelope",
+    "as_secrets",
+    "environment_secrets",
+]
+
+SECRET_KEY_ENV = "FLECHE_SECRET_KEY"
+"""Environment variable with comma-separated secret keys, used where ``secret_key`` is not set."""
+
+SIGNED = 0x01
+"""Flag bit: the entry carries an HMAC. Other bits are the backend's own (see ``Envelope``)."""
+
+_HEADER = struct.Struct(">4sBBHQ16s")
+_PREFIX = 16  # magic, version, flags, reserved, length: the part the checksum and HMAC cover
+_MAC_SIZE = 32
+
+HEADER_SIZE = _HEADER.size
+"""Bytes of an envelope header without its HMAC."""
+
+
+def as_secrets(value: bytes | str | Sequence[bytes | str] | None) -> tuple[bytes, ...]:
+    """A ``secret_key`` setting as a tuple of byte strings (empty when unset)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    out = tuple(v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value)
+    if not all(out):
+        raise ValueError("secret keys must not be empty")
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_environment(text: str) -> tuple[bytes, ...]:
+    return tuple(part.strip().encode("utf-8") for part in text.split(",") if part.strip())
+
+
+def environment_secrets() -> tuple[bytes, ...]:
+    """The keys ``FLECHE_SECRET_KEY`` holds now (empty when unset)."""
+    text = os.environ.get(SECRET_KEY_ENV)
+    return _parse_environment(text) if text else ()
+
+
+def _checksum(prefix: bytes, mac: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(prefix, digest_size=16)
+    h.update(mac)
+    h.update(payload)
+    return h.digest()
+
+
+def _mac(secret: bytes, key: str, prefix: bytes, payload: bytes | memoryview) -> bytes:
+    m = hmac.new(secret, b"fleche-entry\0" + key.encode("ascii") + b"\0", hashlib.sha256)
+    m.update(prefix)
+    m.update(payload)
+    return m.digest()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The envelope format of one kind of entry, named by its 4-byte ``magic``.
+
+    ``flags`` bits other than :data:`SIGNED` are the backend's (say, which serializer wrote the
+    payload); the envelope carries and checks them but gives them no meaning. Pure functions of
+    their inputs: thread- and process-safe.
+    """
+
+    magic: bytes
+    version: int = 1
+    what: str = "fleche entry"
+    """How errors name this kind of entry ("pickle entry", "inline values")."""
+
+    def __post_init__(self) -> None:
+        if len(self.magic) != 4:
+            raise ValueError(f"an envelope magic has 4 bytes, got {self.magic!r}")
+
+    def header(
+        self, payload: bytes | memoryview, key: str, secrets: Sequence[bytes] = (), flags: int = 0
+    ) -> bytes:
+        """The header (and HMAC, signed with ``secrets[0]`` if any) that goes before
+        ``payload``; for backends that keep the header apart from the payload."""
+        flags = (flags & ~SIGNED) | (SIGNED if secrets else 0)
+        prefix = _HEADER.pack(self.magic, self.version, flags, 0, len(payload), b"")[:_PREFIX]
+        mac = _mac(secrets[0], key, prefix, payload) if secrets else b""
+        return b"".join((prefix, _checksum(prefix, mac, payload), mac))
+
+    def seal(
+        self, payload: bytes | memoryview, key: str, secrets: Sequence[bytes] = (), flags: int = 0
+    ) -> bytes:
+        """``payload`` in its envelope: header, HMAC if signed, payload."""
+        return self.header(payload, key, secrets, flags) + bytes(payload)
+
+    def header_size(self, data: bytes | memoryview) -> int:
+        """How many bytes of ``data`` (which starts with a header) the header and HMAC take."""
+        if len(data) < _HEADER.size:
+            return _HEADER.size
+        flags = data[5]
+        return _HEADER.size + (_MAC_SIZE if flags & SIGNED else 0)
+
+    def open(
+        self,
+        data: bytes | memoryview,
+        key: str,
+        location: str,
+        secrets: Sequence[bytes] = (),
+    ) -> tuple[int, memoryview]:
+        """Check the whole entry ``data`` and return its flags and payload.
+
+        Raises :class:`~fleche.errors.CorruptEntryError` for a torn, truncated, bit-flipped or
+        foreign entry and :class:`~fleche.errors.SignatureError` when ``secrets`` are given and
+        the entry is unsigned or signed with none of them. Nothing is interpreted before that.
+        """
+        view = memoryview(data)
+        end = self.header_size(view)
+        return self.check(view[:end], view[end:], key, location, secrets), view[end:]
+
+    def check(
+        self,
+        header: bytes | memoryview,
+        payload: bytes | memoryview,
+        key: str,
+        location: str,
+        secrets: Sequence[bytes] = (),
+    ) -> int:
+        """Check ``payload`` against its ``header`` (as :meth:`header` made it); return the flags.
+
+        Raises as :meth:`open` does.
+        """
+        header = bytes(header)
+        if len(header) < _HEADER.size:
+            raise CorruptEntryError(
+                key, location,
+                f"truncated: {len(header) + len(payload)} bytes, shorter than the "
+                f"{_HEADER.size}-byte header",
+            )
+        magic, version, flags, _, length, checksum = _HEADER.unpack_from(header)
+        if magic != self.magic:
+            raise CorruptEntryError(key, location, f"not a {self.what} (magic {magic!r})")
+        if version != self.version:
+            raise CorruptEntryError(
+                key, location,
+                f"format version {version} is not one this fleche reads ({self.version})",
+            )
+        mac_end = _HEADER.size + (_MAC_SIZE if flags & SIGNED else 0)
+        if len(header) != mac_end or len(payload) != length:
+            raise CorruptEntryError(
+                key, location,
+                f"torn entry: {len(header) + len(payload)} bytes where the header announces "
+                f"{mac_end + length}",
+            )
+        prefix, mac = header[:_PREFIX], header[_HEADER.size:mac_end]
+        if not hmac.compare_digest(_checksum(prefix, mac, payload), checksum):
+            raise CorruptEntryError(key, location, "checksum mismatch: the entry is torn or bit-flipped")
+        if secrets:
+            if not flags & SIGNED:
+                raise SignatureError(
+                    key, location, "unsigned entry refused: this storage has a secret key"
+                )
+            if not any(hmac.compare_digest(_mac(s, key, prefix, payload), mac) for s in secrets):
+                raise SignatureError(
+                    key, location,
+                    f"signature matches none of the storage's {len(secrets)} secret key(s): "
+                    "tampered, moved from another key, or signed with another key",
+                )
+        return flags
+
