@@ -1,13 +1,83 @@
-"""Caches: save and load whole calls, stacks, read-only views, transfer and gc."""
+"""Caches: save and load whole calls, stacks, read-only views, transfer and gc.
+
+Every cache runs the shared contract (:class:`fleche.testing.CacheTests`) over memory storages
+and over real pickle files (where entries can be damaged).
+"""
 
 import pickle
 
 import pytest
 
-from fleche.caches import Cache, CacheStack, ReadOnlyCache, ReadOnlyError, memory_cache
+from fleche.caches import (
+    Cache,
+    CacheStack,
+    CacheWrapper,
+    ReadOnlyCache,
+    ReadOnlyError,
+    memory_cache,
+)
 from fleche.call import Call, QueryCall
 from fleche.digest import digest
-from fleche.storage import CallMemory, ValueMemory
+from fleche.storage import CallMemory, CallPickleFile, ValueMemory, ValuePickleFile
+from fleche.testing import CacheTests
+from tests_support import RacedValueMemory, RecordingCache, RecordingValueMemory
+
+
+class OnPickleFiles:
+    """A contract variant whose store is real pickle files, shared with other processes."""
+
+    def make_store(self, tmp_path):
+        return Cache(
+            ValuePickleFile(root=tmp_path / "values", lock_timeout=30),
+            CallPickleFile(root=tmp_path / "calls", lock_timeout=30),
+        )
+
+
+class TestCache(CacheTests):
+    def wrap(self, store):
+        return store
+
+
+class TestCacheOnPickleFiles(OnPickleFiles, TestCache):
+    pass
+
+
+class TestCacheStack(CacheTests):
+    def wrap(self, store):
+        return CacheStack([memory_cache(), store])
+
+
+class TestCacheStackOnPickleFiles(OnPickleFiles, TestCacheStack):
+    pass
+
+
+class TestCacheWrapper(CacheTests):
+    def wrap(self, store):
+        return CacheWrapper(store)
+
+
+class TestCacheWrapperOnPickleFiles(OnPickleFiles, TestCacheWrapper):
+    pass
+
+
+class TestReadOnlyCache(CacheTests):
+    writable = False
+
+    def wrap(self, store):
+        return ReadOnlyCache(store)
+
+
+class TestReadOnlyCacheOnPickleFiles(OnPickleFiles, TestReadOnlyCache):
+    pass
+
+
+class TestReadOnlyStack(CacheTests):
+    """A stack of read-only layers refuses writes as a whole."""
+
+    writable = False
+
+    def wrap(self, store):
+        return CacheStack([ReadOnlyCache(memory_cache()), ReadOnlyCache(store)])
 
 
 def record(x, result, name="f"):
@@ -111,7 +181,43 @@ def test_gc_removes_only_unreachable_values():
     assert set(cache.values.list()) == before - garbage
     assert cache.load(keep).result == {"out": shared}
     assert cache.load(keep).arguments["x"] == shared
-    assert cache.gc() == []
+    assert cache.gc() == set()
+
+
+def test_gc_reports_only_what_it_evicted():
+    """A value another process evicts between gc's listing and its eviction is not reported."""
+    values = RacedValueMemory()
+    cache = Cache(values, CallMemory())
+    cache.save(record("kept", "result"))
+    orphans = {values.save("orphan one"), values.save("orphan two")}
+    assert cache.gc(dry_run=True) == orphans  # what it would evict
+    object.__setattr__(values, "victim", digest("orphan one"))
+    assert cache.gc() == {digest("orphan two")}
+    assert set(values.list()) == {digest("kept"), digest("result")}
+
+
+def test_cache_operations_enter_the_operation_context():
+    """contains, expand and shrink run inside the cache's and the storage's operation context."""
+    values = RecordingValueMemory()
+    cache = RecordingCache(values, CallMemory())
+    key = cache.save(record(1, 2))
+    for operation in (cache.contains, cache.expand, cache.shrink):
+        cache.entered.clear()
+        operation(key[:8] if operation is cache.expand else key)
+        assert cache.entered, operation.__name__
+    stored = values.save("x")
+    values.entered.clear()
+    assert values.shrink(stored) == stored[:4]
+    assert values.entered == [(stored, "read")]
+
+
+def test_shrink_of_a_key_no_layer_holds():
+    fast, slow = memory_cache(), memory_cache()
+    stored = slow.save(record(1, 1))
+    for cache in (slow, CacheStack([fast, slow])):
+        assert cache.shrink(stored) == stored[:4]
+        with pytest.raises(KeyError):
+            cache.shrink(record(2, 2).to_lookup_key())
 
 
 def test_cache_stack_back_fills_and_writes_through():

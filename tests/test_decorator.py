@@ -274,3 +274,31 @@ def test_corrupt_entry_is_a_miss_that_gets_overwritten(tmp_path):
         assert compute(1) == [1, 1]
     assert runs == [1, 1]
     assert compute(1) == [1, 1] and runs == [1, 1]  # repaired: a hit again
+
+
+class Resource:
+    """An argument with a digest (its name) that cannot be pickled (it holds a lock)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.lock = threading.Lock()
+
+    def __digest__(self):
+        return self.name
+
+
+def test_an_unstorable_argument_is_named_in_the_warning(tmp_path):
+    from fleche.storage import CallPickleFile, ValuePickleFile
+
+    cache = Cache(ValuePickleFile(root=tmp_path / "v"), CallPickleFile(root=tmp_path / "c"))
+
+    @fleche(cache=cache)
+    def use(resource, n):
+        return n + 1
+
+    with pytest.warns(FlecheWarning) as warned:
+        assert use(Resource("db"), 2) == 3
+    (message,) = [str(w.message) for w in warned]
+    assert "argument 'resource'" in message and "Resource" in message
+    assert "result" not in message
+    assert list(cache.calls.list()) == []

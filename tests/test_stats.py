@@ -6,7 +6,20 @@ import threading
 import pytest
 
 from fleche import fleche, memory_cache
+from fleche.caches import Cache
 from fleche.stats import BYTES_WRITTEN, Counters, StatsCache
+from fleche.storage import CallPickleFile, ValuePickleFile
+from fleche.testing import CacheTests
+
+
+class TestStatsCache(CacheTests):
+    def wrap(self, store):
+        return StatsCache(store)
+
+
+class TestStatsCacheOnPickleFiles(TestStatsCache):
+    def make_store(self, tmp_path):
+        return Cache(ValuePickleFile(root=tmp_path / "values"), CallPickleFile(root=tmp_path / "calls"))
 
 
 def test_counts_hits_misses_and_saves():
@@ -21,8 +34,9 @@ def test_counts_hits_misses_and_saves():
     counts = stats.stats()
     assert (counts["hits"], counts["misses"], counts["saves"]) == (2, 3, 3)
     assert counts["load_seconds"] > 0 and counts["save_seconds"] > 0
-    assert stats.values is stats.cache.values  # other attributes come from the wrapped cache
     assert stats.writable
+    with pytest.raises(AttributeError):
+        stats.values  # the wrapper forwards the declared cache operations, nothing else
 
 
 def test_failed_saves_count_as_errors():

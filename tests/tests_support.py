@@ -1,8 +1,11 @@
-"""Storage classes the tests compose from the public mixins."""
+"""Storage and cache classes the tests compose from the public mixins."""
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
-from fleche.storage import CallMemory, SerializingMixin, ValueMemory
+from fleche.caches import Cache
+from fleche.storage import CallMemory, Intent, OperationContext, SerializingMixin, ValueMemory
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,49 @@ class PickledValueMemory(ValueMemory):
 
     def get(self, key: Digest) -> Any:
         return pickle.loads(super().get(key))
+
+    __hash__ = ValueMemory.__hash__
+    __eq__ = ValueMemory.__eq__
+
+
+@dataclass(frozen=True)
+class RecordingMixin(OperationContext):
+    """Records every operation context entered, as ``(key, intent)``."""
+
+    entered: list = field(default_factory=list, compare=False, repr=False)
+
+    @contextlib.contextmanager
+    def _operation_context(self, key, *, intent=Intent.WRITE) -> Iterator[None]:
+        self.entered.append((key, str(intent)))
+        with super()._operation_context(key, intent=intent):
+            yield
+
+
+@dataclass(frozen=True)
+class RecordingCache(RecordingMixin, Cache):
+    """A cache recording the operation contexts it enters."""
+
+
+@dataclass(frozen=True)
+class RecordingValueMemory(RecordingMixin, ValueMemory):
+    """A value storage recording the operation contexts it enters."""
+
+    __hash__ = ValueMemory.__hash__
+    __eq__ = ValueMemory.__eq__
+
+
+@dataclass(frozen=True)
+class RacedValueMemory(ValueMemory):
+    """A value storage that another party races: right after a listing, ``victim`` (once set)
+    is evicted behind the lister's back, as another process's gc would."""
+
+    victim: Digest | None = None
+
+    def list(self) -> Iterable[Digest]:
+        keys = super().list()
+        if self.victim is not None and self.victim in self.storage:
+            del self.storage[self.victim]
+        return keys
 
     __hash__ = ValueMemory.__hash__
     __eq__ = ValueMemory.__eq__

@@ -23,8 +23,15 @@ from typing import Any
 
 from .call import Call, DigestedCall, LazyArguments, QueryCall
 from .digest import Digest
-from .errors import FlecheError
-from .storage.base import CallStorage, Intent, OperationContext, ValueStorage, _unique_match
+from .errors import FlecheError, SaveError
+from .storage.base import (
+    CallStorage,
+    Intent,
+    OperationContext,
+    ValueStorage,
+    _check_key_text,
+    _unique_match,
+)
 from .storage.memory import CallMemory, ValueMemory
 
 __all__ = [
@@ -45,28 +52,46 @@ class ReadOnlyError(FlecheError, PermissionError):
 class BaseCache(OperationContext):
     """The cache layer: stores whole calls (record plus values) and finds them again.
 
+    Every operation that the decorator, :mod:`fleche.dask`, :mod:`fleche.ray`, the CLI and
+    :mod:`fleche.verify` rely on is declared here, abstract or with a default that says what it
+    does; every wrapper forwards or refuses each one explicitly. :class:`ReadOnlyCache` refuses
+    the writes (``save``, ``evict``, ``discard``, ``locked``, ``gc``) with
+    :class:`ReadOnlyError`, and :attr:`writable` tells callers so beforehand.
+
     Keys are call lookup keys; wherever a key is taken, a unique prefix of at least four
-    characters works too.
+    characters works too. What an operation guarantees across threads and processes is what the
+    storages underneath guarantee (see :class:`Cache`).
     """
 
     writable: bool = True
     """Whether saves and evictions are allowed (the decorator skips saving when not)."""
 
     @abc.abstractmethod
-    def save(self, call: Call) -> Digest:
-        """Store the call with its argument and result values; return its lookup key."""
+    def save(self, call: Call, *, overwrite: bool = False) -> Digest:
+        """Store the call with its argument and result values; return its lookup key.
+
+        Values already stored are kept as they are unless ``overwrite``, which writes them
+        again (how the decorator repairs a corrupt entry). A reader in any thread or process
+        never finds the record without its values.
+        """
 
     @abc.abstractmethod
     def load(self, key: Digest | str) -> Call:
-        """The stored call with its values; ``KeyError`` if the record or a value is missing."""
+        """The stored call with its values; ``KeyError`` if the record or a value is missing,
+        ``CorruptEntryError`` if one is damaged. Never returns a partly written call."""
 
     @abc.abstractmethod
     def load_result(self, key: Digest | str) -> Any:
-        """Only the stored result of the call under ``key``; ``KeyError`` if absent."""
+        """Only the stored result of the call under ``key``: the decorator's lookup.
+
+        ``KeyError`` if absent, ``CorruptEntryError`` (naming the damaged entry's key) if the
+        record or the result is damaged. Safe while other threads and processes write.
+        """
 
     @abc.abstractmethod
     def contains(self, key: Digest | str) -> bool:
-        """Whether a call record is stored under ``key``."""
+        """Whether a call record is stored under ``key``: a snapshot that another thread or
+        process may change at once."""
 
     def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
         """The full keys of those among ``keys`` whose call records are stored (a snapshot).
@@ -83,26 +108,83 @@ class BaseCache(OperationContext):
 
     @abc.abstractmethod
     def evict(self, key: Digest | str) -> None:
-        """Remove the call record under ``key`` (values stay until :meth:`gc`)."""
+        """Remove the call record under ``key`` (values stay until :meth:`gc`); ``KeyError`` if
+        it is not stored. Atomic per key, like the call storage's ``evict``."""
+
+    @abc.abstractmethod
+    def discard(self, key: Digest | str) -> None:
+        """Remove the entry ``key``, a call record or a value, wherever this cache keeps it;
+        nothing if it is not there. How a corrupt entry is cleared before it is written again;
+        each removal is atomic, like the storages' ``evict``."""
 
     @abc.abstractmethod
     def expand(self, key: Digest | str) -> Digest:
-        """The full call key a unique prefix stands for."""
+        """The full call key a unique prefix stands for; ``KeyError`` if no stored key starts
+        with it, ``AmbiguousDigestError`` if several do (a snapshot)."""
 
     @abc.abstractmethod
     def list(self) -> Iterable[Digest]:
-        """Every stored call key (a snapshot)."""
+        """Every stored call key (a snapshot; calls may come and go while you iterate)."""
 
     @abc.abstractmethod
     def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
-        """Stored calls matching ``template`` and the given argument values, values loaded."""
+        """Stored calls matching ``template`` and the given argument values, values loaded;
+        calls saved or evicted meanwhile may or may not appear."""
+
+    @abc.abstractmethod
+    def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
+        """Hold the call key's lock for a compound section: the decorator's compute-once.
+
+        Yields the full key. Excludes the same key's writes and ``locked`` sections in other
+        threads and, where the storages lock across processes, in other processes; reentrant
+        for the holder, so the section may save the call itself. Raises ``LockTimeout`` after
+        the storages' ``lock_timeout``.
+        """
+
+    @abc.abstractmethod
+    def gc(self, dry_run: bool = False) -> set[Digest]:
+        """Remove the values no stored call needs and return the keys actually removed
+        (``dry_run``: the keys it would remove, removing nothing)."""
 
     def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
-        """Shortest unique prefixes of call keys (see ``KeyManagement.shrink``)."""
-        return self._calls_view().shrink(key, *keys)
+        """Shortest unique prefixes of stored call keys (see ``KeyManagement.shrink``).
 
-    def _calls_view(self) -> Any:
-        raise NotImplementedError
+        ``KeyError`` for a key that is not stored. A snapshot. Note for implementers: this
+        default lists every call (O(n)); caches over one call storage ask it instead.
+        """
+        full = [self.expand(k) for k in (key, *keys)]
+        return CallMemory(storage=dict.fromkeys(self.list())).shrink(full[0], *full[1:])
+
+    def transfer(
+        self, other: BaseCache, *, progress: Callable[[int, int], None] | None = None
+    ) -> int:
+        """Copy every call and its values into ``other``, skipping calls it already has.
+
+        Returns the number of calls copied. ``progress(done, total)`` is called after each call
+        looked at, copied or not. Safe to run while others use either cache; calls saved
+        meanwhile may or may not be copied. A corrupt entry raises ``CorruptEntryError`` and
+        stops the copy; what was copied stays, so running it again resumes. Built on
+        :meth:`list`, :meth:`load` and ``other``'s :meth:`contains` and :meth:`save`.
+        """
+        copied = 0
+        keys = list(self.list())
+        for done, key in enumerate(keys, 1):
+            if not other.contains(key):
+                try:
+                    other.save(self.load(key))
+                    copied += 1
+                except KeyError:
+                    pass  # evicted since listed, or a value of it is gone
+            if progress is not None:
+                progress(done, len(keys))
+        return copied
+
+    def close(self) -> None:
+        """Release what this cache holds open in this process (connections, file handles).
+
+        The cache stays usable: the next operation opens what it needs again. Note for
+        implementers: this default has nothing to close; caches over storages close them.
+        """
 
     @staticmethod
     def _template(template: QueryCall | None, arguments: dict[str, Any]) -> QueryCall:
@@ -154,7 +236,8 @@ class Cache(BaseCache):
     """A value storage and a call storage used together.
 
     Pickles as its two storages, so a cache can be shipped to worker processes; what it
-    guarantees across processes is what its storages guarantee.
+    guarantees across threads and processes is what its storages guarantee. Every operation
+    enters :meth:`_operation_context`, so the storage mixins attach to a cache too.
 
     >>> cache = Cache(ValueMemory(), CallMemory())
     >>> key = cache.save(Call("square", {"x": 3}, result=9))
@@ -174,8 +257,9 @@ class Cache(BaseCache):
 
         A reader in any thread or process never finds the record without its values. Values
         already stored are not written again (their key is their content) unless ``overwrite``,
-        which rewrites them, e.g. to repair a corrupt entry. If a value cannot be stored
-        (``SaveError``), the record is not written; values already written stay until :meth:`gc`.
+        which rewrites them, e.g. to repair a corrupt entry. If a value cannot be stored, the
+        record is not written and ``SaveError`` names the argument (or the result) it was;
+        values already written stay until :meth:`gc`.
         """
         record = call.digest()
         key = record.to_lookup_key()
@@ -184,13 +268,16 @@ class Cache(BaseCache):
         arguments = call.arguments
         with self._operation_context(key):
             for name, value_key in record.arguments.items():
-                self._store_value(lambda n=name: arguments[n], value_key, limit, inline, overwrite)
-            self._store_value(lambda: call.result, record.result, limit, inline, overwrite)
+                self._store_value(
+                    f"argument {name!r}", lambda n=name: arguments[n], value_key, limit, inline,
+                    overwrite,
+                )
+            self._store_value("result", lambda: call.result, record.result, limit, inline, overwrite)
             self.calls.save(record.replace(inline=inline or None) if inline else record)
         return key
 
     def _store_value(
-        self, get: Any, key: Digest, limit: int, inline: dict, overwrite: bool
+        self, what: str, get: Any, key: Digest, limit: int, inline: dict, overwrite: bool
     ) -> None:
         if key in inline:
             return
@@ -198,19 +285,29 @@ class Cache(BaseCache):
         if limit and _fits(value, limit) is not None:
             inline[key] = value
         elif overwrite or not self.values.contains(key):
-            self.values.save(value, key)
+            try:
+                self.values.save(value, key)
+            except SaveError as e:
+                kind = type(value)
+                raise SaveError(
+                    f"the {what} (a {kind.__module__}.{kind.__qualname__}) cannot be stored: {e}"
+                ) from e
 
-    def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
+    @contextlib.contextmanager
+    def locked(self, key: Digest | str) -> Iterator[Digest]:
         """Hold the call key's lock in the call storage (see ``KeyManagement.locked``): the
         compute-once section of the decorator. Saving the same call inside it is allowed."""
-        return self.calls.locked(key)
+        key = self.calls._normalize_key(key)
+        with self._operation_context(key), self.calls.locked(key) as full:
+            yield full
 
     def discard(self, key: Digest | str) -> None:
         """Remove the entry ``key`` from whichever storage holds it (a call record or a value);
         used to clear a corrupt entry. Does nothing if neither has it."""
-        for storage in (self.calls, self.values):
-            with contextlib.suppress(KeyError):
-                storage.evict(key)
+        with self._operation_context(key):
+            for storage in (self.calls, self.values):
+                with contextlib.suppress(KeyError):
+                    storage.evict(key)
 
     def load(self, key: Digest | str) -> Call:
         """The stored call: result loaded now, arguments loaded on first access."""
@@ -242,7 +339,12 @@ class Cache(BaseCache):
             return record.value(record.result, self.values.load)
 
     def contains(self, key: Digest | str) -> bool:
-        return self.calls.contains(key)
+        try:
+            key = self.calls._normalize_key(key)
+        except KeyError:
+            return False
+        with self._operation_context(key, intent=Intent.READ):
+            return self.calls.contains(key)
 
     def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
         """The stored ones among ``keys``: one batch question to the call storage."""
@@ -254,13 +356,19 @@ class Cache(BaseCache):
             self.calls.evict(key)
 
     def expand(self, key: Digest | str) -> Digest:
-        return self.calls.expand(key)
+        text = _check_key_text(key)
+        with self._operation_context(text, intent=Intent.READ):
+            return self.calls.expand(text)
 
     def list(self) -> Iterable[Digest]:
         return self.calls.list()
 
-    def _calls_view(self) -> CallStorage:
-        return self.calls
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
+        """Shortest unique prefixes of stored call keys, from the call storage (``KeyError`` for
+        a key it does not hold)."""
+        full = [self.calls._normalize_key(k) for k in (key, *keys)]
+        with self._operation_context(full[0], intent=Intent.READ):
+            return self.calls.shrink(full[0], *full[1:])
 
     def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
         """Stored calls matching the template, arguments loaded lazily. O(n) for storages that
@@ -271,65 +379,52 @@ class Cache(BaseCache):
             except KeyError:
                 continue  # result value gone (evicted or gc'd concurrently)
 
-    def transfer(
-        self, other: BaseCache, *, progress: Callable[[int, int], None] | None = None
-    ) -> int:
-        """Copy every call and its values into ``other``, skipping calls it already has.
+    def gc(self, dry_run: bool = False) -> set[Digest]:
+        """Remove values that no stored call refers to, directly or as a part; return the keys
+        it removed (``dry_run``: those it would remove).
 
-        Returns the number of calls copied. ``progress(done, total)`` is called after each call
-        looked at, copied or not. Safe to run while others use either cache; calls saved
-        meanwhile may or may not be copied. A corrupt entry raises ``CorruptEntryError`` and
-        stops the copy; what was copied stays, so running it again resumes.
-        """
-        copied = 0
-        keys = list(self.calls.list())
-        for done, key in enumerate(keys, 1):
-            if not other.contains(key):
-                try:
-                    other.save(self.load(key))
-                    copied += 1
-                except KeyError:
-                    pass
-            if progress is not None:
-                progress(done, len(keys))
-        return copied
-
-    def gc(self, dry_run: bool = False) -> list[Digest]:
-        """Remove values that no stored call refers to, directly or as a part; return their keys.
-
-        File storages also lose temporary files that writers killed mid-write left behind
-        (older than an hour). Lists the values first and the calls after, so a value is kept if
-        any call stored before gc finished reading the calls needs it. A call being saved while gc runs may lose
-        a value it just wrote; it then reads as a miss and is recomputed. O(calls + values).
+        A value that another process removed first (a concurrent gc) is not reported. File
+        storages also lose temporary files that writers killed mid-write left behind (older
+        than an hour). Lists the values first and the calls after, so a value is kept if any
+        call stored before gc finished reading the calls needs it. A call being saved while gc
+        runs may lose a value it just wrote; it then reads as a miss and is recomputed. A
+        damaged value raises ``CorruptEntryError`` (its parts cannot be known): run
+        ``fleche verify --repair`` first. O(calls + values).
         """
         candidates = set(self.values.list())
         reachable: set[Digest] = set()
         pending = [d for key in list(self.calls.list()) for d in self._record_values(key)]
-        children = getattr(self.values, "child_digests", None)
         while pending:
             key = pending.pop()
             if key in reachable:
                 continue
             reachable.add(key)
-            if children is not None:
-                with contextlib.suppress(KeyError):
-                    pending.extend(children(key))
-        garbage = sorted(candidates - reachable)
-        if not dry_run:
-            for key in garbage:
-                with contextlib.suppress(KeyError):
-                    self.values.evict(key)
-            for storage in (self.values, self.calls):
-                sweep = getattr(storage, "sweep", None)  # file storages: writers' leftovers
-                if sweep is not None:
-                    sweep()
-        return garbage
+            with contextlib.suppress(KeyError):
+                pending.extend(self.values.child_digests(key))
+        garbage = candidates - reachable
+        if dry_run:
+            return garbage
+        evicted: set[Digest] = set()
+        for key in garbage:
+            try:
+                self.values.evict(key)
+            except KeyError:
+                continue  # removed meanwhile by someone else
+            evicted.add(key)
+        self.values.sweep()
+        self.calls.sweep()
+        return evicted
 
     def _record_values(self, key: Digest) -> list[Digest]:
         try:
             return _values_of(self.calls.load(key))
         except KeyError:
             return []
+
+    def close(self) -> None:
+        """Close both storages (see ``KeyManagement.close``); the cache stays usable."""
+        self.values.close()
+        self.calls.close()
 
 
 def memory_cache() -> Cache:
@@ -342,9 +437,12 @@ class CacheStack(BaseCache):
     """Caches tried in order: reads fall through, hits are copied back up.
 
     ``layers[0]`` is the fastest. A read tries each layer in order and saves a hit found in a
-    lower layer into every layer above it. A save goes to the first layer and, with
-    ``write_through=True`` (the default), to every other layer too; with ``write_through=False``
-    lower layers only receive what :meth:`flush` copies down.
+    lower layer into every writable layer above it; a damaged entry in a layer raises
+    ``CorruptEntryError`` rather than falling through, so the decorator repairs it. A save goes
+    to the first layer and, with ``write_through=True`` (the default), to every other writable
+    layer too; with ``write_through=False`` lower layers only receive what :meth:`flush` copies
+    down. Writes (``evict``, ``discard``, ``locked``, ``gc``) act on every writable layer and
+    raise :class:`ReadOnlyError` when there is none. Guarantees are those of the layers.
     """
 
     layers: Sequence[BaseCache]
@@ -355,11 +453,22 @@ class CacheStack(BaseCache):
             raise ValueError("a CacheStack needs at least one layer")
         object.__setattr__(self, "layers", tuple(self.layers))
 
-    def save(self, call: Call) -> Digest:
+    @property
+    def writable(self) -> bool:  # type: ignore[override]
+        """Whether any layer accepts writes."""
+        return any(layer.writable for layer in self.layers)
+
+    def _writable_layers(self, what: str) -> list[BaseCache]:
+        layers = [layer for layer in self.layers if layer.writable]
+        if not layers:
+            raise ReadOnlyError(f"cannot {what}: no layer of this CacheStack is writable (read-only)")
+        return layers
+
+    def save(self, call: Call, *, overwrite: bool = False) -> Digest:
         targets = self.layers if self.write_through else self.layers[:1]
-        keys = [layer.save(call) for layer in targets if layer.writable]
+        keys = [layer.save(call, overwrite=overwrite) for layer in targets if layer.writable]
         if not keys:
-            raise ReadOnlyError("no layer of this CacheStack accepts writes")
+            raise ReadOnlyError("cannot save: no layer of this CacheStack accepts it (read-only)")
         return keys[0]
 
     def _find(self, key: Digest | str) -> tuple[int, Call]:
@@ -397,9 +506,9 @@ class CacheStack(BaseCache):
         return found
 
     def evict(self, key: Digest | str) -> None:
-        """Evict from every layer that has the call; ``KeyError`` if none had it."""
+        """Evict from every writable layer that has the call; ``KeyError`` if none had it."""
         found = False
-        for layer in self.layers:
+        for layer in self._writable_layers(f"evict {key}"):
             try:
                 layer.evict(key)
                 found = True
@@ -407,6 +516,21 @@ class CacheStack(BaseCache):
                 continue
         if not found:
             raise KeyError(f"no call stored under {key} in any layer")
+
+    def discard(self, key: Digest | str) -> None:
+        """Discard the entry from every writable layer (see :meth:`BaseCache.discard`)."""
+        for layer in self._writable_layers(f"discard {key}"):
+            layer.discard(key)
+
+    @contextlib.contextmanager
+    def locked(self, key: Digest | str) -> Iterator[Digest]:
+        """Hold the key's lock in every writable layer, taken top to bottom (the same order in
+        every thread and process, so two holders never wait for each other crosswise)."""
+        with contextlib.ExitStack() as stack:
+            full = [stack.enter_context(layer.locked(key)) for layer in self._writable_layers(
+                f"lock {key}"
+            )]
+            yield full[0]
 
     def expand(self, key: Digest | str) -> Digest:
         matches = set()
@@ -421,10 +545,6 @@ class CacheStack(BaseCache):
             seen.update(dict.fromkeys(layer.list()))
         return list(seen)
 
-    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
-        view = CallMemory(storage=dict.fromkeys(self.list()))
-        return view.shrink(self.expand(key), *(self.expand(k) for k in keys))
-
     def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
         seen = set()
         for layer in self.layers:
@@ -434,20 +554,32 @@ class CacheStack(BaseCache):
                     seen.add(key)
                     yield call
 
+    def gc(self, dry_run: bool = False) -> set[Digest]:
+        """Collect garbage in every writable layer; the union of the keys each removed."""
+        removed: set[Digest] = set()
+        for layer in self._writable_layers("collect garbage"):
+            removed |= layer.gc(dry_run=dry_run)
+        return removed
+
+    def close(self) -> None:
+        """Close every layer."""
+        for layer in self.layers:
+            layer.close()
+
     def flush(self) -> int:
-        """Copy what the first layer has into every lower layer; return the number copied."""
+        """Copy what the first layer has into every lower writable layer; return the number
+        copied."""
         first = self.layers[0]
-        if not isinstance(first, Cache):
-            raise TypeError("flush needs a Cache as the first layer")
         return sum(first.transfer(layer) for layer in self.layers[1:] if layer.writable)
 
 
 @dataclass(frozen=True)
 class CacheWrapper(BaseCache):
-    """Forwards every operation to ``cache``; subclasses override what they change.
+    """Forwards every operation :class:`BaseCache` declares to ``cache``; subclasses override
+    what they change.
 
-    Attributes the wrapper does not define (``values``, ``calls``, ``gc``, ``transfer``...) are
-    looked up on the wrapped cache.
+    Only the declared operations are forwarded: the wrapped cache's own attributes (a
+    :class:`Cache`'s ``values`` and ``calls``) are reached through ``wrapper.cache``.
     """
 
     cache: BaseCache
@@ -456,8 +588,8 @@ class CacheWrapper(BaseCache):
     def writable(self) -> bool:  # type: ignore[override]
         return self.cache.writable
 
-    def save(self, call: Call) -> Digest:
-        return self.cache.save(call)
+    def save(self, call: Call, *, overwrite: bool = False) -> Digest:
+        return self.cache.save(call, overwrite=overwrite)
 
     def load(self, key: Digest | str) -> Call:
         return self.cache.load(key)
@@ -474,6 +606,9 @@ class CacheWrapper(BaseCache):
     def evict(self, key: Digest | str) -> None:
         self.cache.evict(key)
 
+    def discard(self, key: Digest | str) -> None:
+        self.cache.discard(key)
+
     def expand(self, key: Digest | str) -> Digest:
         return self.cache.expand(key)
 
@@ -486,15 +621,27 @@ class CacheWrapper(BaseCache):
     def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
         return self.cache.query(template, **arguments)
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name == "cache":  # not during unpickling, not private
-            raise AttributeError(name)
-        return getattr(self.cache, name)
+    def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
+        return self.cache.locked(key)
+
+    def gc(self, dry_run: bool = False) -> set[Digest]:
+        return self.cache.gc(dry_run=dry_run)
+
+    def transfer(
+        self, other: BaseCache, *, progress: Callable[[int, int], None] | None = None
+    ) -> int:
+        return self.cache.transfer(other, progress=progress)
+
+    def close(self) -> None:
+        self.cache.close()
 
 
 @dataclass(frozen=True)
 class ReadOnlyCache(CacheWrapper):
-    """A view of ``cache`` that loads and queries but refuses to save, evict or collect."""
+    """A view of ``cache`` that loads, queries and copies out (``transfer``) but refuses every
+    write: ``save``, ``evict``, ``discard``, ``locked`` and ``gc`` (also a dry run) raise
+    :class:`ReadOnlyError`, and :attr:`writable` is false, so the decorator computes a miss (or
+    a corrupt entry) without saving and never waits for a lock."""
 
     @property
     def writable(self) -> bool:  # type: ignore[override]
@@ -503,14 +650,17 @@ class ReadOnlyCache(CacheWrapper):
     def _refuse(self, what: str) -> ReadOnlyError:
         return ReadOnlyError(f"cannot {what}: this cache is read-only ({self.cache!r})")
 
-    def save(self, call: Call) -> Digest:
+    def save(self, call: Call, *, overwrite: bool = False) -> Digest:
         raise self._refuse(f"save a call of {call.name}")
 
     def evict(self, key: Digest | str) -> None:
         raise self._refuse(f"evict {key}")
 
-    def gc(self, dry_run: bool = False) -> list[Digest]:
-        raise self._refuse("collect garbage")
+    def discard(self, key: Digest | str) -> None:
+        raise self._refuse(f"discard {key}")
 
-    def transfer(self, other: BaseCache, **options: Any) -> int:
-        return self.cache.transfer(other, **options)  # reads only from this cache
+    def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
+        raise self._refuse(f"lock {key} (its lock guards writes)")
+
+    def gc(self, dry_run: bool = False) -> set[Digest]:
+        raise self._refuse("collect garbage")

@@ -249,9 +249,8 @@ class _Cached:
             pass
         except CorruptEntryError as e:
             _warn(f"{self.func.__qualname__}: recomputing over a corrupt cache entry ({e})")
-            discard = getattr(cache, "discard", None)
-            if discard is not None and cache.writable:
-                discard(e.key)
+            if cache.writable:
+                cache.discard(e.key)
             overwrite = True
         if self.compute_once and cache.writable:
             return self._compute_once(cache, key, args, kwargs, arguments, digests, overwrite)
@@ -276,12 +275,9 @@ class _Cached:
     ) -> Any:
         # Single flight: hold the key's lock (across processes for file storages), look again,
         # and compute only if still missing. A waiter that times out computes itself.
-        locked = getattr(cache, "locked", None)
-        if locked is None:
-            return self._compute(cache, args, kwargs, arguments, digests, overwrite)
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(locked(key))
+                stack.enter_context(cache.locked(key))
             except LockTimeout as e:
                 _warn(f"{self.func.__qualname__}: computing without waiting longer ({e})")
                 return self._compute(cache, args, kwargs, arguments, digests, overwrite)
@@ -299,19 +295,13 @@ class _Cached:
         metadata = {"runtime": runtime_metadata(started, wall), "function": self.info}
         call = call.replace(result=result, metadata=metadata)
         try:
-            if overwrite:
-                cache.save(call, overwrite=True)
-            else:
-                cache.save(call)
-        except Indigestible as e:
+            cache.save(call, overwrite=overwrite)
+        except Indigestible as e:  # the arguments were digested already: it is the result
             _warn(f"{self.func.__qualname__}: result not cached, it has no digest: {e}")
         except LockTimeout as e:
             _warn(f"{self.func.__qualname__}: result not cached, its key stayed locked: {e}")
-        except SaveError as e:
-            _warn(
-                f"{self.func.__qualname__}: result of type {type(result).__qualname__} "
-                f"not cached: {e}"
-            )
+        except SaveError as e:  # says which argument or the result could not be stored
+            _warn(f"{self.func.__qualname__}: call not cached: {e}")
 
 
 def _attach(wrapper: Any, cached: _Cached) -> None:

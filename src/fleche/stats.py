@@ -21,7 +21,7 @@ __all__ = ["BYTES_WRITTEN", "Counters", "StatsCache"]
 
 @dataclass(frozen=True)
 class StatsCache(CacheWrapper):
-    """A cache that forwards everything to ``cache`` and counts it.
+    """A cache that forwards every operation to ``cache`` and counts lookups and saves.
 
     Counters: ``hits`` and ``misses`` of :meth:`load_result` (the decorator's lookup),
     ``saves``, ``load_seconds``, ``save_seconds``, ``errors`` (saves that raised), and
@@ -54,10 +54,10 @@ class StatsCache(CacheWrapper):
         self.counters.add("hits")
         return result
 
-    def save(self, call: Call) -> Digest:
+    def save(self, call: Call, *, overwrite: bool = False) -> Digest:
         t0 = time.perf_counter()
         try:
-            key = self.cache.save(call)
+            key = self.cache.save(call, overwrite=overwrite)
         except Exception:
             self.counters.add("errors")
             raise

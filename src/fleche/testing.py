@@ -1,4 +1,5 @@
-"""The storage contract, as pytest test classes every storage's tests subclass.
+"""The storage and cache contracts, as pytest test classes every storage's and cache's tests
+subclass.
 
 A storage's test module subclasses :class:`ValueStorageTests` or :class:`CallStorageTests` and
 implements ``make_storage(tmp_path)``; capability flags switch groups of tests on or off::
@@ -7,7 +8,16 @@ implements ``make_storage(tmp_path)``; capability flags switch groups of tests o
         def make_storage(self, tmp_path):
             return ValueMemory()
 
-Third-party storages can run the same contract. Requires pytest.
+A cache's test module subclasses :class:`CacheTests` and implements ``wrap(store)``, the cache
+under test over a writable :class:`~fleche.caches.Cache`::
+
+    class TestReadOnlyCache(CacheTests):
+        writable = False
+
+        def wrap(self, store):
+            return ReadOnlyCache(store)
+
+Third-party storages and caches can run the same contracts. Requires pytest.
 """
 
 from __future__ import annotations
@@ -17,19 +27,26 @@ import multiprocessing
 import pickle
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
+from .caches import BaseCache, Cache, ReadOnlyError, memory_cache
 from .call import Call, DigestedCall, QueryCall
+from .decorator import fleche
 from .digest import Digest, digest
+from .errors import CorruptEntryError, FlecheWarning
 from .storage.base import AmbiguousDigestError, KeyManagement
+from .storage.file import FileStorage
 
 __all__ = [
+    "CacheTests",
     "CallStorageTests",
     "StorageTests",
     "ValueStorageTests",
     "assert_corrupt_entry_is_reported_and_evictable",
+    "flip_a_byte",
 ]
 
 
@@ -112,8 +129,19 @@ class StorageTests:
         assert not storage.contains(missing)
         with pytest.raises(KeyError, match=missing[:8]):
             storage.load(missing)
+        if self.persistent:
+            with pytest.raises(KeyError):
+                storage.evict(missing)
+        else:
+            storage.evict(missing)  # a storage that keeps nothing forgets by design: no error
+
+    def test_shrink_of_a_key_not_stored(self, storage: Any) -> None:
+        stored = self.save(storage, self.item(1))
+        missing = self.key_of(self.item(2))
+        with pytest.raises(KeyError, match=missing[:8]):
+            storage.shrink(missing)
         with pytest.raises(KeyError):
-            storage.evict(missing)
+            storage.shrink(stored, missing)
 
     @pytest.mark.parametrize("bad", ["", "../etc/passwd", "a/b", "XYZ", "abc", "g" * 64, "a" * 65])
     def test_invalid_keys_are_refused(self, storage: Any, bad: str) -> None:
@@ -283,12 +311,13 @@ class StorageTests:
 
 
 def _with_lock_timeout(storage: Any, timeout: float) -> Any:
-    """A copy of ``storage`` that waits up to ``timeout`` for locks (itself if it has none)."""
-    if dataclasses.is_dataclass(storage) and any(
-        f.name == "lock_timeout" for f in dataclasses.fields(storage)
-    ):
-        return dataclasses.replace(storage, lock_timeout=timeout)
-    return storage
+    """A copy of ``storage`` that waits up to ``timeout`` for locks (itself if it waits for ever).
+
+    A storage whose declared ``lock_timeout`` is not ``None`` has it as a dataclass setting.
+    """
+    if storage.lock_timeout is None:
+        return storage
+    return dataclasses.replace(storage, lock_timeout=timeout)
 
 
 def _save_items(storage: Any, contract: StorageTests, indices: range) -> list[tuple[int, Digest]]:
@@ -454,3 +483,301 @@ class CallStorageTests(StorageTests):
         assert set(storage.list()) == new
         storage.transform()
         assert set(storage.list()) == new
+
+
+# -- the cache contract -------------------------------------------------------------------------
+
+
+def flip_a_byte(path: str | Path, offset: int = -3) -> None:
+    """Invert one byte of the file at ``path`` (by default inside the payload, near the end), as
+    a disk or a network might: a checked entry then reads as corrupt."""
+    with open(path, "r+b") as f:
+        f.seek(offset, 2)
+        byte = f.read(1)
+        f.seek(offset, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+_BIG = 4096  # characters: results this long are never kept inline in a call record
+
+
+def _sample_call(i: int, name: str = "sample", big: bool = False) -> Call:
+    return Call(
+        name, {"x": i}, module="fleche.testing", result=_sample_result(i, big),
+        metadata={"runtime": {"host": f"h{i % 2}"}},
+    )
+
+
+def _sample_result(i: int, big: bool = False) -> Any:
+    return "r" * _BIG + str(i) if big else {"x": i, "square": i * i}
+
+
+class CacheTests:
+    """Contract for caches: every operation that :class:`~fleche.caches.BaseCache` declares.
+
+    Subclasses implement :meth:`wrap`; :meth:`make_store` gives the writable
+    :class:`~fleche.caches.Cache` underneath, which the tests also use as "another writer" to
+    put entries where the cache under test should find them. The default store is in memory;
+    corrupt-entry tests need a store over :class:`~fleche.storage.FileStorage` storages (they
+    skip otherwise), whose entries :meth:`damage` flips a byte of.
+    """
+
+    writable: ClassVar[bool] = True
+    """The cache saves, evicts, discards and collects (False for read-only caches, which must
+    refuse each of those with :class:`~fleche.caches.ReadOnlyError`)."""
+
+    def make_store(self, tmp_path: Any) -> Cache:
+        """The writable cache the cache under test works over."""
+        return memory_cache()
+
+    def wrap(self, store: Cache) -> BaseCache:
+        """The cache under test, over ``store``."""
+        raise NotImplementedError
+
+    def damage(self, store: Cache, key: Digest) -> None:
+        """Flip a byte of the entry ``key`` (a call record or a value) in ``store``'s files."""
+        for storage in (store.calls, store.values):
+            if isinstance(storage, FileStorage) and storage.contains(key):
+                flip_a_byte(storage._path(storage.expand(key)))
+                return
+        pytest.skip(f"{type(self).__name__}: only entries kept in files can be damaged")
+
+    @pytest.fixture
+    def store(self, tmp_path: Any) -> Cache:
+        return self.make_store(tmp_path)
+
+    @pytest.fixture
+    def cache(self, store: Cache) -> BaseCache:
+        return self.wrap(store)
+
+    def refused(self) -> Any:
+        return pytest.raises(ReadOnlyError, match="read-only")
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def test_writable_flag(self, cache: BaseCache) -> None:
+        assert cache.writable is self.writable
+
+    def test_miss(self, cache: BaseCache) -> None:
+        key = _sample_call(0).to_lookup_key()
+        assert not cache.contains(key)
+        with pytest.raises(KeyError):
+            cache.load_result(key)
+        with pytest.raises(KeyError):
+            cache.load(key)
+        with pytest.raises(KeyError):
+            cache.expand(key[:10])
+        assert cache.contains_many([key]) == set()
+        assert list(cache.list()) == []
+
+    def test_hit(self, store: Cache, cache: BaseCache) -> None:
+        key = store.save(_sample_call(1))
+        missing = _sample_call(2).to_lookup_key()
+        assert cache.contains(key) and cache.contains(key[:8])
+        assert cache.load_result(key) == _sample_result(1)
+        loaded = cache.load(key[:8])
+        assert loaded.arguments == {"x": 1} and loaded.result == _sample_result(1)
+        assert loaded.to_lookup_key() == key and loaded.metadata == {"runtime": {"host": "h1"}}
+        assert set(cache.list()) == {key}
+        assert cache.contains_many([key[:8], missing]) == {key}
+        assert cache.expand(key[:8]) == key
+        short = cache.shrink(key)
+        assert key.startswith(short) and cache.expand(short) == key
+        assert cache.shrink(key, key) == (short, short)
+
+    def test_shrink_of_a_key_not_stored(self, store: Cache, cache: BaseCache) -> None:
+        stored = store.save(_sample_call(1))
+        missing = _sample_call(2).to_lookup_key()
+        with pytest.raises(KeyError):
+            cache.shrink(missing)
+        with pytest.raises(KeyError):
+            cache.shrink(stored, missing)
+
+    def test_query(self, store: Cache, cache: BaseCache) -> None:
+        for i in range(6):
+            store.save(_sample_call(i, name="odd" if i % 2 else "even"))
+        assert sorted(c.arguments["x"] for c in cache.query()) == list(range(6))
+        assert [c.result for c in cache.query(x=3)] == [_sample_result(3)]
+        assert sorted(c.arguments["x"] for c in cache.query(QueryCall(name="odd"))) == [1, 3, 5]
+        assert [c.result for c in cache.query(QueryCall(name="odd"), x=5)] == [_sample_result(5)]
+        assert list(cache.query(QueryCall(name="odd"), x=4)) == []
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def test_save(self, store: Cache, cache: BaseCache) -> None:
+        call = _sample_call(3)
+        key = call.to_lookup_key()
+        if not self.writable:
+            with self.refused():
+                cache.save(call)
+            with self.refused():
+                cache.save(call, overwrite=True)
+            assert not store.contains(key)
+            return
+        assert cache.save(call) == key
+        assert cache.load_result(key) == store.load_result(key) == _sample_result(3)
+        assert cache.save(call.replace(metadata={"run": {"n": 2}}), overwrite=True) == key
+        assert store.load(key).metadata == {"run": {"n": 2}}
+
+    def test_evict(self, store: Cache, cache: BaseCache) -> None:
+        key = store.save(_sample_call(4))
+        if not self.writable:
+            with self.refused():
+                cache.evict(key)
+            assert store.contains(key)
+            return
+        cache.evict(key[:8])
+        assert not cache.contains(key) and not store.contains(key)
+        with pytest.raises(KeyError):
+            cache.evict(key)
+
+    def test_discard(self, store: Cache, cache: BaseCache) -> None:
+        key = store.save(_sample_call(5, big=True))
+        result = store.calls.load(key).result
+        if not self.writable:
+            with self.refused():
+                cache.discard(result)
+            assert store.load_result(key) == _sample_result(5, big=True)
+            return
+        cache.discard(result)  # a value: the call is left without its result, a miss
+        with pytest.raises(KeyError):
+            cache.load_result(key)
+        cache.discard(key)  # a record
+        assert not cache.contains(key) and not store.contains(key)
+        cache.discard(key)  # nothing there any more: nothing to do
+
+    def test_locked_section(self, cache: BaseCache) -> None:
+        call = _sample_call(6)
+        key = call.to_lookup_key()
+        if not self.writable:
+            with self.refused():
+                with cache.locked(key):
+                    pass
+            return
+        with cache.locked(key) as full:
+            assert full == key
+            with cache.locked(key):  # reentrant, and saving the call inside is allowed
+                cache.save(call)
+        assert cache.load_result(key) == _sample_result(6)
+
+    # -- through the decorator --------------------------------------------------------------
+
+    def test_decorated_hits_and_misses(self, store: Cache, cache: BaseCache) -> None:
+        runs: list[int] = []
+
+        @fleche(cache=cache)
+        def square(x: int) -> dict:
+            runs.append(x)
+            return {"square": x * x}
+
+        store.save(square.call(1).replace(result={"square": 1}))
+        assert square(1) == {"square": 1} and runs == []  # stored by another writer: a hit
+        assert square(2) == {"square": 4} and runs == [2]
+        assert square(2) == {"square": 4}
+        assert runs == ([2] if self.writable else [2, 2])
+        assert store.contains(square.digest(2)) is self.writable
+
+    @pytest.mark.parametrize("entry", ["record", "result value"])
+    def test_corrupt_entry_is_recomputed(self, store: Cache, cache: BaseCache, entry: str) -> None:
+        """A damaged entry reads as a miss: the call runs, and a writable cache repairs it."""
+        runs: list[int] = []
+
+        @fleche(cache=cache)
+        def big(x: int) -> str:
+            runs.append(x)
+            return _sample_result(x, big=True)
+
+        key = store.save(big.call(1).replace(result=_sample_result(1, big=True)))
+        self.damage(store, key if entry == "record" else store.calls.load(key).result)
+        with pytest.warns(FlecheWarning, match="corrupt"):
+            assert big(1) == _sample_result(1, big=True)
+        assert runs == [1]
+        if self.writable:
+            assert store.load_result(key) == _sample_result(1, big=True)  # repaired
+            assert big(1) == _sample_result(1, big=True) and runs == [1]  # a hit again
+        else:
+            with pytest.raises(CorruptEntryError):
+                store.load_result(key)  # a read-only cache changes nothing
+            with pytest.warns(FlecheWarning, match="corrupt"):
+                assert big(1) == _sample_result(1, big=True)
+            assert runs == [1, 1]
+
+    def test_compute_once_across_threads(self, cache: BaseCache) -> None:
+        """Six threads miss one key at once; with compute_once the body runs once."""
+        runs: list[int] = []
+        start = threading.Barrier(6)
+        errors: list[BaseException] = []
+
+        @fleche(cache=cache, compute_once=True)
+        def slow(x: int) -> int:
+            runs.append(x)
+            threading.Event().wait(0.05)  # the work being deduplicated, not synchronization
+            return x * 10
+
+        def work() -> None:
+            try:
+                start.wait()
+                assert slow(7) == 70
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert runs == ([7] if self.writable else [7] * 6)
+
+    # -- whole stores -----------------------------------------------------------------------
+
+    def test_transfer(self, store: Cache, cache: BaseCache) -> None:
+        keys = [store.save(_sample_call(i)) for i in range(3)]
+        target = memory_cache()
+        target.save(_sample_call(0))
+        seen: list[tuple[int, int]] = []
+        assert cache.transfer(target, progress=lambda done, total: seen.append((done, total))) == 2
+        assert seen == [(1, 3), (2, 3), (3, 3)]
+        assert cache.transfer(target) == 0
+        assert [target.load_result(k) for k in keys] == [_sample_result(i) for i in range(3)]
+        source = memory_cache()
+        new = source.save(_sample_call(9))
+        if not self.writable:
+            with self.refused():
+                source.transfer(cache)
+            return
+        assert source.transfer(cache) == 1
+        assert cache.load_result(new) == store.load_result(new) == _sample_result(9)
+
+    def test_gc(self, store: Cache, cache: BaseCache) -> None:
+        kept = store.save(_sample_call(1, big=True))
+        dropped = store.save(_sample_call(2, big=True))
+        garbage = store.calls.load(dropped).result
+        orphan = store.values.save({"referenced by": "nothing"})
+        store.evict(dropped)
+        if not self.writable:
+            with self.refused():
+                cache.gc()
+            with self.refused():
+                cache.gc(dry_run=True)
+            assert store.values.contains(orphan)
+            return
+        would = cache.gc(dry_run=True)
+        assert isinstance(would, set) and {garbage, orphan} <= would
+        assert store.values.contains(garbage) and store.values.contains(orphan)
+        assert cache.gc() == would
+        assert not store.values.contains(garbage) and not store.values.contains(orphan)
+        assert cache.gc() == set()
+        assert cache.load_result(kept) == _sample_result(1, big=True)
+
+    def test_pickle_round_trip(self, store: Cache, cache: BaseCache) -> None:
+        key = store.save(_sample_call(1))
+        copy = pickle.loads(pickle.dumps(cache))
+        assert type(copy) is type(cache)
+        assert copy.load_result(key) == _sample_result(1)
+        assert copy.writable is self.writable
+
+    def test_close_then_use_again(self, store: Cache, cache: BaseCache) -> None:
+        key = store.save(_sample_call(1))
+        cache.close()
+        assert cache.load_result(key) == _sample_result(1)

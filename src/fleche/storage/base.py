@@ -17,7 +17,7 @@ import bisect
 import contextlib
 import enum
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, overload
+from typing import Any, ClassVar, overload
 
 from ..call import Call, DigestedCall, QueryCall
 from ..errors import AmbiguousDigestError, CorruptEntryError, LockTimeout, SaveError
@@ -60,8 +60,18 @@ class OperationContext(abc.ABC):  # noqa: B024 - a hook base, deliberately witho
 
     Both :class:`KeyManagement` (storage layer) and ``BaseCache`` (cache layer) inherit from this
     class so that the same thread-safety mixins (``SerializingMixin``, ``PerKeyLockMixin``) can
-    attach to either layer without duplication.
+    attach to either layer without duplication. The settings those mixins read are declared
+    here, so every layer has them.
     """
+
+    lock_timeout: float | None = None
+    """Seconds a locking mixin waits for a key's lock before raising ``LockTimeout``; ``None``
+    waits for ever. Storages with locks that can be held long (files, databases) make it a
+    setting (a dataclass field) with a finite default."""
+
+    _atomic_writes: ClassVar[bool] = False
+    """Whether every write replaces an entry in one atomic step (a dict assignment, an
+    ``os.replace``, a transaction), so a reader sees a whole entry without taking a lock."""
 
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
@@ -199,13 +209,15 @@ class KeyManagement(OperationContext):
         """Find the shortest substring(s) that unambiguously reference each key.
 
         With a single key, returns one :class:`Digest`; with several, a tuple in the same order.
-        The batched form lists the storage once instead of per key, which matters where listing
-        is expensive. Never shorter than four characters. A snapshot: a key stored later may make
-        a returned prefix ambiguous.
+        Raises ``KeyError`` for a key that is not stored (its prefix could not be expanded
+        again). The batched form lists the storage once instead of per key, which matters where
+        listing is expensive. Never shorter than four characters. A snapshot: a key stored later
+        may make a returned prefix ambiguous, one evicted meanwhile may still be shrunk.
         """
         full = [self._normalize_key(k) for k in (key, *keys)]
-        sorted_all = sorted(self.list())
-        shrunk = tuple(self._shrink_one(k, sorted_all) for k in full)
+        with self._operation_context(full[0], intent=Intent.READ):  # one listing for all keys
+            sorted_all = sorted(self.list())
+        shrunk = tuple(self._shrink_one(_stored_in(k, sorted_all), sorted_all) for k in full)
         return shrunk if keys else shrunk[0]
 
     def _shrink_one(self, key: Digest | str, sorted_all: Sequence[str]) -> Digest:
@@ -216,6 +228,23 @@ class KeyManagement(OperationContext):
             if 0 <= j < len(sorted_all) and sorted_all[j] != key:
                 common = max(common, _common_prefix(key, sorted_all[j]))
         return _mk(key[: max(MIN_PREFIX_LENGTH, common + 1)])
+
+    def sweep(self, older_than: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Remove what writers killed mid-write left behind (older than ``older_than`` seconds)
+        and return where it was; never touches entries, so it is safe while others write.
+
+        Note for implementers: this default has nothing to sweep and returns ``[]``; storages
+        whose writes leave temporary files (``FileStorage``) override it.
+        """
+        return []
+
+    def close(self) -> None:
+        """Release what this handle holds open in this process (connections, file handles).
+
+        The storage stays usable: the next operation opens what it needs again. Other handles
+        and other processes are not affected. Note for implementers: this default has nothing
+        to close.
+        """
 
     def _normalize_key(self, key: Digest | str) -> Digest:
         """Expand a short digest prefix to a full key, or wrap a full key as Digest.
@@ -236,6 +265,14 @@ def _common_prefix(a: str, b: str) -> int:
             break
         n += 1
     return n
+
+
+def _stored_in(key: Digest, sorted_keys: Sequence[str]) -> Digest:
+    """``key``, if the sorted listing ``sorted_keys`` holds it; else ``KeyError``."""
+    i = bisect.bisect_left(sorted_keys, key)
+    if i == len(sorted_keys) or sorted_keys[i] != key:
+        raise KeyError(f"nothing stored under {key}: only stored keys can be shrunk")
+    return key
 
 
 def _unique_match(prefix: str, matches: Sequence[str]) -> Digest:
@@ -287,6 +324,19 @@ class ValueStorage(KeyManagement):
     @abc.abstractmethod
     def load(self, key: Digest | str) -> Any:
         """Return the value stored under ``key`` (full or short); ``KeyError`` if absent."""
+
+    def child_digests(self, key: Digest | str) -> set[Digest]:
+        """The keys of the separately stored parts that the entry under ``key`` refers to.
+
+        Reads the entry itself, not its parts: ``KeyError`` if it is not stored,
+        ``CorruptEntryError`` if it is damaged; what :meth:`~fleche.caches.Cache.gc` and
+        :func:`~fleche.verify.verify` follow. A snapshot, like :meth:`load`. Note for
+        implementers: this default is for storages that keep every value whole: it loads the
+        value (to check it) and reports no parts; storages that store parts separately
+        (``DestructuringMixin``) override it.
+        """
+        self.load(key)
+        return set()
 
 
 class ValueMixin(ValueStorage, StorageBackend):

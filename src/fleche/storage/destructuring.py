@@ -274,9 +274,11 @@ class DestructuringMixin(ValueStorage):
         """Direct digest children of the raw entry stored at ``key``.
 
         Bypasses ``mend()``, so destructured sub-references are returned as opaque keys rather
-        than followed; for reference-graph traversals (GC, debugging).
+        than followed; for reference-graph traversals (GC, debugging). Overrides the
+        ``ValueStorage`` default (a whole value, no parts) and reads only this one entry.
 
-        Raises ``KeyError`` if ``key`` is not present in the underlying backend.
+        Raises ``KeyError`` if ``key`` is not present in the underlying backend and
+        ``CorruptEntryError`` if its entry is damaged.
         """
         return self._raw_sub_digests(super().load(key))
 

@@ -17,13 +17,15 @@ __all__ = ["CallVoid", "ValueVoid", "VoidBackend"]
 
 @dataclass(frozen=True)
 class VoidBackend(StorageBackend):
-    """Backend that stores nothing: ``put`` succeeds, ``get`` always raises ``KeyError``."""
+    """Backend that stores nothing: ``put`` succeeds, ``get`` always raises ``KeyError``, and
+    ``evict`` of any key does nothing (a void storage forgets by design, so there is never
+    anything left to remove)."""
 
     def list(self) -> Iterable[Digest]:
         return ()
 
     def _evict(self, key: Digest) -> None:
-        raise KeyError(f"nothing stored under {key}: a void storage keeps nothing")
+        pass
 
     def put(self, value: Any, key: Digest) -> Digest:
         return key
