@@ -73,10 +73,10 @@ class GatedCache(CacheWrapper):
     saving: str = "saving"
     release: str = "release"
 
-    def save(self, call):
+    def save(self, call, *, overwrite=False):
         from distributed import Event
 
         Event(self.saving).set()
         if not Event(self.release).wait(60):
             raise TimeoutError("the test never released the save")
-        return self.cache.save(call)
+        return self.cache.save(call, overwrite=overwrite)

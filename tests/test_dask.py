@@ -14,6 +14,7 @@ import dask_tasks as tasks  # noqa: E402
 from fleche.caches import Cache  # noqa: E402
 from fleche.dask import CachingOptimizer, FlecheCache, cached  # noqa: E402
 from fleche.storage import CallPickleFile, ValuePickleFile  # noqa: E402
+from fleche.testing import flip_a_byte  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,29 @@ def test_worker_restarted_mid_run(client, tmp_path):
     for key in store.list():
         store.load(key)
     assert client.gather(client.map(tasks.square, range(40), log=log, pure=False)) == results
+
+
+def test_a_corrupt_store_is_recomputed_and_repaired_on_the_workers(client, tmp_path):
+    """Damaged entries (a call record, a result value) read as misses through every worker's
+    StatsCache: the tasks return the right results and the entries are whole again."""
+    log = str(tmp_path / "runs.log")
+    store = Cache(
+        ValuePickleFile(root=tmp_path / "values"), CallPickleFile(root=tmp_path / "calls"),
+        inline_bytes=0,  # results in the value storage, so a value can be damaged on its own
+    )
+    client.register_plugin(FlecheCache(store))
+    expected = [{"x": i, "square": i * i} for i in range(6)]
+    assert client.gather(client.map(tasks.square, range(6), log=log)) == expected
+    record = tasks.square.digest(1, log)
+    value = store.calls.load(tasks.square.digest(2, log)).result
+    flip_a_byte(store.calls._path(record))
+    flip_a_byte(store.values._path(value))
+    again = client.gather(client.map(tasks.square, range(6), log=log, pure=False))
+    assert again == expected
+    assert sorted(tasks.runs(log)[6:]) == ["square:1", "square:2"]  # only the damaged ones
+    for i in range(6):
+        assert store.load_result(tasks.square.digest(i, log)) == expected[i]  # repaired
+    assert client.gather(client.map(tasks.square, range(6), log=log, pure=False)) == expected
+    assert len(tasks.runs(log)) == 8
+    stats = FlecheCache.stats(client)
+    assert stats["errors"].sum() == 0 and stats["saves"].sum() == 8

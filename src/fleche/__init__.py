@@ -15,11 +15,31 @@ storages that many threads and processes can share safely::
 every process it is set in. The ``fleche`` command (:mod:`fleche.cli`) looks inside stores.
 """
 
+import types
+from typing import Any
+
+from . import digest
 from .caches import BaseCache, Cache, CacheStack, ReadOnlyCache, memory_cache
 from .call import Call, DigestedCall, QueryCall
 from .decorator import active_cache, cache, fleche, get_default_cache, set_default_cache
-from .digest import Digest, Indigestible, digest, register_digest_hook
+from .digest import Digest, Indigestible, register_digest_hook
 from .errors import FlecheError, FlecheWarning
+
+
+class _CallableDigestModule(types.ModuleType):
+    """The module :mod:`fleche.digest`, which may also be called as its function.
+
+    ``fleche.digest`` is the module, whichever way it was imported (so ``fleche.digest.Digest``
+    and ``fleche.digest.register_digest_hook`` work), and ``fleche.digest(value)`` or ``from
+    fleche import digest; digest(value)`` still give a value's digest, as documented.
+    """
+
+    def __call__(self, value: Any, /) -> Digest:
+        """The stable content digest of ``value`` (see :func:`fleche.digest.digest`)."""
+        return self.digest(value)
+
+
+digest.__class__ = _CallableDigestModule
 from .spec import open_store as open  # noqa: A004,F401 - fleche.open(spec); not in __all__ on purpose
 
 __version__ = "0.1.0"

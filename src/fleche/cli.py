@@ -415,7 +415,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     spec, cache = _open(args.spec)
     before = _disk_size(spec)
-    garbage = cache.gc(dry_run=args.dry_run)
+    garbage = sorted(cache.gc(dry_run=args.dry_run))  # removed (or, dry run, to be removed)
     after = None if args.dry_run else _disk_size(spec)
     if args.json:
         _emit_json({"dry_run": args.dry_run, "values": garbage,

@@ -94,11 +94,11 @@ class FlecheCache(WorkerPlugin):
 
     def teardown(self, worker: Any) -> None:
         """Restore the previous default cache when the worker closes or the plugin goes."""
-        if self.cache is not None and get_default_cache() is self.cache:
+        if self.cache is None:
+            return
+        if get_default_cache() is self.cache:
             set_default_cache(self._previous)
-        close = getattr(self.cache.cache if self.cache is not None else None, "close", None)
-        if callable(close):
-            close()
+        self.cache.close()  # connections and files this worker opened; the store stays as it is
         self.cache = None
 
     @staticmethod

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
@@ -336,6 +337,22 @@ def _attach(wrapper: Any, cached: _Cached) -> None:
     wrapper.call = call
     wrapper.query = query
     wrapper.__fleche__ = cached
+    _DECORATED[wrapper] = cached
+
+
+_DECORATED: weakref.WeakKeyDictionary[Callable[..., Any], _Cached] = weakref.WeakKeyDictionary()
+"""Every function ``@fleche`` returned, with what it built around it (see :func:`_cached_of`)."""
+
+
+def _cached_of(func: Callable[..., Any]) -> _Cached:
+    """What ``@fleche`` built around ``func`` if ``@fleche`` returned ``func``, else what plain
+    ``@fleche`` builds around it; for the integrations that take plain and decorated functions
+    alike (:mod:`fleche.ray`)."""
+    try:
+        known = _DECORATED.get(func)
+    except TypeError:  # not hashable or not weakly referenceable: not a wrapper of ours
+        known = None
+    return known if known is not None else _DECORATED[fleche(func)]
 
 
 @overload

@@ -37,7 +37,7 @@ from ray import ObjectRef
 
 from ._tasks import ComputeAndSave, Upstream, map_nested
 from .caches import BaseCache
-from .decorator import _Cached, active_cache, fleche, set_default_cache
+from .decorator import _Cached, _cached_of, active_cache, set_default_cache
 from .digest import Digest, Indigestible
 from .errors import CorruptEntryError, FlecheWarning
 from .spec import as_cache, open_store
@@ -158,9 +158,7 @@ class CachedRemote:
             store = as_cache(store)
         if ray_options.get("num_returns", 1) != 1:
             raise ValueError("cached Ray tasks return one object; num_returns must be 1")
-        cached = getattr(func, "__fleche__", None)
-        if not isinstance(cached, _Cached):
-            cached = fleche(func).__fleche__
+        cached = _cached_of(func)
         self._cached = cached
         self._store = store
         self._options = ray_options

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from .caches import Cache
 from .digest import Digest
 from .errors import CorruptEntryError, SignatureError
+from .storage.base import ValueStorage
 
 __all__ = ["Problem", "Report", "repair", "verify"]
 
@@ -54,11 +55,8 @@ class _ValueChecker:
     """Loads each value entry once (raw, parts not followed) and remembers its state:
     ``ok``, ``missing``, ``corrupt`` or ``broken`` (a part is not ``ok``)."""
 
-    def __init__(self, values: Any) -> None:
+    def __init__(self, values: ValueStorage) -> None:
         self.values = values
-        self.children: Callable[[Digest], Iterable[Digest]] | None = getattr(
-            values, "child_digests", None
-        )
         self.state: dict[Digest, tuple[str, str]] = {}
         self.signature: set[Digest] = set()
 
@@ -68,7 +66,7 @@ class _ValueChecker:
             return known
         self.state[key] = _OK  # content addressing admits no cycles; this only guards recursion
         try:
-            parts = list(self.children(key)) if self.children else self._load(key)
+            parts = self.values.child_digests(key)  # reads this entry only, not its parts
         except KeyError:
             state = ("missing", "not stored")
         except CorruptEntryError as e:
@@ -85,12 +83,9 @@ class _ValueChecker:
         self.state[key] = state
         return state
 
-    def _load(self, key: Digest) -> list[Digest]:
-        self.values.load(key)
-        return []
 
 
-def verify(cache: Any, progress: Callable[[int, int], None] | None = None) -> Report:
+def verify(cache: Cache, progress: Callable[[int, int], None] | None = None) -> Report:
     """Load every call record and value of ``cache`` (a :class:`~fleche.caches.Cache`) and
     report the unusable ones.
 
@@ -147,7 +142,7 @@ def verify(cache: Any, progress: Callable[[int, int], None] | None = None) -> Re
     return report
 
 
-def repair(cache: Any, problems: Iterable[Problem]) -> list[Problem]:
+def repair(cache: Cache, problems: Iterable[Problem]) -> list[Problem]:
     """Evict the entries of the repairable ``problems``; return those now gone.
 
     Each eviction is atomic on its own (see the storages' ``evict``); an entry already gone
