@@ -41,9 +41,8 @@ Metadata = Mapping[str, Mapping[str, Any]]
 
 
 def _argument_digests(arguments: Mapping[str, Any]) -> dict[str, Digest]:
-    known = getattr(arguments, "digests", None)
-    if known is not None:  # LazyArguments: no need to load the values to digest them
-        return dict(known)
+    if isinstance(arguments, (KnownArguments, LazyArguments)):  # no values to load or digest
+        return dict(arguments.digests)
     return {name: digest(value) for name, value in arguments.items()}
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -53,7 +54,8 @@ from typing import Any
 from .caches import BaseCache, Cache
 from .errors import SpecError
 from .storage.memory import CallMemory, ValueMemory
-from .storage.pickle_file import SECRET_KEY_ENV, CallPickleFile, ValuePickleFile
+from .storage.file import FileStorage
+from .storage.pickle_file import SECRET_KEY_ENV, CallPickleFile, PickleFileBackend, ValuePickleFile
 
 __all__ = ["CACHE_ENV", "StoreSpec", "as_cache", "mask", "open_store", "parse", "spec_of"]
 
@@ -347,6 +349,13 @@ def spec_of(cache: BaseCache) -> str | None:
     return str(parsed) if equal else None
 
 
+def _instance_of(storage: Any, module: str, name: str) -> bool:
+    """Whether ``storage`` is a ``fleche.storage.<module>.<name>``, without importing that
+    module (and its optional dependencies): if it is not imported, nothing can be one."""
+    loaded = sys.modules.get(f"fleche.storage.{module}")
+    return loaded is not None and isinstance(storage, vars(loaded)[name])
+
+
 def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
     if not isinstance(cache, Cache):
         return None
@@ -355,21 +364,21 @@ def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
             if known is cache:
                 return StoreSpec("memory", name)
     values, calls = cache.values, cache.calls
-    root = getattr(values, "root", None)
-    if root is None:
+    if isinstance(values, PickleFileBackend):
+        fmt = values.serializer
+    elif _instance_of(values, "h5_file", "BagOfHoldingH5FileBackend"):
+        fmt = "h5"
+    else:
         return None
-    fmt = "h5" if type(values).__name__.startswith("ValueBagOfHolding") else getattr(
-        values, "serializer", "pickle"
-    )
+    root = values.root
     settings = {"format": fmt, "lock_timeout": values.lock_timeout, "durable": values.durable}
-    calls_root = getattr(calls, "root", None)
-    if calls_root is not None:
-        if root.name != "values" or calls_root != root.parent / "calls":
+    if isinstance(calls, FileStorage):
+        if root.name != "values" or calls.root != root.parent / "calls":
             return None
         return StoreSpec("directory", str(root.parent), str(root), **settings)
-    url = getattr(calls, "url", None)
-    if not isinstance(url, str):
+    if not _instance_of(calls, "sql", "Sql") or calls.url is None:
         return None
+    url = calls.url
     if "://" not in url:
         url = f"sqlite:///{url}"
     base, _, query = url.partition("?")
