@@ -526,10 +526,9 @@ class CacheStack(BaseCache):
     def locked(self, key: Digest | str) -> Iterator[Digest]:
         """Hold the key's lock in every writable layer, taken top to bottom (the same order in
         every thread and process, so two holders never wait for each other crosswise)."""
+        layers = self._writable_layers(f"lock {key}")
         with contextlib.ExitStack() as stack:
-            full = [stack.enter_context(layer.locked(key)) for layer in self._writable_layers(
-                f"lock {key}"
-            )]
+            full = [stack.enter_context(layer.locked(key)) for layer in layers]
             yield full[0]
 
     def expand(self, key: Digest | str) -> Digest:

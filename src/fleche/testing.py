@@ -217,26 +217,15 @@ class StorageTests:
     @pytest.mark.persistent
     def test_threads_on_shared_keys(self, storage: Any) -> None:
         """8 threads save, load and check overlapping keys; nothing is lost or torn."""
-        errors: list[BaseException] = []
-        start = threading.Barrier(8)
 
         def work(t: int) -> None:
-            try:
-                start.wait()
-                for n in range(30):
-                    i = (t + n) % 12
-                    key = self.save(storage, self.item(i))
-                    self.assert_loaded(storage, key, self.item(i))
-                    assert storage.contains(key)
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+            for n in range(30):
+                i = (t + n) % 12
+                key = self.save(storage, self.item(i))
+                self.assert_loaded(storage, key, self.item(i))
+                assert storage.contains(key)
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors[:3]
+        _run_in_threads(8, work)
         for i in range(12):
             self.assert_loaded(storage, self.save(storage, self.item(i)), self.item(i))
 
@@ -255,23 +244,8 @@ class StorageTests:
     @pytest.mark.persistent
     def test_locked_read_modify_write_threads(self, storage: Any) -> None:
         """8 threads increment one counter under ``locked``; no increment is lost."""
-        start = threading.Barrier(8)
-        errors: list[BaseException] = []
         storage = _with_lock_timeout(storage, 60.0)  # eight writers queue on one key
-
-        def work() -> None:
-            try:
-                start.wait()
-                _bump(storage, self, 25)
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=work) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors[:3]
+        _run_in_threads(8, lambda _: _bump(storage, self, 25))
         assert self.read_counter(storage) == 200
 
     @pytest.mark.persistent
@@ -331,18 +305,26 @@ def _bump(storage: Any, contract: StorageTests, times: int) -> None:
 
 
 def _bump_in_threads(storage: Any, contract: StorageTests, threads: int, times: int) -> None:
+    _run_in_threads(threads, lambda _: _bump(storage, contract, times))
+
+
+def _run_in_threads(count: int, work: Callable[[int], None]) -> None:
+    """Run ``work(i)`` for ``i`` in ``range(count)``, each in a thread, all starting together;
+    re-raise the first failure once all have ended."""
+    start = threading.Barrier(count)
     errors: list[BaseException] = []
 
-    def work() -> None:
+    def run(i: int) -> None:
         try:
-            _bump(storage, contract, times)
+            start.wait()
+            work(i)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
 
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for t in workers:
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
         t.start()
-    for t in workers:
+    for t in threads:
         t.join()
     if errors:
         raise errors[0]
@@ -705,8 +687,6 @@ class CacheTests:
     def test_compute_once_across_threads(self, cache: BaseCache) -> None:
         """Six threads miss one key at once; with compute_once the body runs once."""
         runs: list[int] = []
-        start = threading.Barrier(6)
-        errors: list[BaseException] = []
 
         @fleche(cache=cache, compute_once=True)
         def slow(x: int) -> int:
@@ -714,19 +694,10 @@ class CacheTests:
             threading.Event().wait(0.05)  # the work being deduplicated, not synchronization
             return x * 10
 
-        def work() -> None:
-            try:
-                start.wait()
-                assert slow(7) == 70
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+        def work(_: int) -> None:
+            assert slow(7) == 70
 
-        threads = [threading.Thread(target=work) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors[:3]
+        _run_in_threads(6, work)
         assert runs == ([7] if self.writable else [7] * 6)
 
     # -- whole stores -----------------------------------------------------------------------
