@@ -24,6 +24,7 @@ from .call import Call, DigestedCall, QueryCall
 from .decorator import active_cache, cache, fleche, get_default_cache, set_default_cache
 from .digest import Digest, Indigestible, register_digest_hook
 from .errors import FlecheError, FlecheWarning
+from .spec import open_store as open  # noqa: A004,F401 - fleche.open(spec); not in __all__ on purpose
 
 
 class _CallableDigestModule(types.ModuleType):
@@ -40,7 +41,6 @@ class _CallableDigestModule(types.ModuleType):
 
 
 digest.__class__ = _CallableDigestModule
-from .spec import open_store as open  # noqa: A004,F401 - fleche.open(spec); not in __all__ on purpose
 
 __version__ = "0.1.0"
 
