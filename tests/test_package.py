@@ -82,3 +82,26 @@ def test_every_submodule_the_package_exports_is_the_module(package):
         f"    __import__('{package}.' + name)\n"
         f"    assert getattr(package, name) is sys.modules['{package}.' + name], name\n"
     )
+
+
+def test_the_wheel_ships_the_license_and_the_typing_marker(tmp_path):
+    """A built wheel carries ``py.typed`` (type checkers use fleche's hints) and the LICENSE."""
+    import shutil
+    import zipfile
+
+    root = tmp_path / "fleche"  # a copy: building leaves build/ behind, not in the checkout
+    checkout = Path(SRC).parent
+    shutil.copytree(checkout / "src", root / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(checkout / name, root / name)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if done.returncode != 0 and "Could not find a version" in done.stderr:
+        pytest.skip(f"no build backend reachable: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("fleche-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fleche/py.typed" in names
+    assert any(n.endswith("licenses/LICENSE") or n.endswith("/LICENSE") for n in names), names
