@@ -319,6 +319,27 @@ def test_functions_made_by_one_factory_are_keyed_by_what_they_capture(hash_code)
     assert runs == [(2, 5), (3, 5)]
 
 
+def test_closures_keyed_by_what_they_capture_store_in_sql(tmp_path):
+    pytest.importorskip("sqlalchemy")
+    from fleche.storage import Sql, ValuePickleFile
+
+    cache = Cache(ValuePickleFile(tmp_path / "values"), Sql(str(tmp_path / "calls.sqlite")))
+    runs = Tally()
+
+    def make(k):
+        @fleche(cache=cache)
+        def scaled(x):
+            runs.append(x)
+            return k * x
+
+        return scaled
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (make(2)(5), make(3)(5), make(2)(5)) == (10, 15, 10)
+    assert runs == [5, 5]
+
+
 def _apply_cache(kind, tmp_path):
     return memory_cache() if kind == "memory" else fleche_pkg.open(f"{tmp_path}?format=cloudpickle")
 

@@ -367,8 +367,13 @@ def digest(value: Any, /) -> Digest:
     content, values that contain themselves or are nested too deeply, and values whose
     ``__digest__()`` or hook raises.
     """
+    return _guarded(_digest, value)
+
+
+def _guarded(fn: Callable[..., Digest], value: Any, *args: Any) -> Digest:
+    """``fn(value, *args)``, any failure of it raised as :class:`Indigestible` naming the cause."""
     try:
-        return _digest(value)
+        return fn(value, *args)
     except Indigestible:
         raise
     except RecursionError:
@@ -624,9 +629,9 @@ def function_digest(func: types.FunctionType, *, reads_globals: bool = True) -> 
 
     Covers its code, closure cells, defaults, keyword-only defaults, module and qualified name
     and, with ``reads_globals``, the globals its code reads (the module docstring says how each
-    is digested). Taken anew on each call, so a changed global or cell changes it; the code's
-    part is computed once per code object. Thread-safe; raises :class:`Indigestible` naming the
-    captured value, default or global that has no digest.
+    is digested), as they are at the time of the call: a changed global or cell changes it.
+    The code's part is computed once per code object. Thread-safe; raises :class:`Indigestible`
+    naming the captured value, default or global that has no digest.
     """
     stack = _IN_PROGRESS.__dict__.setdefault("stack", [])
     for depth, outer in enumerate(reversed(stack), 1):
@@ -665,18 +670,25 @@ def _function_value(func: types.FunctionType, reads_globals: bool) -> Digest:
 
 
 def _captured(func: types.FunctionType, name: str, cell: types.CellType) -> Digest:
-    try:
-        value = cell.cell_contents
-    except ValueError:  # a cell not yet filled
+    value = _cell_contents(cell)
+    if value is _END:
         return _EMPTY_CELL
     return _named_part(func, f"the variable {name!r} it captures", value)
 
 
-def _named_part(func: types.FunctionType, what: str, value: Any) -> Digest:
+def _cell_contents(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return _END
+
+
+def _named_part(owner: Any, what: str, value: Any) -> Digest:
+    """``_digest(value)``; an :class:`Indigestible` names ``what`` of ``owner`` failed."""
     try:
         return _digest(value)
     except Indigestible as e:
-        raise Indigestible(f"{func.__qualname__}: {what} has no digest: {e}") from e
+        raise Indigestible(f"{owner.__qualname__}: cannot digest {what}: {e}") from e
 
 
 def _code_facts(code: types.CodeType, doc: str | None) -> tuple[Digest, tuple[str, ...]]:
@@ -690,7 +702,9 @@ def _code_facts(code: types.CodeType, doc: str | None) -> tuple[Digest, tuple[st
 def _globals_read(code: types.CodeType) -> set[str]:
     import dis
 
-    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    # LOAD_NAME: a class body inside the function looks names up in the globals too.
+    loads = ("LOAD_GLOBAL", "LOAD_NAME")
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in loads}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _globals_read(const)
@@ -736,22 +750,28 @@ def callable_digest(obj: Callable[..., Any], *, hash_code: bool = False) -> Dige
     :func:`function_digest`, globals included only with ``hash_code``. A ``functools.partial``
     digests as its function and bound arguments, a bound method as its function and the state of
     its object, and any other callable object by its class and state (its own digest if its type
-    has one, else ``__getstate__()``), with ``hash_code`` also its class's ``__call__``. Take it
-    at each call: state may change between calls. Raises :class:`Indigestible` naming the part
-    that has no digest.
+    has one, else ``__getstate__()``), with ``hash_code`` also its class's ``__call__``. State
+    may change between calls: :func:`callable_references` tells when to take it again. Raises
+    :class:`Indigestible`, naming the part that has no digest, and nothing else.
     """
+    return _guarded(_callable_digest, obj, hash_code)
+
+
+def _callable_digest(obj: Callable[..., Any], hash_code: bool) -> Digest:
+    # Mirrors callable_references, which lists what each branch reads.
     if isinstance(obj, types.FunctionType):
         stand_in = _STAND_INS.get(obj)
         if stand_in is not None:
-            return callable_digest(stand_in, hash_code=hash_code)
+            return _callable_digest(stand_in, hash_code)
         if hash_code or not _names_identify(obj):
             return function_digest(obj, reads_globals=hash_code)
         return _h(b"func", _qualified(obj))
     if isinstance(obj, functools.partial):
-        inner = callable_digest(obj.func, hash_code=hash_code)
-        return _h(b"partial", inner + _digest(obj.args) + _digest(obj.keywords))
+        inner = _callable_digest(obj.func, hash_code)
+        bound = _named_part(type(obj), "its bound arguments", (obj.args, obj.keywords))
+        return _h(b"partial", inner + bound)
     if isinstance(obj, types.MethodType):
-        return _h(b"method", callable_digest(obj.__func__, hash_code=hash_code) + _state(obj.__self__))
+        return _h(b"method", _callable_digest(obj.__func__, hash_code) + _state(obj.__self__))
     if isinstance(obj, (type, types.BuiltinFunctionType)):
         return _digest(obj)
     call = type(obj).__call__
@@ -793,17 +813,13 @@ def callable_references(obj: Callable[..., Any], *, hash_code: bool = False) -> 
     return _state_references(obj)
 
 
-def _cell_contents(cell: types.CellType) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:
-        return _END
-
-
 def _state_references(obj: Any) -> tuple[Any, ...]:
     if isinstance(obj, (type, types.ModuleType)):
         return (obj,)
-    state = obj.__getstate__()
+    try:
+        state = obj.__getstate__()
+    except Exception:
+        return (object(),)  # never the same again: the digest is taken anew, and says why
     parts = state if isinstance(state, tuple) else (state,)
     flat: list[Any] = [type(obj)]
     for part in parts:
@@ -821,7 +837,7 @@ def _state(obj: Any) -> Digest:
     try:
         return _h(b"state", _qualified(type(obj)) + _digest(obj.__getstate__()))
     except Indigestible as e:
-        raise Indigestible(f"the state of {_qualified(type(obj))} has no digest: {e}") from e
+        raise Indigestible(f"cannot digest the state of a {_qualified(type(obj))}: {e}") from e
 
 
 # -- numpy and pandas (only when already imported by the caller) --------------------------------
