@@ -637,3 +637,29 @@ def test_a_script_keys_its_functions_alike_in_every_pool_worker(tmp_path, method
         assert worker[1] == (x < 3)  # the parent's results are hits in the workers
         assert worker[2] == x and worker[4] == x + 1
     assert result["calls"] == 8  # four points, four shifts: nothing stored twice
+
+
+class Guarded:
+    """Digests (as a constant), but does not pickle: it holds a lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __digest__(self):
+        return "guarded"
+
+
+GUARD = Guarded()
+
+
+def reads_a_guard(x):
+    with GUARD.lock:
+        return x
+
+
+def test_a_hash_code_function_pickles_by_its_settings_after_a_call():
+    cached = fleche(cache=memory_cache(), hash_code=True)(reads_a_guard).__fleche__
+    assert cached.run((1,), {}) == 1 and cached.run((1,), {}) == 1
+    copy = pickle.loads(pickle.dumps(cached))
+    assert copy.func is reads_a_guard and copy.hash_code
+    assert copy.make_call((1,), {}).to_lookup_key() == cached.make_call((1,), {}).to_lookup_key()

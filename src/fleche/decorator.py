@@ -208,6 +208,11 @@ class _Cached:
         self._positional = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
         self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # What the identity read stays behind (another process digests it anew): it may hold
+        # globals that do not pickle, although the function, pickled by reference, does.
+        return {**self.__dict__, "_identity": None}
+
     def resolve_cache(self) -> BaseCache:
         return self.cache if self.cache is not None else active_cache()
 
