@@ -1,11 +1,14 @@
 """The @fleche decorator: hits skip the body, keys follow the options, caching never breaks a call."""
 
+import functools
 import inspect
 import pickle
 import threading
 import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fleche as fleche_pkg
 from fleche import FlecheWarning, fleche
@@ -302,3 +305,389 @@ def test_an_unstorable_argument_is_named_in_the_warning(tmp_path):
     assert "argument 'resource'" in message and "Resource" in message
     assert "result" not in message
     assert list(cache.calls.list()) == []
+
+
+# -- keys that identify what a function computes ------------------------------------------------
+
+MODULE_CACHE = memory_cache()
+TEN_TIMES = fleche(cache=MODULE_CACHE)(lambda x: 10 * x)
+TWENTY_TIMES = fleche(cache=MODULE_CACHE)(lambda x: 20 * x)
+
+
+def test_lambdas_of_one_module_have_keys_of_their_own():
+    assert (TEN_TIMES(2), TWENTY_TIMES(2)) == (20, 40)
+    assert TEN_TIMES.digest(2) != TWENTY_TIMES.digest(2)
+    cache = memory_cache()
+    one, two = fleche(cache=cache)(lambda x: x + 1), fleche(cache=cache)(lambda x: x + 2)
+    assert (one(1), two(1)) == (2, 3)
+
+
+class Tally(list):
+    """A record of runs that functions may capture without it taking part in their keys."""
+
+    def __digest__(self):
+        return "tally"
+
+
+@pytest.mark.parametrize("hash_code", [False, True])
+def test_functions_made_by_one_factory_are_keyed_by_what_they_capture(hash_code):
+    cache = memory_cache()
+    runs = Tally()
+
+    def make(k):
+        @fleche(cache=cache, hash_code=hash_code)
+        def scaled(x):
+            runs.append((k, x))
+            return k * x
+
+        return scaled
+
+    assert (make(2)(5), make(3)(5)) == (10, 15)
+    assert make(2)(5) == 10
+    assert runs == [(2, 5), (3, 5)]
+
+
+def test_closures_keyed_by_what_they_capture_store_in_sql(tmp_path):
+    pytest.importorskip("sqlalchemy")
+    from fleche.storage import Sql, ValuePickleFile
+
+    cache = Cache(ValuePickleFile(tmp_path / "values"), Sql(str(tmp_path / "calls.sqlite")))
+    runs = Tally()
+
+    def make(k):
+        @fleche(cache=cache)
+        def scaled(x):
+            runs.append(x)
+            return k * x
+
+        return scaled
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (make(2)(5), make(3)(5), make(2)(5)) == (10, 15, 10)
+    assert runs == [5, 5]
+
+
+def _apply_cache(kind, tmp_path):
+    return memory_cache() if kind == "memory" else fleche_pkg.open(f"{tmp_path}?format=cloudpickle")
+
+
+@pytest.mark.parametrize("kind", ["memory", "cloudpickle"])
+def test_function_arguments_differing_only_in_defaults_get_their_own_results(kind, tmp_path):
+    runs = []
+
+    @fleche(cache=_apply_cache(kind, tmp_path))
+    def apply(fn):
+        runs.append(fn)
+        return fn()
+
+    assert apply(lambda k=1: k) == 1
+    assert apply(lambda k=2: k) == 2
+    assert apply(lambda *, k=1: k) == 1
+    assert apply(lambda *, k=2: k) == 2
+    assert apply(lambda k=1: k) == 1
+    assert len(runs) == 4
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=3), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(json_like, json_like)
+def test_decorated_function_arguments_never_return_another_functions_result(a, b):
+    @fleche(cache=memory_cache())
+    def apply(fn):
+        return fn()
+
+    assert apply(lambda k=a: k) == a
+    assert apply(lambda k=b: k) == b
+    assert apply(lambda *, k=a: k) == a
+    assert apply(lambda *, k=b: k) == b
+
+
+def test_hash_code_covers_the_globals_the_body_reads():
+    namespace = {"__name__": "lab.scaling", "FACTOR": 2, "math": __import__("math")}
+    exec("def scale(x):\n    return FACTOR * math.floor(x)\n", namespace)
+    cache = memory_cache()
+    scale = fleche(cache=cache, hash_code=True)(namespace["scale"])
+    assert scale(5) == 10
+    namespace["FACTOR"] = 3  # rebinding a global the body reads: a new key
+    assert scale(5) == 15
+    namespace["FACTOR"] = 2
+    assert scale(5) == 10
+    assert len(list(cache.calls.list())) == 2
+    # Without hash_code a function known by its name is keyed by that name alone.
+    assert scale.digest(5) != fleche(cache=cache)(namespace["scale"]).digest(5)
+
+
+def test_captured_values_are_read_at_each_call():
+    cache = memory_cache()
+    state = {"k": 2}
+
+    def make():
+        k = state["k"]
+
+        @fleche(cache=cache)
+        def scaled(x):
+            return k * x
+
+        def rebind(value):
+            nonlocal k
+            k = value
+
+        return scaled, rebind
+
+    scaled, rebind = make()
+    assert scaled(5) == 10
+    rebind(3)
+    assert scaled(5) == 15
+    rebind(2)
+    assert scaled(5) == 10
+    assert len(list(cache.calls.list())) == 2
+
+
+class Scaler:
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, x):
+        return self.k * x
+
+    def times(self, x):
+        return self.k * x
+
+
+def power(base, exponent):
+    return base**exponent
+
+
+def test_partials_and_callable_instances_are_keyed_by_what_they_call():
+    cache = memory_cache()
+    squares, cubes = fleche(cache=cache)(functools.partial(power, exponent=2)), fleche(
+        cache=cache
+    )(functools.partial(power, exponent=3))
+    assert (squares(3), cubes(3)) == (9, 27)
+    assert squares.digest(3) != cubes.digest(3)
+    assert squares.call(3).arguments == {"base": 3, "exponent": 2}
+    scaler = Scaler(2)
+    scaled = fleche(cache=cache)(scaler)
+    assert scaled(5) == 10
+    scaler.k = 3
+    assert scaled(5) == 15
+    assert fleche(cache=cache)(Scaler(2)).digest(5) != scaled.digest(5)
+    assert fleche(cache=cache)(Scaler(3)).digest(5) == scaled.digest(5)
+    times = fleche(cache=cache)(Scaler(4).times)
+    assert times(5) == 20 and fleche(cache=cache)(Scaler(5).times)(5) == 25
+
+
+def test_a_decorated_function_digests_as_the_function_it_wraps():
+    from fleche import digest
+
+    cache = memory_cache()
+
+    def local(x):
+        return x + 1
+
+    decorated = fleche(cache=cache)(local)
+    assert digest(decorated) == digest(local)
+    assert digest(module_level) == digest(module_level.__wrapped__)
+
+    @fleche(cache=cache)
+    def apply(fn, x):
+        return fn(x)
+
+    assert apply(decorated, 1) == 2
+    assert apply.digest(decorated, 1) == apply.digest(local, 1)
+    assert apply.contains(local, 1)
+
+
+# -- an argument whose digest fails: the call runs uncached ---------------------------------------
+
+
+class RaisingDigest:
+    def __init__(self, error):
+        self.error = error
+
+    def __digest__(self):
+        raise self.error
+
+
+class Hooked:
+    pass
+
+
+def _refuse(value):
+    raise ValueError("hook refused")
+
+
+def _cyclic_list():
+    value = [1]
+    value.append(value)
+    return value
+
+
+def _cyclic_dict():
+    value = {}
+    value["me"] = [value]
+    return value
+
+
+def _deep_list():
+    value = []
+    for _ in range(100_000):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("make", "cause"),
+    [
+        (_cyclic_list, "cycle"),
+        (_cyclic_dict, "cycle"),
+        (_deep_list, "too deep"),
+        (lambda: RaisingDigest(RuntimeError("broken digest")), "RuntimeError: broken digest"),
+        (lambda: RaisingDigest(TypeError("typed digest")), "TypeError: typed digest"),
+        (lambda: RaisingDigest(RecursionError("deep digest")), "RecursionError|too deep|cycle"),
+        (Hooked, "ValueError: hook refused"),
+    ],
+)
+def test_an_argument_whose_digest_fails_runs_uncached_with_a_warning(make, cause):
+    from fleche.digest import register_digest_hook
+
+    register_digest_hook(Hooked, _refuse)
+    runs = []
+
+    @fleche(cache=memory_cache())
+    def measure(data, scale=1):
+        runs.append(scale)
+        return scale * 2
+
+    bad = make()
+    for _ in range(2):
+        with pytest.warns(FlecheWarning, match=f"measure ran uncached.*'data'.*({cause})"):
+            assert measure(bad, scale=3) == 6
+    assert runs == [3, 3]
+
+
+def test_only_the_functions_own_errors_reach_the_caller():
+    def plain(data, scale=1):
+        raise ValueError("from the function")
+
+    failing = fleche(cache=memory_cache())(plain)
+    with pytest.warns(FlecheWarning), pytest.raises(ValueError, match="from the function"):
+        failing(_cyclic_list())
+    with pytest.raises(TypeError) as expected:
+        plain(1, 2, 3)
+    with pytest.raises(TypeError) as got:
+        failing(1, 2, 3)
+    assert str(got.value) == str(expected.value)
+
+
+def test_a_function_whose_captured_value_has_no_digest_runs_uncached():
+    lock = threading.Lock()
+    runs = []
+
+    @fleche(cache=memory_cache())
+    def locked(x):
+        runs.append(x)
+        with lock:
+            return x
+
+    with pytest.warns(FlecheWarning, match="locked ran uncached.*lock"):
+        assert locked(1) == 1
+
+
+# -- one module name for one script in every process ----------------------------------------------
+
+POOL_SCRIPT = """
+import dataclasses, json, multiprocessing, sys
+from fleche import fleche
+from fleche.caches import Cache
+from fleche.storage import CallPickleFile, ValuePickleFile
+
+ROOT, METHOD = sys.argv[1], sys.argv[2]
+store = Cache(ValuePickleFile(ROOT + "/values"), CallPickleFile(ROOT + "/calls"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+
+
+@fleche(cache=store)
+def norm(p):
+    return abs(p.x)
+
+
+shift = fleche(cache=store)(lambda x, d=1: x + d)
+
+
+def probe(x):
+    return [norm.digest(Point(x)), norm.contains(Point(x)), norm(Point(x)), shift.digest(x), shift(x)]
+
+
+if __name__ == "__main__":
+    for x in range(3):
+        norm(Point(x)), shift(x)
+    with multiprocessing.get_context(METHOD).Pool(2) as pool:
+        seen = pool.map(probe, range(4))
+    print(json.dumps({
+        "parent": [[norm.digest(Point(x)), shift.digest(x)] for x in range(4)],
+        "workers": seen,
+        "calls": len(list(store.calls.list())),
+    }))
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+def test_a_script_keys_its_functions_alike_in_every_pool_worker(tmp_path, method):
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "sweep.py"
+    script.write_text(POOL_SCRIPT)
+    src = str(pathlib.Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "store"), method], capture_output=True,
+        text=True, check=True, env=dict(os.environ, PYTHONPATH=src), cwd=tmp_path, timeout=120,
+    )
+    result = json.loads(out.stdout)
+    for x, (worker, parent) in enumerate(zip(result["workers"], result["parent"])):
+        assert [worker[0], worker[3]] == parent
+        assert worker[1] == (x < 3)  # the parent's results are hits in the workers
+        assert worker[2] == x and worker[4] == x + 1
+    assert result["calls"] == 8  # four points, four shifts: nothing stored twice
+
+
+class Guarded:
+    """Digests (as a constant), but does not pickle: it holds a lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __digest__(self):
+        return "guarded"
+
+
+GUARD = Guarded()
+
+
+def reads_a_guard(x):
+    with GUARD.lock:
+        return x
+
+
+def test_a_hash_code_function_pickles_by_its_settings_after_a_call():
+    cached = fleche(cache=memory_cache(), hash_code=True)(reads_a_guard).__fleche__
+    assert cached.run((1,), {}) == 1 and cached.run((1,), {}) == 1
+    copy = pickle.loads(pickle.dumps(cached))
+    assert copy.func is reads_a_guard and copy.hash_code
+    assert copy.make_call((1,), {}).to_lookup_key() == cached.make_call((1,), {}).to_lookup_key()

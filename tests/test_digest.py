@@ -3,15 +3,22 @@
 import copy
 import dataclasses
 import datetime
+import decimal
 import enum
+import fractions
 import functools
+import http
 import json
 import math
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
+import types
+import uuid
+import zoneinfo
 
 import attrs
 import numpy as np
@@ -115,15 +122,17 @@ DISTINCT = [
 ]
 
 
-def test_distinct_values_have_distinct_digests():
-    digests = [digest(v) for v in DISTINCT]
-    clashes = [
-        (DISTINCT[i], DISTINCT[j])
-        for i in range(len(digests))
-        for j in range(i)
+def _clashes(values):
+    """Pairs of values that share a digest."""
+    digests = [digest(v) for v in values]
+    return [
+        (values[i], values[j]) for i in range(len(digests)) for j in range(i)
         if digests[i] == digests[j]
     ]
-    assert not clashes
+
+
+def test_distinct_values_have_distinct_digests():
+    assert not _clashes(DISTINCT)
 
 
 def test_numbers_that_compare_equal_stay_apart():
@@ -330,3 +339,389 @@ KNOWN = [
 def test_known_vectors_do_not_drift(value, expected):
     """Stored caches are keyed by these: a change here orphans every existing entry."""
     assert digest(value) == expected
+
+
+# -- what a function's digest covers ------------------------------------------------------------
+
+
+def _lambda_reading(global_value, source="lambda: K"):
+    """A lambda whose code reads the global ``K``, in a module of its own."""
+    return eval(source, {"__name__": "lab.globals", "K": global_value})
+
+
+def _closure_over(value):
+    return lambda: value
+
+
+def test_functions_differing_only_in_what_decides_their_result_differ():
+    assert digest(lambda k=1: k) != digest(lambda k=2: k)
+    assert digest(lambda *, k=1: k) != digest(lambda *, k=2: k)
+    assert digest(lambda k=1: k) != digest(lambda *, k=1: k)
+    assert digest(_closure_over(1)) != digest(_closure_over(2))
+    assert digest(_lambda_reading(1)) != digest(_lambda_reading(2))
+    assert digest(_lambda_reading(_closure_over(1))) != digest(_lambda_reading(_closure_over(2)))
+    # Equal in every respect: equal digests.
+    assert digest(lambda k=1: k) == digest(lambda k=1: k)
+    assert digest(_lambda_reading(1)) == digest(_lambda_reading(1))
+
+
+def test_function_digests_follow_their_globals_and_cells_as_they_change():
+    namespace = {"__name__": "lab.mutable", "SCALE": 2}
+    scaled = eval("lambda x: SCALE * x", namespace)
+    before = digest(scaled)
+    namespace["SCALE"] = 3
+    assert digest(scaled) != before
+    namespace["SCALE"] = 2
+    assert digest(scaled) == before
+
+
+def test_modules_and_named_functions_are_read_by_reference():
+    namespace = {"__name__": "lab.refs", "math": math, "plain": plain}
+    uses = eval("lambda x: plain(math.floor(x))", namespace)
+    before = digest(uses)
+    namespace["math"] = math  # the same module again: nothing changed
+    assert digest(uses) == before
+    assert digest(math) == digest(math) != digest(os)
+
+
+def test_recursive_local_functions_digest():
+    def make(step):
+        def count(n):
+            return 0 if n <= 0 else 1 + count(n - step)
+
+        return count
+
+    assert digest(make(1)) == digest(make(1))
+    assert digest(make(1)) != digest(make(2))
+    namespace = {"__name__": "lab.recursion"}
+    exec("fact = lambda n: 1 if n <= 1 else n * fact(n - 1)", namespace)
+    assert digest(namespace["fact"]) == digest(namespace["fact"])
+
+
+def test_a_function_capturing_an_indigestible_value_names_it():
+    import threading
+
+    lock = threading.Lock()
+    with pytest.raises(Indigestible, match="lock"):
+        digest(lambda: lock.locked())
+
+
+def _function_pairs():
+    """Pairs of functions built alike from two values, differing in one thing that decides what
+    they return: a default, a keyword-only default, a captured value, a global, a constant."""
+    kinds = {
+        "default": lambda v: (lambda k=v: k),
+        "kwonly": lambda v: (lambda *, k=v: k),
+        "closure": _closure_over,
+        "global": _lambda_reading,
+        "global function": lambda v: _lambda_reading(_closure_over(v), "lambda: K()"),
+        "nested closure": lambda v: (lambda: _closure_over(v)()),
+    }
+    return st.sampled_from(sorted(kinds)).map(kinds.__getitem__)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_function_pairs(), json_values, json_values)
+def test_functions_that_can_return_different_results_never_share_a_digest(build, a, b):
+    f, g = build(a), build(b)
+    if digest(f) == digest(g):
+        assert _canonical(f()) == _canonical(g())
+    assert digest(f) == digest(build(copy.deepcopy(a)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(), st.integers())
+def test_functions_differing_in_a_constant_of_their_code_differ(a, b):
+    f, g = eval(f"lambda x: x * {a}"), eval(f"lambda x: x * {b}")
+    assert (digest(f) == digest(g)) == (a == b)
+
+
+# -- values that cannot be digested: cycles, depth, hooks that fail ------------------------------
+
+
+@dataclasses.dataclass
+class Node:
+    value: int
+    next: object = None
+
+
+class BrokenDigest:
+    def __digest__(self):
+        raise RuntimeError("no content today")
+
+
+class SelfDigest:
+    def __digest__(self):
+        return [self]
+
+
+def _nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_reference_cycles_raise_indigestible_naming_the_cycle():
+    looped = [1]
+    looped.append(looped)
+    mapping = {"a": []}
+    mapping["a"].append(mapping)
+    node = Node(1)
+    node.next = Node(2, node)
+    for value, shape in [
+        (looped, "list -> list"), (mapping, "dict -> list -> dict"), (node, "Node -> Node -> Node"),
+        (SelfDigest(), "SelfDigest"),
+    ]:
+        with pytest.raises(Indigestible, match="cycle") as info:
+            digest(value)
+        assert shape in str(info.value)
+    assert digest([[1], [1]]) == digest([[1], [1]])  # shared, not cyclic
+
+
+def test_values_too_deep_to_digest_raise_indigestible():
+    with pytest.raises(Indigestible, match="too deep"):
+        digest(_nested(100_000))
+    assert digest(_nested(50)) == digest(_nested(50))
+
+
+def test_digest_hooks_that_raise_give_indigestible_naming_the_cause():
+    with pytest.raises(Indigestible, match="BrokenDigest.*__digest__.*RuntimeError: no content") as info:
+        digest([BrokenDigest()])
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    class Sensor:
+        pass
+
+    def refuse(sensor):
+        raise ValueError("sensor offline")
+
+    register_digest_hook(Sensor, refuse)
+    with pytest.raises(Indigestible, match="Sensor.*refuse.*ValueError: sensor offline"):
+        digest({"s": Sensor()})
+
+
+# -- more types ---------------------------------------------------------------------------------
+
+
+class Perm(enum.IntFlag):
+    R = 1
+    W = 2
+
+
+PARIS = zoneinfo.ZoneInfo("Europe/Paris")
+PLUS_ONE = datetime.timezone(datetime.timedelta(hours=1))
+
+MORE_TYPES = [
+    uuid.UUID(int=1), uuid.UUID(int=2), decimal.Decimal("1"), decimal.Decimal("1.0"),
+    decimal.Decimal("1.00"), decimal.Decimal("-0"), decimal.Decimal("0"), decimal.Decimal("NaN"),
+    decimal.Decimal("sNaN"), decimal.Decimal("Infinity"), decimal.Decimal("-Infinity"),
+    decimal.Decimal("1E+2"), decimal.Decimal("100"), fractions.Fraction(1), fractions.Fraction(1, 2),
+    fractions.Fraction(-1, 2), slice(1), slice(1, 2), slice(None, 1, 2), slice(1, None), slice(1, 2, 1),
+    slice(1.0), slice("a"),
+    datetime.datetime(2020, 1, 2, 3, tzinfo=PARIS), datetime.datetime(2020, 1, 2, 3, tzinfo=PLUS_ONE),
+    datetime.datetime(2020, 1, 2, 3, tzinfo=datetime.timezone(datetime.timedelta(hours=1), "CET")),
+    datetime.datetime(2020, 1, 2, 3, tzinfo=zoneinfo.ZoneInfo("UTC")),
+    datetime.datetime(2020, 1, 2, 3, tzinfo=datetime.timezone.utc),
+    datetime.datetime(2020, 1, 2, 3), datetime.datetime(2020, 1, 2, 2, tzinfo=datetime.timezone.utc),
+    datetime.datetime(2021, 10, 31, 2, 30, tzinfo=PARIS),
+    datetime.datetime(2021, 10, 31, 2, 30, fold=1, tzinfo=PARIS),
+    datetime.time(1, 2, tzinfo=PARIS), datetime.time(1, 2, tzinfo=PLUS_ONE), datetime.time(1, 2, fold=1),
+    datetime.timezone.utc, PLUS_ONE, datetime.timezone(datetime.timedelta(hours=-1)),
+    datetime.timezone(datetime.timedelta(hours=1), "CET"), PARIS, zoneinfo.ZoneInfo("UTC"),
+    zoneinfo.ZoneInfo("America/New_York"),
+    pathlib.PurePosixPath("/data/x"), pathlib.Path("/data/x"), pathlib.PureWindowsPath("c:/data/x"),
+    "/data/x", Perm.R, Perm.W, Perm.R | Perm.W, Perm(0), Perm(4), Perm(8), os, math,
+]
+
+
+def test_more_types_digest_distinctly():
+    assert not _clashes(MORE_TYPES + DISTINCT)
+    one = [decimal.Decimal("1"), fractions.Fraction(1), 1, 1.0]
+    assert len({digest(v) for v in one}) == 4
+
+
+def test_more_types_digest_equal_for_equal_values():
+    for value in MORE_TYPES:
+        if isinstance(value, types.ModuleType):
+            continue
+        assert digest(value) == digest(copy.deepcopy(value)) == digest(pickle.loads(pickle.dumps(value)))
+    assert digest(fractions.Fraction(2, 4)) == digest(fractions.Fraction(1, 2))
+    u = uuid.uuid4()
+    assert digest(uuid.UUID(str(u))) == digest(uuid.UUID(bytes=u.bytes)) == digest(u)
+    assert digest(zoneinfo.ZoneInfo.no_cache("Europe/Paris")) == digest(PARIS)
+    assert digest(datetime.timezone(datetime.timedelta(hours=1))) == digest(PLUS_ONE)
+    # Decimals keep their exponent: 1.0 and 1.00 are equal numbers that compute and print
+    # differently (1.0 * 3 is 3.0, 1.00 * 3 is 3.00), so they digest apart.
+    one, one_point_oh = decimal.Decimal("1.0"), decimal.Decimal("1.00")
+    assert one == one_point_oh and str(one * 3) != str(one_point_oh * 3)
+    assert digest(one) != digest(one_point_oh)
+
+
+def test_timezones_without_a_name_are_refused():
+    class Local(datetime.tzinfo):
+        def utcoffset(self, dt):
+            return datetime.timedelta(hours=2)
+
+    with pytest.raises(Indigestible, match="Local"):
+        digest(datetime.datetime(2020, 1, 1, tzinfo=Local()))
+
+
+MORE_KNOWN = [
+    (uuid.UUID(int=1), "600b06ea49e20b8d412565405001a6e1594ad5271ec82263add7fd743220d1c8"),
+    (decimal.Decimal("1.50"), "f42057c76e119919143bf6d79f5d8ab38754e44dedb4f3165cd26b0fc1746b50"),
+    (fractions.Fraction(1, 3), "b542c843ed53801984c43ab036ee8d7cbe681bb6f30f6de94952c24ef917900f"),
+    (slice(1, None, 2), "c2480f446e0eb95348f17128d16369ae062d22268389f3ea520f4c6a157ccc10"),
+    (
+        datetime.datetime(2020, 1, 2, 3, tzinfo=PARIS),
+        "91706cda1b87451077c905a008544c80f7429722d432d5f244ba29f26f4b5230",
+    ),
+    (
+        datetime.time(1, 2, tzinfo=PLUS_ONE),
+        "6093cd4c7c6d264e2effc970a98d9611c624af1b5114fe6f3ddb100a3d4fb7fe",
+    ),
+    (PLUS_ONE, "207277fd6385665bcf960830e2f9dde0cf0a5ad9a7c254d4ac3acf1321c0bfd1"),
+    (PARIS, "cf4cdeba297a788354ebf5ad3c964abc9c4325032718f0b4f12fd6f4a2c66ccb"),
+    (http.HTTPStatus.OK, "d00a76fadaeafa96c30edc572e7e1f6f403d532074114a97e69815aa7c991536"),
+    (re.RegexFlag.IGNORECASE, "477943a4dd0337a27439d5e1aa91bbdd26aeca590f5e266284a7f15b6df64b59"),
+    (re.RegexFlag(0), "a8340eea1c863529de3432656e857cddc7f3cff63a369e6f9f94952b3d31daab"),
+    (math, "db757498fc88a33b5df6c36b3917e348eb88349d5e78cab6c3ffcfbd8dc971ff"),
+    # These digested before this list was pinned and must keep their values.
+    (datetime.date(2020, 1, 2), "ce20281f642a72e38731be320ea5f53e3c7078f28cefd55a7fb8bc3bb0c91914"),
+    (
+        datetime.datetime(2020, 1, 2, 3, 4, 5, 6),
+        "15779ab7aeb51712109bb99cc33ba264faf61a3abab0b8e96d7ba7f4dc91e38f",
+    ),
+    (
+        datetime.datetime(2020, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
+        "4f8d25b029da67b5af9e92b15deb1b6d058b7c9934e8c57b341c763e0f01ef5d",
+    ),
+    (datetime.time(1, 2, 3), "1ad961e7b804b5d63f7bb343af200c3da4d0d196b163b69d42ce5cee5eb3b858"),
+    (
+        datetime.timedelta(days=1, seconds=2, microseconds=3),
+        "319cab8f272ea0c54e1a2e85d0e13158f22b228c0fb1fbcfe50d7002fabc165b",
+    ),
+    (
+        pathlib.PurePosixPath("a/b"),
+        "cd5b9e79efe6bdc1bbdbaead558b3b3d38963ab733323eb86864a3eb7b403853",
+    ),
+    (pathlib.Path("/tmp/x"), "7d6d567fd07907826d218d6d47bea82b7c6a8b8426fae72aa0a175860aee8948"),
+    (
+        pathlib.PureWindowsPath("c:/a/b"),
+        "1079128d97e6e1474fbd3d77474d8aa4b3f457232153d796cd457283adee1817",
+    ),
+    (range(1, 10, 2), "bae86021a7e935a4114b7fe3c294717bb07091f4784c5acd2f40c47396e07cd4"),
+    (1 + 2j, "f560737697dc8add9eff16922b03fc8189ccb06b07c18888a914f8bf140c50c3"),
+    (bytearray(b"ab"), "f63e21e6e20393e10cab5b06581851d135bbf2e3ddd0518dc1952d18585e5b16"),
+    (
+        [(), {}, frozenset({"a"})],
+        "e7ba728b365b8bec4459a2d3f7a93e1e7773b89b1809ac65a80318a45494b7fa",
+    ),
+    (2**100, "1f86074c708872e628266acdd2610a297f5ea46661bd0b1e40c4f40a915a4798"),
+    (math.nan, "480ff7a4db680854fd7c332e900ceb7c09fad8e2ebec5db9e3447fcbd9495495"),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), MORE_KNOWN)
+def test_more_known_vectors_do_not_drift(value, expected):
+    assert digest(value) == expected
+
+
+# -- digest hooks from installed distributions --------------------------------------------------
+
+HOOK_MODULES = {
+    "hooktest_types.py": """
+class Celsius:
+    def __init__(self, degrees):
+        self.degrees = degrees
+""",
+    "hooktest_hooks.py": """
+from hooktest_types import Celsius
+
+CALLS = []
+
+
+def register(register_digest_hook):
+    CALLS.append(1)
+    register_digest_hook(Celsius, lambda c: c.degrees)
+
+
+def refuse(register_digest_hook):
+    raise RuntimeError("this hook is broken")
+""",
+}
+
+HOOK_ENTRY_POINTS = """[fleche.digest_hooks]
+hooktest = hooktest_hooks:register
+missing = hooktest_missing:register
+raising = hooktest_hooks:refuse
+"""
+
+
+def _build_wheel(directory):
+    """A real wheel of the distribution ``fleche-hooktest``: two modules and three entry points
+    in the group ``fleche.digest_hooks`` (built by hand: no build backend needed)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = "fleche_hooktest-0.1.dist-info"
+    files = {
+        **HOOK_MODULES,
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: fleche-hooktest\nVersion: 0.1\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: fleche-tests\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+        f"{info}/entry_points.txt": HOOK_ENTRY_POINTS,
+    }
+    record = []
+    path = directory / "fleche_hooktest-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, text in files.items():
+            data = text.encode()
+            wheel.writestr(name, data)
+            hashed = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={hashed},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        wheel.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+HOOK_SCRIPT = """
+import json, sys, warnings
+from fleche.digest import digest
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    digest([1, "a", {"b": 2.0}])
+    loaded_early = "hooktest_hooks" in sys.modules
+    import hooktest_types
+    a, b = digest(hooktest_types.Celsius(3)), digest(hooktest_types.Celsius(4))
+    again = digest(hooktest_types.Celsius(3))
+    import hooktest_hooks
+print(json.dumps({
+    "loaded_early": loaded_early, "a": a, "b": b, "again": again, "calls": len(hooktest_hooks.CALLS),
+    "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+}))
+"""
+
+
+def test_entry_point_hooks_of_an_installed_distribution(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+         "--target", str(target), str(_build_wheel(tmp_path))],
+        check=True, capture_output=True, env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
+        cwd=tmp_path,
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), SRC]))
+    out = subprocess.run(
+        [sys.executable, "-c", HOOK_SCRIPT], env=env, capture_output=True, text=True, check=True,
+        cwd=tmp_path,
+    )
+    result = json.loads(out.stdout)
+    assert not result["loaded_early"]  # nothing loaded while only built-in types were digested
+    assert result["a"] == result["again"] != result["b"]
+    assert result["calls"] == 1  # loaded once
+    problems = [w for w in result["warnings"] if w.startswith("FlecheWarning")]
+    assert len(problems) == 2, result["warnings"]
+    assert any("'missing'" in w and "hooktest_missing" in w for w in problems)
+    assert any("'raising'" in w and "this hook is broken" in w for w in problems)

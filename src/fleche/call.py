@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .digest import Digest, digest, digest_mapping, digest_sequence
+from .digest import Digest, callable_name, digest, digest_mapping, digest_sequence
 
 __all__ = [
     "Call",
@@ -151,18 +151,16 @@ class Call:
 
     @classmethod
     def from_call(cls, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
-        """Bind ``args``/``kwargs`` to ``func``'s signature, defaults applied.
+        """Bind ``args``/``kwargs`` to ``func``'s signature, defaults applied; name and module
+        as :func:`~fleche.digest.callable_name` gives them (``__mp_main__`` read as ``__main__``).
 
         Raises ``TypeError`` if the arguments do not fit the signature, exactly as calling
         ``func`` would.
         """
         bound = inspect.signature(func).bind(*args, **kwargs)
         bound.apply_defaults()
-        return cls(
-            name=getattr(func, "__qualname__", getattr(func, "__name__", repr(func))),
-            arguments=dict(bound.arguments),
-            module=getattr(func, "__module__", None),
-        )
+        name, module = callable_name(func)
+        return cls(name=name, arguments=dict(bound.arguments), module=module)
 
     def to_lookup_key(self) -> Digest:
         """The key under which this call is stored: a digest of name, module, version, code digest

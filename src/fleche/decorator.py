@@ -33,7 +33,16 @@ from typing import Any, TypeVar, overload
 
 from .caches import BaseCache, memory_cache
 from .call import Call, KnownArguments, QueryCall, lookup_key
-from .digest import Digest, Indigestible, code_digest, digest
+from .digest import (
+    Digest,
+    Indigestible,
+    callable_digest,
+    callable_name,
+    callable_references,
+    digest,
+    digest_as,
+    digests_by_name,
+)
 from .errors import CorruptEntryError, FlecheWarning, LockTimeout, SaveError, SpecError
 from .spec import CACHE_ENV, open_store
 
@@ -163,35 +172,47 @@ class _Cached:
         cache: BaseCache | None,
         compute_once: bool = False,
     ) -> None:
+        name, module = callable_name(func)
         if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-            raise TypeError(f"@fleche cannot cache async functions yet: {func.__qualname__}")
+            raise TypeError(f"@fleche cannot cache async functions yet: {name}")
         self.func = func
+        self.name = name
         self.signature = inspect.signature(func)
         self.ignore = frozenset(ignore)
         unknown = self.ignore - set(self.signature.parameters)
         if unknown:
             raise ValueError(
-                f"ignore names {sorted(unknown)} that are not parameters of {func.__qualname__}"
-                f"{self.signature}"
+                f"ignore names {sorted(unknown)} that are not parameters of {name}{self.signature}"
             )
         if cache is not None and not isinstance(cache, BaseCache):
             raise TypeError(f"cache= needs a cache (e.g. fleche.caches.Cache), got {cache!r}")
         self.cache = cache
         self.compute_once = compute_once
         self.version = version
+        # A function known by its name is keyed by it (and hash_code=False keeps its key when
+        # its body changes); any other callable by what it computes, taken at each call, since
+        # captured values, globals and an object's state may change between calls.
+        self.hash_code = hash_code
+        self._by_name = digests_by_name(func) and not hash_code
+        self._identity: tuple[tuple[Any, ...], Call] | None = None  # (what it read, template)
         self.template = Call(
-            name=func.__qualname__,
+            name=name,
             arguments={},
-            module=func.__module__ if hash_module else None,
+            module=module if hash_module else None,
             version=version if hash_version else None,
-            code_digest=code_digest(func) if hash_code else None,
+            code_digest=None,
         )
-        self.info = {"version": version, "module": func.__module__}
+        self.info = {"version": version, "module": module}
         params = list(self.signature.parameters.values())
         plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
         self._simple = tuple(p.name for p in params) if plain else None
         self._positional = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
         self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What the identity read stays behind (another process digests it anew): it may hold
+        # globals that do not pickle, although the function, pickled by reference, does.
+        return {**self.__dict__, "_identity": None}
 
     def resolve_cache(self) -> BaseCache:
         return self.cache if self.cache is not None else active_cache()
@@ -225,54 +246,85 @@ class _Cached:
                 return None
         return arguments if used == len(kwargs) else None
 
-    def make_call(self, args: tuple, kwargs: dict) -> Call:
-        return self.template.replace(arguments=self.bind(args, kwargs))
+    def identity(self) -> Call:
+        """The call template as of now: name, module, version and, for a function not keyed by
+        its name alone, the digest of what it computes; ``Indigestible`` if that has none.
 
-    def key(self, arguments: Mapping[str, Any]) -> tuple[Digest, dict[str, Digest]]:
-        t = self.template
-        digests = {name: digest(value) for name, value in arguments.items()}
+        That digest is taken again whenever something it read was rebound (a global, a captured
+        variable, an attribute of a callable object); a value changed in place is not seen.
+        """
+        if self._by_name:
+            return self.template
+        refs = callable_references(self.func, hash_code=self.hash_code)
+        known = self._identity
+        if known is not None and len(known[0]) == len(refs):
+            if all(a is b for a, b in zip(known[0], refs)):
+                return known[1]
+        # A plain str, as Call.code_digest is typed (storages such as Sql check the type).
+        code = str(callable_digest(self.func, hash_code=self.hash_code))
+        template = self.template.replace(code_digest=code)
+        self._identity = (refs, template)
+        return template
+
+    def make_call(self, args: tuple, kwargs: dict) -> Call:
+        return self.identity().replace(arguments=self.bind(args, kwargs))
+
+    def key(
+        self, arguments: Mapping[str, Any], template: Call | None = None
+    ) -> tuple[Digest, dict[str, Digest]]:
+        """The lookup key of a call with these bound arguments (under ``template``, by default
+        :meth:`identity`) and the arguments' digests; ``Indigestible`` naming the argument, or
+        the function's part, whose digest failed."""
+        t = self.identity() if template is None else template
+        digests = {}
+        for name, value in arguments.items():
+            try:
+                digests[name] = digest(value)
+            except Indigestible as e:
+                raise Indigestible(f"argument {name!r} has no digest: {e}") from e
         return lookup_key(t.name, t.module, t.version, t.code_digest, digests), digests
 
     def run(self, args: tuple, kwargs: dict) -> Any:
         cache = self.resolve_cache()
         try:
             arguments = self.bind(args, kwargs)
-            key, digests = self.key(arguments)
-        except Indigestible as e:
-            _warn(f"{self.func.__qualname__} ran uncached: {e}")
-            return self.func(*args, **kwargs)
         except TypeError:
-            return self.func(*args, **kwargs)  # raises the usual error for bad arguments
+            return self.func(*args, **kwargs)  # raises the function's own error for bad arguments
+        try:
+            template = self.identity()
+            key, digests = self.key(arguments, template)
+        except Indigestible as e:  # digest() raises nothing else: the call runs, uncached
+            _warn(f"{self.name} ran uncached: {e}")
+            return self.func(*args, **kwargs)
+        call = template.replace(arguments=KnownArguments(arguments, digests))
         overwrite = False
         try:
             return cache.load_result(key)
         except KeyError:
             pass
         except CorruptEntryError as e:
-            _warn(f"{self.func.__qualname__}: recomputing over a corrupt cache entry ({e})")
+            _warn(f"{self.name}: recomputing over a corrupt cache entry ({e})")
             if cache.writable:
                 cache.discard(e.key)
             overwrite = True
         if self.compute_once and cache.writable:
-            return self._compute_once(cache, key, args, kwargs, arguments, digests, overwrite)
-        return self._compute(cache, args, kwargs, arguments, digests, overwrite)
+            return self._compute_once(cache, key, args, kwargs, call, overwrite)
+        return self._compute(cache, args, kwargs, call, overwrite)
 
     def _compute(
-        self, cache: BaseCache, args: tuple, kwargs: dict, arguments: Mapping[str, Any],
-        digests: dict[str, Digest], overwrite: bool,
+        self, cache: BaseCache, args: tuple, kwargs: dict, call: Call, overwrite: bool
     ) -> Any:
         started = time.time()
         t0 = time.perf_counter()
         result = self.func(*args, **kwargs)
         wall = time.perf_counter() - t0
         if cache.writable:
-            call = self.template.replace(arguments=KnownArguments(arguments, digests))
             self.store(cache, call, result, started, wall, overwrite)
         return result
 
     def _compute_once(
-        self, cache: BaseCache, key: Digest, args: tuple, kwargs: dict,
-        arguments: Mapping[str, Any], digests: dict[str, Digest], overwrite: bool,
+        self, cache: BaseCache, key: Digest, args: tuple, kwargs: dict, call: Call,
+        overwrite: bool,
     ) -> Any:
         # Single flight: hold the key's lock (across processes for file storages), look again,
         # and compute only if still missing. A waiter that times out computes itself.
@@ -280,14 +332,14 @@ class _Cached:
             try:
                 stack.enter_context(cache.locked(key))
             except LockTimeout as e:
-                _warn(f"{self.func.__qualname__}: computing without waiting longer ({e})")
-                return self._compute(cache, args, kwargs, arguments, digests, overwrite)
+                _warn(f"{self.name}: computing without waiting longer ({e})")
+                return self._compute(cache, args, kwargs, call, overwrite)
             if not overwrite:
                 try:
                     return cache.load_result(key)
                 except (KeyError, CorruptEntryError):
                     pass
-            return self._compute(cache, args, kwargs, arguments, digests, overwrite)
+            return self._compute(cache, args, kwargs, call, overwrite)
 
     def store(
         self, cache: BaseCache, call: Call, result: Any, started: float, wall: float,
@@ -298,11 +350,11 @@ class _Cached:
         try:
             cache.save(call, overwrite=overwrite)
         except Indigestible as e:  # the arguments were digested already: it is the result
-            _warn(f"{self.func.__qualname__}: result not cached, it has no digest: {e}")
+            _warn(f"{self.name}: result not cached, it has no digest: {e}")
         except LockTimeout as e:
-            _warn(f"{self.func.__qualname__}: result not cached, its key stayed locked: {e}")
+            _warn(f"{self.name}: result not cached, its key stayed locked: {e}")
         except SaveError as e:  # says which argument or the result could not be stored
-            _warn(f"{self.func.__qualname__}: call not cached: {e}")
+            _warn(f"{self.name}: call not cached: {e}")
 
 
 def _attach(wrapper: Any, cached: _Cached) -> None:
@@ -324,7 +376,7 @@ def _attach(wrapper: Any, cached: _Cached) -> None:
 
     def query(**arguments: Any) -> Iterator[Call]:
         """Stored calls of this function whose arguments match the given values."""
-        t = cached.template
+        t = cached.identity()
         template = QueryCall(
             name=t.name, module=t.module, version=t.version, code_digest=t.code_digest,
             arguments=arguments,
@@ -387,12 +439,20 @@ def fleche(
     A call whose key is stored returns the stored result without running the body; any other
     call runs and its result is saved with metadata (start time, wall time, host, pid).
     The key is built from the function's qualified name, its module (``hash_module``), its
-    ``version`` (``hash_version``), its code (``hash_code``: editing the body gives new keys) and
-    the bound arguments (defaults applied) except those named in ``ignore``.
+    ``version`` (``hash_version``), what it computes when its name does not identify it or
+    ``hash_code`` is set, and the bound arguments (defaults applied) except those named in
+    ``ignore``. A lambda, a function defined inside another function (a closure) is keyed by
+    its code, closure cells, defaults and keyword-only defaults; ``hash_code=True`` adds them,
+    and the globals the body reads, for any function (editing the body gives new keys). A
+    ``functools.partial`` is keyed by its function and bound arguments, a bound method or
+    callable object by its class and state. That part is digested again whenever something it
+    read (a global, a captured variable, an attribute) is rebound, not when a value is changed
+    in place. The wrapper digests as ``func``, so it can be an argument of a cached call.
 
-    Caching never changes what a call does: arguments without a digest run uncached with a
-    ``FlecheWarning``, exceptions propagate and are not cached, and a result that cannot be
-    stored is returned with a warning. The wrapper keeps the function's name, signature and
+    Caching never changes what a call does: an argument (or a captured value) whose digest
+    fails in any way runs the call uncached with a ``FlecheWarning`` naming it and the cause,
+    exceptions propagate and are not cached, and a result that cannot be stored is returned
+    with a warning. The wrapper keeps the function's name, signature and
     docstring and gains ``.digest``, ``.contains``, ``.load``, ``.call`` (each taking the call's
     arguments) and ``.query(**arguments)``. Safe to call from many threads and processes at once.
     Two callers that miss the same key at once may both compute it, unless
@@ -420,6 +480,7 @@ def fleche(
             return cached.run(args, kwargs)
 
         _attach(wrapper, cached)
+        digest_as(wrapper, f)
         return wrapper
 
     if func is not None:
