@@ -32,8 +32,11 @@ from fleche.errors import (  # noqa: E402
     SchemaVersionError,
 )
 from fleche.storage import CallMemory, Intent  # noqa: E402
-from fleche.storage._sql_engine import _filesystem_type, _is_network_filesystem  # noqa: E402
-from fleche.storage._sql_schema import (  # noqa: E402
+from fleche.storage.sql.dialects.sqlite import (  # noqa: E402
+    filesystem_type as _filesystem_type,
+    is_network_filesystem as _is_network_filesystem,
+)
+from fleche.storage.sql.schema import (  # noqa: E402
     SCHEMA_VERSION,
     arguments,
     calls,
@@ -606,7 +609,7 @@ def _forked_child(storage: Sql, key: str, parent_backend: Any, start: Any, out: 
         for i in range(40):
             assert storage.load(key) == _call(1)
             storage.save(_call(10 + i % 4))
-        out.put(("ok", _backend_id(storage) != parent_backend, storage._pid == os.getpid()))
+        out.put(("ok", _backend_id(storage) != parent_backend, storage._connections.pid == os.getpid()))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         out.put(("error", repr(e), None))
 

@@ -13,9 +13,20 @@ import pickle
 from collections.abc import Mapping
 from typing import Any
 
-from ..call import DigestedCall
-from ..digest import DIGEST_LENGTH, Digest, _mk
-from ..errors import CorruptEntryError, SaveError
+from ...call import DigestedCall
+from ...digest import DIGEST_LENGTH, Digest, _mk
+from ...errors import CorruptEntryError, SaveError
+
+__all__ = [
+    "INLINE_MAGIC",
+    "check_record",
+    "dump_inline",
+    "dump_json",
+    "dump_record",
+    "load_inline",
+    "load_record",
+    "storable",
+]
 
 INLINE_MAGIC = b"FLCI\x01"
 """Prefix of every ``inline`` BLOB this storage writes (format version 1); nothing else is
@@ -25,11 +36,11 @@ _PROTOCOL = 5
 _loads_json = json.loads
 
 
-def _dump(entries: Mapping[str, Any]) -> str:
+def dump_json(entries: Mapping[str, Any]) -> str:
     return json.dumps(dict(entries), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _storable(text: str) -> bool:
+def storable(text: str) -> bool:
     """Whether every database can hold ``text`` exactly (PostgreSQL refuses NUL; UTF-8 lone
     surrogates)."""
     if "\x00" in text:
@@ -46,7 +57,7 @@ def _check_text(value: Any, what: str, *, optional: bool = False) -> None:
         return
     if type(value) is not str:
         raise SaveError(f"{what} must be a str, got {type(value).__name__}: {value!r}")
-    if not _storable(value):
+    if not storable(value):
         raise SaveError(f"{what} {value!r} holds a NUL character or a lone surrogate")
 
 
@@ -83,7 +94,7 @@ def _check_json(value: Any, where: str) -> None:
         )
 
 
-def _check_record(call: DigestedCall) -> None:
+def check_record(call: DigestedCall) -> None:
     """Raise :class:`SaveError` unless the database can hold ``call`` so it loads back equal."""
     try:
         _check_text(call.name, "the call's name")
@@ -113,7 +124,7 @@ def _check_record(call: DigestedCall) -> None:
 def dump_record(call: DigestedCall) -> str:
     """The JSON text of ``call``'s arguments (in order) and metadata, for the ``record`` column."""
     metadata = None if call.metadata is None else {s: dict(e) for s, e in call.metadata.items()}
-    return _dump({"a": {name: str(value) for name, value in call.arguments.items()}, "m": metadata})
+    return dump_json({"a": {name: str(value) for name, value in call.arguments.items()}, "m": metadata})
 
 
 def load_record(text: str, key: str, location: str) -> tuple[dict[str, Digest], Any]:

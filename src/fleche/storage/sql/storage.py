@@ -1,8 +1,8 @@
-"""A call storage in an SQL database (SQLite, PostgreSQL, MariaDB/MySQL) via SQLAlchemy 2.
+"""The ``Sql`` call storage: call records in SQLite, PostgreSQL or MariaDB/MySQL.
 
 Every host that can reach the database shares the records, so this is the call storage for a
 cluster. Calls, their arguments and their metadata sections live in three tables
-(:mod:`fleche.storage._sql_schema`); queries run in the database. Needs the ``sql`` extra
+(:mod:`fleche.storage.sql.schema`); queries run in the database. Needs the ``sql`` extra
 (``pip install "fleche[sql]"``).
 
 Writes are upserts inside one transaction per record: a reader in any process sees the old
@@ -18,82 +18,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import json
-import math
 import os
-import random
-import re
-import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
-import platformdirs
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
-from ..counters import BYTES_WRITTEN
-from ..call import Call, DigestedCall, QueryCall
-from ..digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk, digest
-from ..errors import DatabaseError, SaveError
-from . import _sql_engine
-from . import _sql_statements as _statements
-from ._sql_engine import _is_transient, _reason, _safe_url, create_engine
-from ._sql_records import (
-    _check_record,
-    _dump,
-    _storable,
-    dump_inline,
-    dump_record,
-    load_inline,
-    load_record,
-)
-from ._sql_schema import SCHEMA_VERSION, arguments, calls, ensure_schema, metadata_sections
-from .base import CallStorage, Intent, _check_key_text, _unique_match
-from .thread_safe import PerKeyLockMixin
+from ...call import Call, DigestedCall, QueryCall
+from ...counters import BYTES_WRITTEN
+from ...digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk
+from ...errors import SaveError
+from ..base import CallStorage, Intent, _check_key_text, _unique_match
+from ..thread_safe import PerKeyLockMixin
+from . import connections as _connections
+from . import queries as _queries
+from . import statements as _statements
+from .connections import Connections, is_transient, reason, retrying, safe_url
+from .records import check_record, dump_inline, dump_json, dump_record, load_inline, load_record
+from .schema import calls
 
-__all__ = ["SCHEMA_VERSION", "Sql"]
+__all__ = ["Sql"]
 
 _CHUNK = 500
 """Keys per ``IN (...)`` when loading many calls at once."""
 
-_SIMPLE_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
-"""Metadata entry names that need no quoting in a SQLite or MySQL JSON path."""
-
-
-# -- the storage ----------------------------------------------------------------------------------
-
-
-_READS = {"record": _statements.SELECT_RECORD, "contains": _statements.CONTAINS}
-"""The reads of one row by key that run without SQLAlchemy's execution layer on the hot path."""
-
 
 def _rebuild(cls: type, settings: dict[str, Any]) -> Sql:
     return cls(**settings)
-
-
-class _Binds(NamedTuple):
-    """Where each kind of operation runs (engines, some with execution options)."""
-
-    snapshot: Any
-    """Read transactions of several statements: one snapshot."""
-    write: Any
-    """Write transactions (``BEGIN IMMEDIATE`` in SQLite, READ COMMITTED on servers)."""
-    reads: dict[str, _statements.KeyRead]
-    """Reads of one row by key outside any operation, compiled for this database."""
-    key_lock: tuple[Any, Any] | None
-    """Take and release the database's lock on a key (``_statements.key_lock``)."""
-
-
-def _open(binds: _Binds, intent: Intent) -> sa.Connection:
-    """A new connection for an operation of kind ``intent`` (``Sql.session``)."""
-    return (binds.snapshot if intent is Intent.READ else binds.write).connect()
 
 
 @dataclass(frozen=True)
@@ -139,8 +95,7 @@ class Sql(PerKeyLockMixin, CallStorage):
     engine: Any = field(default=None, init=False, compare=False, repr=False)
     session: Any = field(default=None, init=False, compare=False, repr=False)
     _local: threading.local | None = field(default=None, init=False, compare=False, repr=False)
-    _binds: _Binds | None = field(default=None, init=False, compare=False, repr=False)
-    _pid: int | None = field(default=None, init=False, compare=False, repr=False)
+    _connections: Connections | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.url, os.PathLike) or (
@@ -152,7 +107,7 @@ class Sql(PerKeyLockMixin, CallStorage):
             raise TypeError(f"Sql url must be a str, a path or None, got {self.url!r}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(url={_safe_url(self.url)!r}, echo={self.echo!r})"
+        return f"{type(self).__name__}(url={safe_url(self.url)!r}, echo={self.echo!r})"
 
     def __hash__(self) -> int:
         return hash((type(self), self.url, self.echo))
@@ -163,107 +118,44 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     # -- connections ------------------------------------------------------------------------
 
-    def _connect(self) -> _Binds:
-        """The engines for this process's operations; creates them on first use."""
-        binds, pid = self._binds, os.getpid()
-        if binds is not None and self._pid == pid:
-            return binds
-        with _sql_engine.setup_lock:
-            if self._binds is not None and self._pid == pid:
-                return self._binds
+    def _connect(self) -> Connections:
+        """This process's connections to the database; made, and the tables checked, on first
+        use in each process."""
+        state = self._connections
+        if state is not None and state.pid == os.getpid():
+            return state
+        with _connections.setup_lock:
+            state = self._connections
+            if state is not None and state.pid == os.getpid():
+                return state
             if self.engine is not None:
                 # Inherited through fork: leave the parent's connections alone, open our own.
                 self.engine.dispose(close=False)
-            url = self._sqlalchemy_url()
-            engine = create_engine(url, self.echo)
-            try:
-                ensure_schema(engine, url)
-            except BaseException:
-                engine.dispose()
-                raise
-            if engine.dialect.name == "sqlite":
-                snapshot = engine  # a deferred BEGIN: one WAL read snapshot
-                write = engine.execution_options(fleche_immediate=True)
-            else:
-                snapshot = engine.execution_options(isolation_level="REPEATABLE READ")
-                write = engine  # READ COMMITTED, see _sql_engine.create_engine
-            reads = {name: _statements.KeyRead(s, engine.dialect) for name, s in _READS.items()}
-            binds = _Binds(snapshot, write, reads, _statements.key_lock(engine.dialect.name))
-            object.__setattr__(self, "engine", engine)
-            object.__setattr__(self, "session", functools.partial(_open, binds))
-            object.__setattr__(self, "_local", threading.local())
-            object.__setattr__(self, "_binds", binds)
-            object.__setattr__(self, "_pid", pid)
-            return binds
+            state = _connections.connect(self.url, self.echo)
+            object.__setattr__(self, "engine", state.engine)
+            object.__setattr__(self, "session", state.open)
+            object.__setattr__(self, "_local", state.local)
+            object.__setattr__(self, "_connections", state)
+            return state
 
     def _sqlalchemy_url(self) -> URL:
-        if self.url is None:
-            path = Path(platformdirs.user_cache_dir("fleche")) / "calls.sqlite"
-        elif "://" not in self.url:
-            path = Path(self.url)
-        else:
-            try:
-                url = make_url(self.url)
-            except exc.ArgumentError as e:
-                raise DatabaseError(_safe_url(self.url), f"not a valid database URL ({e})") from None
-            if url.get_backend_name() in ("mysql", "mariadb") and "charset" not in url.query:
-                url = url.update_query_dict({"charset": "utf8mb4"})
-            return url
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DatabaseError(str(path), f"cannot create its directory: {e}") from None
-        return URL.create("sqlite+pysqlite", database=str(path))
+        """The SQLAlchemy URL of this storage's database."""
+        return _connections.sqlalchemy_url(self.url)
 
-    @contextlib.contextmanager
-    def _session_scope(self, intent: Intent, key: str | None = None) -> Iterator[sa.Connection]:
-        """The connection of the operation running in this thread, or a new one in a transaction.
-
-        Nested operations (``locked`` around ``save``, ``load`` calling ``expand``) share the
-        outermost connection, so one operation is one transaction; a read transaction is one
-        snapshot (``REPEATABLE READ`` on servers). A new write transaction for ``key`` first
-        takes the database's lock on it (see ``_statements.key_lock``), so write operations on
-        one key, ``locked`` sections included, exclude each other in every process.
-        """
-        binds = self._connect()
-        local = self._local
-        current = getattr(local, "conn", None)
-        if current is not None:
-            yield current
-            return
-        lock = None if key is None or intent is not Intent.WRITE else binds.key_lock
-        with self.session(intent) as conn:
-            local.conn = conn
-            try:
-                with conn.begin():
-                    if lock is not None:
-                        taken = conn.execute(lock[0], _statements.key_lock_params(key)).scalar()
-                        if lock[1] is not None and taken != 1:  # GET_LOCK: NULL on an error
-                            raise DatabaseError(_safe_url(self.url), f"GET_LOCK for {key} failed")
-                    yield conn
-            finally:
-                local.conn = None
-                if lock is not None and lock[1] is not None and not conn.invalidated:
-                    try:
-                        conn.execute(lock[1], _statements.key_lock_params(key))
-                        conn.rollback()
-                    except exc.DBAPIError:
-                        conn.invalidate()  # closing the connection drops its GET_LOCK locks
+    def _session_scope(
+        self, intent: Intent, key: str | None = None
+    ) -> contextlib.AbstractContextManager[sa.Connection]:
+        """The connection of the operation running in this thread, or a new one in a transaction
+        (see ``Connections.transaction``): nested operations share the outermost connection, so
+        one operation is one transaction, and a read transaction is one snapshot."""
+        return self._connect().transaction(intent, key)
 
     def _read_one(self, read: str, key: str) -> Any:
-        """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds.
-
-        A single statement reads one consistent snapshot in SQLite, PostgreSQL and MariaDB, so
-        outside an operation it runs on its own, without an explicit transaction (autocommit in
-        SQLite, READ COMMITTED on servers); inside one it uses the operation's connection.
-        """
-        binds = self._binds
-        if binds is None or self._pid != os.getpid():
-            binds = self._connect()
-        current = getattr(self._local, "conn", None)
-        if current is not None:
-            return current.execute(_READS[read], {"key": key}).first()
-        return binds.reads[read].first(self.engine, key)
+        """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds."""
+        state = self._connections
+        if state is None or state.pid != os.getpid():
+            state = self._connect()
+        return state.read_one(read, key)
 
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
@@ -281,25 +173,20 @@ class Sql(PerKeyLockMixin, CallStorage):
                 yield
 
     def _in_operation(self) -> bool:
-        return self._local is not None and getattr(self._local, "conn", None) is not None
-
-    @property
-    def _dialect(self) -> str:
-        return self._connect().write.dialect.name
+        state = self._connections
+        return state is not None and state.pid == os.getpid() and state.current() is not None
 
     # -- primitives -------------------------------------------------------------------------
 
     def _persist_call(self, row: dict[str, Any], call: DigestedCall, key: Digest) -> Digest:
         """Write ``call`` under ``key`` in the current transaction, replacing an earlier record."""
-        upsert = _statements.upsert(self._dialect)
-        if upsert is None:
-            raise DatabaseError(_safe_url(self.url), f"the {self._dialect} dialect is not supported")
+        upsert = self._connect().upsert
         argument_rows = [
             {"call_key": key, "position": i, "name": name, "value": str(value)}
             for i, (name, value) in enumerate(call.arguments.items())
         ]
         metadata_rows = [
-            {"call_key": key, "position": i, "section": section, "data": _dump(entries)}
+            {"call_key": key, "position": i, "section": section, "data": dump_json(entries)}
             for i, (section, entries) in enumerate((call.metadata or {}).items())
         ]
         params = {"key": key}
@@ -317,9 +204,9 @@ class Sql(PerKeyLockMixin, CallStorage):
         return key
 
     def _decode(self, row: Any) -> DigestedCall:
-        """The record in a row of ``_statements.RECORD_COLUMNS``."""
+        """The record in a row of ``statements.RECORD_COLUMNS``."""
         key, name, module, version, code_digest, result, text, blob = row
-        where = f"{_safe_url(self.url)} table fleche_calls"
+        where = f"{safe_url(self.url)} table fleche_calls"
         args, metadata = load_record(text, key, where)
         return DigestedCall(
             name=name,
@@ -390,7 +277,7 @@ class Sql(PerKeyLockMixin, CallStorage):
         if not isinstance(call, Call):
             raise TypeError(f"a call storage saves Call records, got {type(call).__name__}")
         record = call.digest()
-        _check_record(record)
+        check_record(record)
         key = record.to_lookup_key()
         try:
             inline = dump_inline(record)
@@ -430,18 +317,20 @@ class Sql(PerKeyLockMixin, CallStorage):
             return self._fetch_call(key)
 
     def _retrying(self, key: Digest, work: Any) -> Any:
-        """Run ``work`` in a write operation on ``key``, again after a transient conflict."""
-        for attempt in range(30):
-            try:
-                with self._operation_context(key):
-                    return work()
-            except exc.DBAPIError as e:
-                if self._in_operation() or attempt == 29 or not _is_transient(e):
-                    if isinstance(e, (exc.DataError, exc.IntegrityError)):
-                        raise SaveError(f"could not write {key}: {_reason(e)}") from e
-                    raise
-            time.sleep(random.uniform(0, min(0.5, 0.002 * 2**attempt)))
-        raise AssertionError("unreachable")
+        """Run ``work`` in a write operation on ``key``, again after a transient conflict
+        (unless this thread is inside an operation already, whose transaction it would break)."""
+        dialect = self._connect().dialect
+
+        def attempt() -> Any:
+            with self._operation_context(key):
+                return work()
+
+        try:
+            return retrying(
+                attempt, lambda e: not self._in_operation() and is_transient(dialect, e)
+            )
+        except (exc.DataError, exc.IntegrityError) as e:
+            raise SaveError(f"could not write {key}: {reason(e)}") from e
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -452,89 +341,12 @@ class Sql(PerKeyLockMixin, CallStorage):
         values are digests and ``digest(Digest(x)) == x``, so the stored form of a template
         value is its digest, whether it was given as a value or as a :class:`Digest`.
         """
-        return str(digest(v))
+        return _queries.stored_form(v)
 
     def _build_call_conditions(self, template: QueryCall) -> list[Any]:
-        """SQL conditions over ``fleche_calls`` that every call matching ``template`` fulfils.
-
-        Name, module, version, code digest, result, arguments, metadata sections and scalar
-        metadata entries (str, int, float, bool, None) become conditions; anything else is left
-        to :meth:`QueryCall.matches`, which :meth:`query` applies to every candidate.
-        """
-        conditions: list[Any] = []
-        for attr in ("name", "module", "version", "code_digest"):
-            want = getattr(template, attr)
-            if want is None:
-                continue
-            if type(want) is not str:
-                continue  # stored fields are str; leave odd templates to matches()
-            conditions.append(calls.c[attr] == want if _storable(want) else sa.false())
-        if template.result is not None:
-            result = self._normalize_value(template.result)
-            if result == digest(None):
-                conditions.append(sa.or_(calls.c.result == result, calls.c.result.is_(None)))
-            else:
-                conditions.append(calls.c.result == result)
-        for name, value in (template.arguments or {}).items():
-            if type(name) is not str:
-                continue
-            if not _storable(name):
-                conditions.append(sa.false())
-                continue
-            conditions.append(
-                sa.exists().where(
-                    arguments.c.call_key == calls.c.key,
-                    arguments.c.name == name,
-                    arguments.c.value == self._normalize_value(value),
-                )
-            )
-        for section, entries in (template.metadata or {}).items():
-            if type(section) is not str:
-                continue
-            if not _storable(section):
-                conditions.append(sa.false())
-                continue
-            where = [metadata_sections.c.call_key == calls.c.key, metadata_sections.c.section == section]
-            for entry, value in (entries or {}).items():
-                condition = self._entry_condition(entry, value)
-                if condition is not None:
-                    where.append(condition)
-            conditions.append(sa.exists().where(*where))
-        return conditions
-
-    def _entry_condition(self, entry: Any, value: Any) -> Any:
-        """SQL for "metadata entry ``entry`` equals ``value``", or None to check it in Python.
-
-        Compares the entry's JSON text as stored with the JSON text of ``value``: all three
-        databases return a scalar's text exactly as written, and JSON text tells 1, 1.0, True
-        and "1" apart just as digests do.
-        """
-        if type(entry) is not str or type(value) not in (str, int, float, bool, type(None)):
-            return None
-        if (type(value) is float and not math.isfinite(value)) or not _storable(entry):
-            return sa.false()  # never stored
-        if type(value) is str and not _storable(value):
-            return sa.false()
-        text = json.dumps(value, ensure_ascii=False)
-        data = metadata_sections.c.data
-        name = self._dialect
-        if name == "postgresql":
-            fragment = sa.cast(
-                sa.cast(data, postgresql.JSON).op("->", return_type=postgresql.JSON)(
-                    sa.literal(entry, sa.Text)
-                ),
-                sa.Text,
-            )
-        elif _SIMPLE_KEY.fullmatch(entry) is None:
-            return None  # JSON path quoting differs between SQLite and MySQL; check in Python
-        elif name == "sqlite" and sqlite3.sqlite_version_info >= (3, 38):
-            fragment = data.op("->", return_type=sa.Text)(sa.literal(f'$."{entry}"'))
-        elif name in ("mysql", "mariadb"):
-            # MariaDB compares a JSON value with a string by meaning; the cast compares text.
-            fragment = sa.cast(sa.func.json_extract(data, sa.literal(f'$."{entry}"')), sa.String)
-        else:
-            return None
-        return fragment == text
+        """SQL conditions over ``fleche_calls`` that every call matching ``template`` fulfils
+        (see :func:`fleche.storage.sql.queries.call_conditions`)."""
+        return _queries.call_conditions(template, self._connect().dialect)
 
     def query(self, template: QueryCall) -> Iterable[DigestedCall]:
         """Find cached calls matching a template using SQL-side filtering.

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import random
-import time
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import URL
 
-from ..digest import DIGEST_LENGTH
-from ..errors import DatabaseError, SchemaVersionError
-from ._sql_engine import _is_transient, _reason
+from ...digest import DIGEST_LENGTH
+from ...errors import DatabaseError, SchemaVersionError
+
+if TYPE_CHECKING:
+    from .dialects import Dialect
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -65,7 +62,7 @@ calls = sa.Table(
     sa.Column("result", sa.String(DIGEST_LENGTH)),
     # The whole record, written with the rows below in one transaction: a load reads this row
     # only. ``record`` is JSON {"a": {argument name: digest}, "m": metadata or null}; ``inline``
-    # the pickled small values (see fleche.storage._sql_records.dump_inline), or NULL.
+    # the pickled small values (see fleche.storage.sql.records.dump_inline), or NULL.
     sa.Column("record", _LONG_TEXT, nullable=False),
     sa.Column("inline", _LONG_BLOB),
     sa.Index("ix_fleche_calls_name", "name", mysql_length=255),
@@ -106,58 +103,32 @@ metadata_sections = sa.Table(
 )
 
 
-def ensure_schema(engine: sa.Engine, url: URL) -> None:
+def ensure_schema(engine: sa.Engine, dialect: Dialect) -> None:
     """Create the tables if missing and check the schema version; safe against racing
     processes (the loser of a creation race retries and finds the tables)."""
-    safe = url.render_as_string(hide_password=True)
-    bind = engine.execution_options(fleche_immediate=True)
-    for attempt in range(20):
-        try:
-            with bind.begin() as conn, _schema_lock(conn):
-                found = None
-                if sa.inspect(conn).has_table(versions.name):
-                    found = conn.execute(
-                        sa.select(versions.c.value).where(versions.c.name == "version")
-                    ).scalar()
-                if found is None:
-                    schema.create_all(conn)
-                    conn.execute(sa.insert(versions).values(name="version", value=SCHEMA_VERSION))
-                elif found != SCHEMA_VERSION:
-                    raise SchemaVersionError(safe, found, SCHEMA_VERSION)
-            return
-        except (exc.OperationalError, exc.ProgrammingError, exc.IntegrityError) as e:
-            if not _is_schema_race(e) or attempt == 19:
-                raise DatabaseError(safe, _reason(e)) from None
-            time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
-        except exc.DBAPIError as e:
-            raise DatabaseError(safe, _reason(e)) from None
+    from .connections import is_transient, reason, retrying
 
+    def attempt() -> None:
+        with dialect.writer(engine).begin() as conn, dialect.schema_lock(conn):
+            found = None
+            if sa.inspect(conn).has_table(versions.name):
+                found = conn.execute(
+                    sa.select(versions.c.value).where(versions.c.name == "version")
+                ).scalar()
+            if found is None:
+                schema.create_all(conn)
+                conn.execute(sa.insert(versions).values(name="version", value=SCHEMA_VERSION))
+            elif found != SCHEMA_VERSION:
+                raise SchemaVersionError(dialect.safe_url, found, SCHEMA_VERSION)
 
-_SCHEMA_LOCK_ID = 0x666C6563  # "flec": the PostgreSQL advisory lock guarding table creation
+    def creation_race(e: exc.DBAPIError) -> bool:
+        """Whether ``e`` comes from another process creating the same tables at the same time."""
+        if is_transient(dialect, e):
+            return True
+        text = str(e.orig).lower()
+        return any(w in text for w in ("already exists", "duplicate", "concurrent ddl", "timed out"))
 
-
-@contextlib.contextmanager
-def _schema_lock(conn: sa.Connection) -> Iterator[None]:
-    """Serialize table creation between processes (SQLite's BEGIN IMMEDIATE already does)."""
-    name = conn.dialect.name
-    if name == "postgresql":
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
-        yield
-    elif name in ("mysql", "mariadb"):
-        # DDL commits implicitly in MySQL, so this lock lives on the session, not a transaction.
-        if conn.execute(sa.select(sa.func.get_lock("fleche_schema", 60))).scalar() != 1:
-            raise exc.OperationalError("GET_LOCK('fleche_schema')", {}, Exception("timed out"))
-        try:
-            yield
-        finally:
-            conn.execute(sa.select(sa.func.release_lock("fleche_schema")))
-    else:
-        yield
-
-
-def _is_schema_race(e: exc.DBAPIError) -> bool:
-    """Whether ``e`` comes from another process creating the same tables at the same time."""
-    if isinstance(e, exc.IntegrityError) or _is_transient(e):
-        return True
-    text = str(e.orig).lower()
-    return any(word in text for word in ("already exists", "duplicate", "concurrent ddl", "timed out"))
+    try:
+        retrying(attempt, creation_race, attempts=20, max_pause=1.0)
+    except exc.DBAPIError as e:
+        raise DatabaseError(dialect.safe_url, reason(e)) from None
