@@ -12,6 +12,8 @@ import pickle
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from fleche.digest import Digest, digest  # noqa: E402
 from fleche.errors import (  # noqa: E402
     CorruptEntryError,
     DatabaseError,
+    LockTimeout,
     SaveError,
     SchemaVersionError,
 )
@@ -678,6 +681,147 @@ def test_many_processes_save_overlapping_calls(db_url: str) -> None:
     assert set(storage.list()) == expected
     for key in expected:
         assert _consistent(storage.load(key))
+    _close(storage)
+
+
+# -- key locks: one deadline, held outside transactions ----------------------------------------
+
+OVERSHOOT_S = 0.2
+"""How much later than ``lock_timeout`` a waiter may give up (the issue's generous bound)."""
+
+
+def _hold_locked(url: str, key: str, ready: Any, release: Any) -> None:
+    """Hold ``key``'s ``locked`` section in this process until ``release`` is set."""
+    storage = Sql(url, lock_timeout=60)
+    with storage.locked(key):
+        ready.set()
+        release.wait(120)
+    _close(storage)
+
+
+class _Holder:
+    """Another process holding ``locked(key)`` until the ``with`` block ends."""
+
+    def __init__(self, url: str, key: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.ready, self.release = ctx.Event(), ctx.Event()
+        self.process = ctx.Process(target=_hold_locked, args=(url, key, self.ready, self.release))
+
+    def __enter__(self) -> _Holder:
+        self.process.start()
+        assert self.ready.wait(120), "the holder never took the lock"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release.set()
+        self.process.join(120)
+        assert self.process.exitcode == 0
+
+
+def _connection_time(storage: Sql) -> float:
+    """How long an uncontended ``locked`` section takes on ``storage`` (warmed up)."""
+    free = _call(999).to_lookup_key()
+    with storage.locked(free):
+        pass
+    t0 = time.monotonic()
+    with storage.locked(free):
+        pass
+    return time.monotonic() - t0
+
+
+def _enter_locked(storage: Sql, key: str) -> None:
+    with storage.locked(key):
+        pass
+
+
+def _time_out(section: Any) -> float:
+    """Seconds until ``section()`` raised ``LockTimeout``."""
+    t0 = time.monotonic()
+    with pytest.raises(LockTimeout) as info:
+        section()
+    assert info.value.timeout <= 1.0 and "timed out" in str(info.value)
+    return time.monotonic() - t0
+
+
+def test_lock_timeout_is_a_setting(tmp_path: Path) -> None:
+    storage = Sql(tmp_path / "a.sqlite", lock_timeout=2.5)
+    assert storage.lock_timeout == 2.5 and Sql(tmp_path / "a.sqlite").lock_timeout == 1.0
+    assert "lock_timeout=2.5" in repr(storage)
+    assert pickle.loads(pickle.dumps(storage)).lock_timeout == 2.5
+    assert storage != Sql(tmp_path / "a.sqlite") and Sql(lock_timeout=None).lock_timeout is None
+    for bad in (-1, "1", float("nan")):
+        with pytest.raises(ValueError, match="lock_timeout"):
+            Sql(tmp_path / "a.sqlite", lock_timeout=bad)
+
+
+def test_a_held_key_times_out_at_one_deadline(db_url: str) -> None:
+    """Another process holds a key. Two threads here wait for it, the second behind the first's
+    thread lock; each gives up at ``lock_timeout`` in total, and so does a save of the key."""
+    timeout = 0.4
+    storage = Sql(db_url, lock_timeout=timeout)
+    key = storage.save(_call(1))
+    bound = timeout + OVERSHOOT_S + _connection_time(storage)
+    waited: list[float] = []
+    errors: list[BaseException] = []
+
+    def wait_for_key() -> None:
+        try:
+            waited.append(_time_out(lambda: _enter_locked(storage, key)))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with _Holder(db_url, key):
+        threads = [threading.Thread(target=wait_for_key) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(waited) == 2 and all(timeout * 0.9 <= w < bound for w in waited), (waited, bound)
+        assert timeout * 0.9 <= _time_out(lambda: storage.save(_call(1, result=2))) < bound
+        assert timeout * 0.9 <= _time_out(lambda: storage.evict(key)) < bound
+    assert storage.load(key) == _call(1)  # nothing changed
+    with storage.locked(key):  # free again once the holder is gone
+        storage.save(_call(1, result=3))
+    assert storage.load(key).result == digest(3)
+    _close(storage)
+
+
+def _save_others(url: str, records: list[DigestedCall], done: Any) -> None:
+    storage = Sql(url, lock_timeout=60)
+    for record in records:
+        storage.save(record)
+        assert storage.load(record.to_lookup_key()) == record
+    _close(storage)
+    done.set()
+
+
+def test_a_long_section_keeps_no_other_writer_waiting(db_url: str) -> None:
+    """While one process holds ``locked(k1)`` (released by an event), another saves other keys
+    without waiting for it, and a waiter on ``k1`` gives up at its deadline."""
+    from fleche.storage.locks import stripe_path
+
+    storage = Sql(db_url, lock_timeout=0.3)
+    k1 = storage.save(_call(1))
+    bound = storage.lock_timeout + OVERSHOOT_S + _connection_time(storage)
+    # Keys whose SQLite lock file differs from k1's, so that only the database could hold them up.
+    others = [r for r in (_call(i) for i in range(100, 160))
+              if stripe_path("", r.to_lookup_key()) != stripe_path("", k1)][:20]
+    ctx = multiprocessing.get_context("spawn")
+    with _Holder(db_url, k1):
+        done = ctx.Event()
+        writer = ctx.Process(target=_save_others, args=(db_url, others, done))
+        writer.start()
+        try:
+            assert done.wait(120), "saving other keys waited for the held key"
+        finally:
+            writer.join(120)
+        assert writer.exitcode == 0
+        assert _time_out(lambda: _enter_locked(storage, k1)) < bound
+        assert storage.load(k1) == _call(1)  # reads never wait
+    assert storage.contains_many([r.to_lookup_key() for r in others]) == {
+        r.to_lookup_key() for r in others
+    }
     _close(storage)
 
 

@@ -27,7 +27,17 @@ from ..base import Intent
 from .dialects import Dialect, dialect_for
 from .statements import CONTAINS, SELECT_RECORD, KeyRead
 
-__all__ = ["Connections", "reason", "retrying", "safe_url", "setup_lock", "sqlalchemy_url"]
+__all__ = [
+    "Connections",
+    "connect",
+    "deadline",
+    "reason",
+    "remaining",
+    "retrying",
+    "safe_url",
+    "setup_lock",
+    "sqlalchemy_url",
+]
 
 T = TypeVar("T")
 
@@ -95,6 +105,16 @@ def is_transient(dialect: Dialect, e: exc.DBAPIError) -> bool:
     return e.connection_invalidated or isinstance(e, exc.IntegrityError) or dialect.is_transient(e)
 
 
+def deadline(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` moment ``timeout`` seconds from now (``None``: never)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (never below 0; ``None``: no limit)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def retrying(
     attempt: Callable[[], T],
     retry: Callable[[exc.DBAPIError], bool],
@@ -148,31 +168,88 @@ class Connections:
         """The connection of the operation running in this thread, if any."""
         return getattr(self.local, "conn", None)
 
+    def _held(self) -> dict[str, int]:
+        """The keys whose lock this thread holds, with how often it took each."""
+        held = getattr(self.local, "held", None)
+        if held is None:
+            held = self.local.held = {}
+        return held
+
     @contextlib.contextmanager
-    def transaction(self, intent: Intent, key: str | None = None) -> Iterator[sa.Connection]:
+    def transaction(
+        self, intent: Intent, key: str | None = None, deadline: float | None = None
+    ) -> Iterator[sa.Connection]:
         """The connection of the operation running in this thread, or a new one in a
         transaction of kind ``intent``.
 
-        A new write transaction for ``key`` holds the key's lock (``Dialect.hold_key``), so write
-        operations on one key exclude each other in every process.
+        A new write transaction for ``key`` holds the key's lock from before it begins until
+        after it ends (``Dialect.hold_key``), waiting for it until ``deadline`` (a
+        ``time.monotonic()`` value; ``None``: no limit), unless this thread holds that lock
+        already (:meth:`section`). So write operations on one key exclude each other in every
+        process, while the database's own write lock, where it has one, is held for the write
+        only.
         """
         current = self.current()
         if current is not None:
             yield current
             return
         dialect = self.dialect
-        lock = key is not None and intent is Intent.WRITE
-        with self.open(intent) as conn, contextlib.ExitStack() as held:
+        write = intent is Intent.WRITE
+        if write:
+            dialect.check_writable("write")
+        lock = write and key is not None and key not in self._held()
+        # A thread holding key locks on a connection writes on it too (no second connection).
+        conn = getattr(self.local, "lock_conn", None) if write else None
+        with contextlib.ExitStack() as stack:
+            if conn is None:
+                conn = stack.enter_context(self.open(intent))
             if lock and not dialect.locks_with_connection:
-                held.enter_context(dialect.hold_key(None, key, None))
+                stack.enter_context(dialect.hold_key(None, key, remaining(deadline)))
             self.local.conn = conn
             try:
                 with conn.begin():
                     if lock and dialect.locks_with_connection:
-                        held.enter_context(dialect.hold_key(conn, key, None))
+                        stack.enter_context(dialect.hold_key(conn, key, remaining(deadline)))
                     yield conn
             finally:
                 self.local.conn = None
+
+    @contextlib.contextmanager
+    def section(self, key: str, deadline: float | None) -> Iterator[None]:
+        """Hold ``key``'s lock for this thread while inside, with no transaction open.
+
+        Reentrant. Writes of this thread inside take no lock for ``key`` again; on servers they
+        run on the connection that holds the lock, between its transactions. Waits until
+        ``deadline`` at most, then raises :class:`~fleche.errors.LockTimeout`.
+        """
+        held = self._held()
+        if key in held:
+            held[key] += 1
+            try:
+                yield
+            finally:
+                held[key] -= 1
+            return
+        dialect = self.dialect
+        with contextlib.ExitStack() as stack:
+            if dialect.locks_with_connection:
+                conn = getattr(self.local, "lock_conn", None)
+                if conn is None:
+                    conn = self.local.lock_conn = self.write.connect()
+                    stack.callback(self._close_lock_connection, conn)
+                with conn.begin():  # the lock outlives this transaction
+                    stack.enter_context(dialect.hold_key(conn, key, remaining(deadline)))
+            else:
+                stack.enter_context(dialect.hold_key(None, key, remaining(deadline)))
+            held[key] = 1
+            try:
+                yield
+            finally:
+                del held[key]
+
+    def _close_lock_connection(self, conn: sa.Connection) -> None:
+        self.local.lock_conn = None
+        conn.close()
 
     def read_one(self, read: str, key: str) -> Any:
         """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds.

@@ -103,18 +103,33 @@ metadata_sections = sa.Table(
 )
 
 
+def _found_version(conn: sa.Connection) -> int | None:
+    """The schema version of the fleche tables ``conn`` sees; ``None`` if there are none."""
+    if not sa.inspect(conn).has_table(versions.name):
+        return None
+    return conn.execute(sa.select(versions.c.value).where(versions.c.name == "version")).scalar()
+
+
 def ensure_schema(engine: sa.Engine, dialect: Dialect) -> None:
-    """Create the tables if missing and check the schema version; safe against racing
-    processes (the loser of a creation race retries and finds the tables)."""
+    """Check the schema version, creating the tables if there are none; safe against racing
+    processes (the loser of a creation race retries and finds the tables).
+
+    Only reads when the tables are there in this version, so a database this process cannot
+    write opens for reading; a write transaction (under the dialect's schema lock) is taken
+    only to create the tables.
+    """
     from .connections import is_transient, reason, retrying
 
     def attempt() -> None:
+        with dialect.snapshot(engine).connect() as conn, conn.begin():
+            found = _found_version(conn)
+        if found == SCHEMA_VERSION:
+            return
+        if found is not None:
+            raise SchemaVersionError(dialect.safe_url, found, SCHEMA_VERSION)
+        dialect.check_writable("create the fleche tables in it")
         with dialect.writer(engine).begin() as conn, dialect.schema_lock(conn):
-            found = None
-            if sa.inspect(conn).has_table(versions.name):
-                found = conn.execute(
-                    sa.select(versions.c.value).where(versions.c.name == "version")
-                ).scalar()
+            found = _found_version(conn)
             if found is None:
                 schema.create_all(conn)
                 conn.execute(sa.insert(versions).values(name="version", value=SCHEMA_VERSION))

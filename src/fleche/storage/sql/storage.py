@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -32,7 +33,7 @@ from sqlalchemy.engine import URL
 from ...call import Call, DigestedCall, QueryCall
 from ...counters import BYTES_WRITTEN
 from ...digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk
-from ...errors import SaveError
+from ...errors import DatabaseError, SaveError
 from ..base import CallStorage, Intent, _check_key_text, _unique_match
 from ..thread_safe import PerKeyLockMixin
 from . import connections as _connections
@@ -92,6 +93,7 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     url: str | None = None
     echo: bool = False
+    lock_timeout: float | None = 1.0
     engine: Any = field(default=None, init=False, compare=False, repr=False)
     session: Any = field(default=None, init=False, compare=False, repr=False)
     _local: threading.local | None = field(default=None, init=False, compare=False, repr=False)
@@ -105,12 +107,20 @@ class Sql(PerKeyLockMixin, CallStorage):
             object.__setattr__(self, "url", str(Path(self.url).expanduser().absolute()))
         elif self.url is not None and not isinstance(self.url, str):
             raise TypeError(f"Sql url must be a str, a path or None, got {self.url!r}")
+        timeout = self.lock_timeout
+        if timeout is not None and not (
+            type(timeout) in (int, float) and math.isfinite(timeout) and timeout >= 0
+        ):
+            raise ValueError(f"lock_timeout must be a number >= 0 or None, got {timeout!r}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(url={safe_url(self.url)!r}, echo={self.echo!r})"
+        return (
+            f"{type(self).__name__}(url={safe_url(self.url)!r}, echo={self.echo!r}, "
+            f"lock_timeout={self.lock_timeout!r})"
+        )
 
     def __hash__(self) -> int:
-        return hash((type(self), self.url, self.echo))
+        return hash((type(self), self.url, self.echo, self.lock_timeout))
 
     def __reduce__(self) -> tuple[Any, ...]:
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -160,17 +170,39 @@ class Sql(PerKeyLockMixin, CallStorage):
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
     ) -> contextlib.AbstractContextManager[None]:
-        # A read is one statement (see _read_one) and opens nothing here; a write holds one
-        # transaction, taken after the per-key lock so threads waiting for it hold no connection.
+        # A read is one statement (see _read_one) and opens nothing here. A write holds the
+        # per-key thread lock, then the key's lock in the database, then one transaction: threads
+        # waiting for the key hold no connection, and the database's write lock is held for the
+        # write only. One deadline covers both locks.
         if intent is Intent.READ:
             return super()._operation_context(key, intent=intent)
         return self._write_context(key)
 
     @contextlib.contextmanager
     def _write_context(self, key: Digest | str) -> Iterator[None]:
+        until = _connections.deadline(self.lock_timeout)
         with super()._operation_context(key, intent=Intent.WRITE):
-            with self._session_scope(Intent.WRITE, str(key)):
+            with self._connect().transaction(Intent.WRITE, str(key), until):
                 yield
+
+    @contextlib.contextmanager
+    def locked(self, key: Digest | str) -> Iterator[Digest]:
+        """Hold ``key``'s write lock for a compound section (read-modify-write, compute-once).
+
+        Yields the full key. Excludes the same key's writes and ``locked`` sections in every
+        thread and process using this database: a thread lock, then the key's lock in the
+        database (an advisory lock on PostgreSQL, ``GET_LOCK`` on MariaDB, a lock file next to a
+        SQLite database), held with no transaction open, so writers of other keys never wait
+        for a long section. Waits at most ``lock_timeout`` in total for both, then raises
+        :class:`~fleche.errors.LockTimeout`. Reentrant for the holding thread, whose saves and
+        evictions of ``key`` inside take no lock again. On a read-only SQLite database it
+        excludes this process's threads only (nothing can write there anyway).
+        """
+        key = self._normalize_key(key)
+        until = _connections.deadline(self.lock_timeout)
+        with super()._operation_context(key, intent=Intent.WRITE):
+            with self._connect().section(str(key), until):
+                yield key
 
     def _in_operation(self) -> bool:
         state = self._connections
@@ -268,11 +300,13 @@ class Sql(PerKeyLockMixin, CallStorage):
     def save(self, call: DigestedCall | Call) -> Digest:
         """Store the record under its lookup key, replacing an earlier one, and return the key.
 
-        One transaction: a reader in any thread or process sees the old record or the new one,
-        never neither and never a mix. Concurrent saves of the same key from many processes
-        succeed (the last one wins); deadlocks and serialization failures are retried. Raises
-        :class:`SaveError`, with nothing written, for a record the database cannot hold exactly
-        (metadata that is not JSON, an inline value that does not pickle).
+        One transaction, under the key's lock: a reader in any thread or process sees the old
+        record or the new one, never neither and never a mix. Concurrent saves of the same key
+        from many processes succeed (the last one wins); deadlocks and serialization failures
+        are retried. Raises :class:`~fleche.errors.LockTimeout` if the key stays locked longer
+        than ``lock_timeout``, and :class:`SaveError`, with nothing written, for a record the
+        database cannot hold exactly (metadata that is not JSON, an inline value that does not
+        pickle) or a database opened read-only.
         """
         if not isinstance(call, Call):
             raise TypeError(f"a call storage saves Call records, got {type(call).__name__}")
@@ -293,16 +327,22 @@ class Sql(PerKeyLockMixin, CallStorage):
             "record": dump_record(record),
             "inline": inline,
         }
+        dialect = self._connect().dialect
+        try:
+            dialect.check_writable(f"save a call of {record.name!r}")
+        except DatabaseError as e:
+            raise SaveError(str(e)) from e
         self._retrying(key, lambda: self._persist_call(row, record, key))
         return key
 
     def evict(self, key: Digest | str) -> None:
         """Remove the record under ``key``; ``KeyError`` if there is none.
 
-        One transaction; arguments and metadata go with the record. Retried on deadlocks like
-        :meth:`save`.
+        One transaction under the key's lock, like :meth:`save`; arguments and metadata go with
+        the record. :class:`~fleche.errors.DatabaseError` on a database opened read-only.
         """
         key = self._normalize_key(key)
+        self._connect().dialect.check_writable(f"evict {key}")
         self._retrying(key, lambda: self._evict(key))
 
     def load(self, key: Digest | str) -> DigestedCall:

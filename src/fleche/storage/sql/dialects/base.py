@@ -114,6 +114,10 @@ class Dialect(abc.ABC):
     """Whether :meth:`hold_key` takes its lock on a connection (database servers) rather than
     outside the database (SQLite's lock files)."""
 
+    def check_writable(self, what: str) -> None:
+        """Raise :class:`~fleche.errors.DatabaseError` saying why, if this process cannot write
+        the database (``what``: the operation refused, e.g. "save"); by default it can."""
+
     def key_lock_location(self, key: str) -> str:
         """Where ``key``'s lock lives, for error messages."""
         return f"{self.safe_url} lock {lock_name(key)!r}"

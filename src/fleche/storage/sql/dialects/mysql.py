@@ -10,21 +10,27 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.dialects import mysql
 
-from ....errors import DatabaseError
+from ....errors import DatabaseError, LockTimeout
 from ..schema import calls
 from .base import SIMPLE_KEY, UPDATED_COLUMNS, Dialect, lock_name
 
 __all__ = ["MysqlDialect"]
 
 _YEAR_S = 365 * 24 * 3600
+"""How long ``GET_LOCK`` waits without a ``lock_timeout``: MariaDB has no infinite wait."""
 _NAME = sa.bindparam("name", type_=sa.String)
-_GET_LOCK = sa.select(sa.func.get_lock(_NAME, _YEAR_S))
+_GET_LOCK = sa.select(sa.func.get_lock(_NAME, sa.bindparam("timeout", type_=sa.Float)))
 _RELEASE_LOCK = sa.select(sa.func.release_lock(_NAME))
 
 
 class MysqlDialect(Dialect):
     """MariaDB/MySQL (InnoDB): writes in READ COMMITTED, reads of several statements in
-    REPEATABLE READ, key locks with ``GET_LOCK``."""
+    REPEATABLE READ, key locks with ``GET_LOCK(name, timeout)``.
+
+    ``GET_LOCK`` belongs to the connection, not to a transaction, so a key lock is held outside
+    any transaction for a whole ``locked`` section; the server wakes a waiter when the holder
+    releases and gives up at the (fractional) timeout.
+    """
 
     names = ("mysql", "mariadb")
 
@@ -67,7 +73,11 @@ class MysqlDialect(Dialect):
     def hold_key(self, conn: sa.Connection | None, key: str, timeout: float | None) -> Iterator[None]:
         assert conn is not None
         params = {"name": lock_name(key)}
+        wait = _YEAR_S if timeout is None else max(0.0, timeout)
+        taken = conn.execute(_GET_LOCK, {**params, "timeout": wait}).scalar()
+        if taken == 0:
+            raise LockTimeout(key, self.key_lock_location(key), wait)
+        if taken != 1:  # NULL: an error, e.g. the thread was killed
+            raise DatabaseError(self.safe_url, f"GET_LOCK for {key} failed")
         with self._released_on_exit(conn, _RELEASE_LOCK, params):
-            if conn.execute(_GET_LOCK, params).scalar() != 1:  # NULL on an error
-                raise DatabaseError(self.safe_url, f"GET_LOCK for {key} failed")
             yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,18 +11,30 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql
 
+from ....errors import LockTimeout
 from ..schema import calls
 from .base import UPDATED_COLUMNS, Dialect, lock_id
 
 __all__ = ["PostgresqlDialect"]
 
 _SCHEMA_LOCK_ID = 0x666C6563  # "flec": the advisory lock guarding table creation
-_LOCK_XACT = sa.select(sa.func.pg_advisory_xact_lock(sa.bindparam("id", type_=sa.BigInteger)))
+_ID = sa.bindparam("id", type_=sa.BigInteger)
+_TRY_LOCK = sa.select(sa.func.pg_try_advisory_lock(_ID))
+_LOCK = sa.select(sa.func.pg_advisory_lock(_ID))
+_UNLOCK = sa.select(sa.func.pg_advisory_unlock(_ID))
+_DEFAULT_LOCK_TIMEOUT = sa.text("SET LOCAL lock_timeout TO DEFAULT")
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 class PostgresqlDialect(Dialect):
     """PostgreSQL: writes in READ COMMITTED, reads of several statements in REPEATABLE READ, key
-    locks as advisory locks."""
+    locks as session-level advisory locks.
+
+    A key lock is tried first (one statement); a waiter then waits in the server with
+    ``lock_timeout`` set for that one statement, so it wakes as soon as the holder releases and
+    gives up at its deadline. Being session-level, the lock outlives the transaction it was
+    taken in and is held, outside any transaction, for a whole ``locked`` section.
+    """
 
     names = ("postgresql",)
 
@@ -64,8 +77,25 @@ class PostgresqlDialect(Dialect):
     def is_transient(self, error: exc.DBAPIError) -> bool:
         return getattr(error.orig, "sqlstate", None) in ("40001", "40P01", "55P03")
 
+    def key_lock_location(self, key: str) -> str:
+        return f"{self.safe_url} advisory lock {lock_id(key)}"
+
     @contextlib.contextmanager
     def hold_key(self, conn: sa.Connection | None, key: str, timeout: float | None) -> Iterator[None]:
         assert conn is not None
-        conn.execute(_LOCK_XACT, {"id": lock_id(key)})  # released when the transaction ends
-        yield
+        params = {"id": lock_id(key)}
+        if not conn.execute(_TRY_LOCK, params).scalar():
+            if timeout is not None and timeout <= 0:
+                raise LockTimeout(key, self.key_lock_location(key), 0.0)
+            # lock_timeout 0 means no limit; a limit is at least 1 ms.
+            ms = 0 if timeout is None else max(1, math.ceil(timeout * 1000))
+            conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms:d}"))
+            try:
+                conn.execute(_LOCK, params)
+            except exc.OperationalError as e:
+                if getattr(e.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                    raise LockTimeout(key, self.key_lock_location(key), timeout or 0.0) from None
+                raise
+            conn.execute(_DEFAULT_LOCK_TIMEOUT)  # the transaction's own statements wait as usual
+        with self._released_on_exit(conn, _UNLOCK, params):
+            yield
