@@ -840,6 +840,122 @@ def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path: Path) -> None:
     _close(storage)
 
 
+_READ_ONLY_CHECKS = """
+import json, os, sys
+import fleche
+from fleche.call import QueryCall
+from fleche.cli import main
+from fleche.errors import DatabaseError, SaveError
+from fleche.storage.sql import Sql
+
+spec, path, expected = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+cache = fleche.open(spec)
+calls = cache.calls
+assert sorted(calls.list()) == sorted(expected), calls.list()
+for key in expected:
+    assert calls.contains(key[:8]) and calls.load(key[:8]).to_lookup_key() == key
+    assert cache.load_result(key) is not None
+assert len(list(calls.query(QueryCall(name="_f")))) == len(expected)
+with calls.locked(expected[0]):
+    pass
+for argv in (["ls", spec], ["show", spec, expected[0][:8]], ["verify", spec]):
+    assert main(argv) == 0, argv
+try:
+    calls.save(calls.load(expected[0]).replace(version="other"))
+except SaveError as e:
+    assert path in str(e) and "read-only" in str(e), e
+    print("save refused:", e)
+else:
+    raise AssertionError("saved into a read-only database")
+try:
+    calls.evict(expected[0])
+except DatabaseError as e:
+    assert path in str(e) and "read-only" in str(e), e
+else:
+    raise AssertionError("evicted from a read-only database")
+assert sorted(calls.list()) == sorted(expected)
+print("read-only checks passed")
+"""
+
+
+def _read_only_store(root: Path, keep_open: bool) -> tuple[str, list[str], Any]:
+    """A SQLite store under ``root`` with three calls; optionally a connection kept open
+    (so that the WAL's ``-shm`` file exists)."""
+    from fleche import open as open_store
+
+    spec = f"sqlite:///{root}/calls.db"
+    cache = open_store(spec)
+    keys = [cache.save(Call.from_call(_f, i).replace(result=i * 10)) for i in range(3)]
+    _close(cache.calls)
+    keeper = sqlite3.connect(root / "calls.db") if keep_open else None
+    if keeper is not None:
+        keeper.execute("SELECT count(*) FROM fleche_calls").fetchall()
+    return spec, keys, keeper
+
+
+@pytest.mark.parametrize("keep_open", [False, True], ids=["closed", "open-elsewhere"])
+def test_sqlite_store_on_a_read_only_mount_reads(tmp_path: Path, keep_open: bool) -> None:
+    """Reading, ``fleche ls``, ``show`` and ``verify`` work on a read-only bind mount of a SQLite
+    store; saves and evictions fail naming the file, and nothing is created there."""
+    import json
+    import shutil
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root and unshare(1) (a private mount namespace)")
+    source, mounted = tmp_path / "store", tmp_path / "ro"
+    source.mkdir()
+    mounted.mkdir()
+    _, keys, keeper = _read_only_store(source, keep_open)
+
+    def listing() -> list[str]:  # SQLite's own -wal and -shm files come and go
+        return sorted(n for n in os.listdir(source) if not n.endswith(("-wal", "-shm")))
+
+    before = listing()
+    script = tmp_path / "checks.py"
+    script.write_text(_READ_ONLY_CHECKS)
+    spec = f"sqlite:///{mounted}/calls.db"
+    command = (
+        f"mount --bind {source} {mounted} && mount -o remount,bind,ro {mounted} && "
+        f"exec {sys.executable} {script} {spec} {mounted}/calls.db '{json.dumps(keys)}'"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", command], env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True, text=True, timeout=120,
+    )
+    if keeper is not None:
+        keeper.close()
+    if done.returncode != 0 and "mount:" in done.stderr and "read-only checks" not in done.stdout:
+        pytest.skip(f"cannot make a read-only bind mount here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "read-only checks passed" in done.stdout
+    assert "read-only filesystem" in done.stdout  # the refused save says why
+    assert listing() == before  # nothing was created
+
+
+def test_sqlite_store_without_write_permission_reads(tmp_path: Path) -> None:
+    """The same without write permission on the file and its directory (as a user other than
+    root: root ignores file permissions)."""
+    import json
+
+    if os.geteuid() == 0:
+        pytest.skip("running as root, which ignores file permissions; the read-only mount "
+                    "test covers the same code path")
+    spec, keys, _ = _read_only_store(tmp_path, keep_open=False)
+    script = tmp_path / "checks.py"
+    script.write_text(_READ_ONLY_CHECKS)
+    os.chmod(tmp_path / "calls.db", 0o444)
+    os.chmod(tmp_path, 0o555)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), spec, str(tmp_path / "calls.db"), json.dumps(keys)],
+            env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no permission to write" in done.stdout
+
+
 def test_network_filesystems_are_recognised(tmp_path: Path) -> None:
     mounts = (
         "/dev/sda1 / ext4 rw 0 0\n"

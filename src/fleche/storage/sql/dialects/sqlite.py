@@ -66,11 +66,14 @@ def _open_read_only(path: str) -> sqlite3.Connection:
     """A read-only connection to ``path``: ``mode=ro``, or ``immutable=1`` where SQLite cannot
     open a WAL database read-only otherwise (no ``-shm`` file, and none can be created)."""
     uri = "file:" + urllib.parse.quote(path)
+    conn = sqlite3.connect(
+        f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False
+    )
     try:
-        return sqlite3.connect(
-            f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False
-        )
+        conn.execute("PRAGMA schema_version").fetchall()  # SQLite opens the file on first use
+        return conn
     except sqlite3.OperationalError as e:
+        conn.close()
         if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_CANTOPEN:
             raise
     return sqlite3.connect(
