@@ -33,6 +33,7 @@ from fleche.errors import (  # noqa: E402
     LockTimeout,
     SaveError,
     SchemaVersionError,
+    SignatureError,
 )
 from fleche.storage import CallMemory, Intent  # noqa: E402
 from fleche.storage.sql.dialects.sqlite import (  # noqa: E402
@@ -417,6 +418,86 @@ def test_only_inline_blobs_this_storage_wrote_are_unpickled(sql: Sql, db_url: st
         assert sql.load(key) == _call(1)
     finally:
         engine.dispose()
+
+
+def _inline_blob(db_url: str, key: str) -> bytes:
+    engine = _engine(db_url)
+    try:
+        with engine.begin() as conn:
+            return bytes(conn.execute(sa.select(calls.c.inline).where(calls.c.key == key)).scalar())
+    finally:
+        engine.dispose()
+
+
+def _set_inline_blob(db_url: str, key: str, blob: bytes) -> None:
+    engine = _engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.update(calls).where(calls.c.key == key).values(inline=blob))
+    finally:
+        engine.dispose()
+
+
+def test_inline_values_are_checksummed(sql: Sql, db_url: str) -> None:
+    """Inline values travel in the checked envelope: a flipped or cut byte is refused unread."""
+    key = sql.save(_call(1).replace(inline={digest(1): "one"}))
+    blob = _inline_blob(db_url, key)
+    assert blob[:5] == b"FLCI\x02"  # the envelope, format version 2
+    for broken, reason in [
+        (blob[:-1] + bytes([blob[-1] ^ 1]), "checksum mismatch"),
+        (blob[:-3], "torn"),
+        (blob[:12], "truncated"),
+    ]:
+        _set_inline_blob(db_url, key, broken)
+        with pytest.raises(CorruptEntryError, match=reason) as info:
+            sql.load(key)
+        assert info.value.key == key and "fleche_calls" in info.value.location
+    assert UNPICKLED == []
+    sql.save(_call(1).replace(inline={digest(1): "one"}))  # overwritten by the next save
+    assert sql.load(key).inline == {digest(1): "one"}
+
+
+def test_inline_values_are_signed_with_a_secret_key(db_url: str, monkeypatch: Any) -> None:
+    """With a key, inline values are signed for their row: unsigned, foreign-key and moved
+    values are refused with SignatureError; rows without inline values need no signature."""
+    monkeypatch.delenv("FLECHE_SECRET_KEY", raising=False)
+    signed, other, unsigned = Sql(db_url, secret_key="k1"), Sql(db_url, secret_key=b"k2"), Sql(db_url)
+    assert "k1" not in repr(signed)
+    a = signed.save(_call(1).replace(inline={digest(1): "a"}))
+    b = signed.save(_call(2).replace(inline={digest(2): "b"}))
+    plain = signed.save(_call(3))
+    assert signed.load(a).inline == {digest(1): "a"} and signed.load(plain) == _call(3)
+    assert unsigned.load(a).inline == {digest(1): "a"}  # a checksum needs no key
+    with pytest.raises(SignatureError, match="none of"):
+        other.load(a)
+    assert Sql(db_url, secret_key=["k2", "k1"]).load(a).inline == {digest(1): "a"}  # rotation
+    _set_inline_blob(db_url, b, _inline_blob(db_url, a))  # a's values planted in b's row
+    with pytest.raises(SignatureError):
+        signed.load(b)
+    c = unsigned.save(_call(4).replace(inline={digest(4): "c"}))
+    with pytest.raises(SignatureError, match="unsigned"):
+        signed.load(c)
+    monkeypatch.setenv("FLECHE_SECRET_KEY", "k2")
+    with pytest.raises(SignatureError, match="unsigned"):
+        unsigned.load(c)  # the environment's key applies too
+    assert unsigned.load(unsigned.save(_call(4).replace(inline={digest(4): "c"}))).inline == {
+        digest(4): "c"
+    }
+    for storage in (signed, other, unsigned):
+        _close(storage)
+
+
+def test_inline_values_of_the_old_format_still_load(sql: Sql, db_url: str, monkeypatch: Any) -> None:
+    """Rows written before the envelope (magic ``FLCI\\x01`` and a bare pickle) load as before
+    while no key is set; with a key they are refused as unsigned."""
+    monkeypatch.delenv("FLECHE_SECRET_KEY", raising=False)
+    key = sql.save(_call(1).replace(inline={digest(1): "old"}))
+    _set_inline_blob(db_url, key, b"FLCI\x01" + pickle.dumps({str(digest(1)): "old"}, 5))
+    assert sql.load(key).inline == {digest(1): "old"}
+    keyed = Sql(db_url, secret_key="k")
+    with pytest.raises(SignatureError, match="unsigned"):
+        keyed.load(key)
+    _close(keyed)
 
 
 def _version(n: int) -> DigestedCall:

@@ -1,8 +1,13 @@
 """What ``Sql`` can store exactly, and the encoding of a whole record in one ``fleche_calls`` row.
 
 A row holds the record's fields as columns, its arguments and metadata as JSON text (``record``)
-and its inline values as a pickle behind a magic prefix (``inline``), so one SELECT gives the
-whole record back.
+and its inline values as a pickle in the envelope of :mod:`fleche.storage.envelope` (``inline``,
+magic ``b"FLCI"``, format version 2): checksummed, and signed with the storage's secret key when
+it has one, over the row's key too, so damaged, planted or moved values are refused before
+anything is unpickled. One SELECT gives the whole record back.
+
+Rows written before the envelope (format 1: the magic ``b"FLCI\x01"`` and the pickle, no
+checksum) keep loading while no secret key is set; with a key they are refused as unsigned.
 """
 
 from __future__ import annotations
@@ -10,15 +15,17 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...call import DigestedCall
 from ...digest import DIGEST_LENGTH, Digest, _mk
-from ...errors import CorruptEntryError, SaveError
+from ...errors import CorruptEntryError, SaveError, SignatureError
+from ..envelope import Envelope
 
 __all__ = [
-    "INLINE_MAGIC",
+    "ENVELOPE",
+    "LEGACY_INLINE_MAGIC",
     "check_record",
     "dump_inline",
     "dump_json",
@@ -28,9 +35,11 @@ __all__ = [
     "storable",
 ]
 
-INLINE_MAGIC = b"FLCI\x01"
-"""Prefix of every ``inline`` BLOB this storage writes (format version 1); nothing else is
-unpickled."""
+ENVELOPE = Envelope(b"FLCI", version=2, what="fleche inline values")
+"""The envelope of every ``inline`` BLOB this storage writes."""
+
+LEGACY_INLINE_MAGIC = b"FLCI\x01"
+"""Prefix of the ``inline`` BLOBs of format 1 (unchecked), which older fleche versions wrote."""
 
 _PROTOCOL = 5
 _loads_json = json.loads
@@ -139,32 +148,48 @@ def load_record(text: str, key: str, location: str) -> tuple[dict[str, Digest], 
     return arguments, metadata
 
 
-def dump_inline(call: DigestedCall) -> bytes | None:
-    """The pickled ``call.inline`` for the ``inline`` column (None when there is nothing);
+def dump_inline(call: DigestedCall, key: str, secrets: Sequence[bytes] = ()) -> bytes | None:
+    """The ``inline`` column of ``call``, stored under ``key``: its inline values pickled in the
+    envelope, signed with ``secrets[0]`` if any (None when there is nothing);
     :class:`SaveError` if a value does not pickle."""
     inline = call.inline
     if not inline:
         return None
     if not isinstance(inline, Mapping):
         raise SaveError(f"inline values must be a mapping, got {type(inline).__name__}")
-    for key in inline:
-        _check_digest(key, "an inline value's key")
+    for digest_key in inline:
+        _check_digest(digest_key, "an inline value's key")
     try:
-        return INLINE_MAGIC + pickle.dumps({str(k): v for k, v in inline.items()}, _PROTOCOL)
+        payload = pickle.dumps({str(k): v for k, v in inline.items()}, _PROTOCOL)
     except Exception as e:  # noqa: BLE001 - pickling raises many kinds
         raise SaveError(f"an inline value does not pickle: {type(e).__name__}: {e}") from e
+    return ENVELOPE.seal(payload, key, secrets)
 
 
-def load_inline(blob: bytes | None, key: str, location: str) -> dict[Digest, Any] | None:
-    """The inline values from an ``inline`` column, unpickled only if :func:`dump_inline` wrote
-    them (checked by the magic prefix); :class:`CorruptEntryError` otherwise."""
+def load_inline(
+    blob: bytes | None, key: str, location: str, secrets: Sequence[bytes] = ()
+) -> dict[Digest, Any] | None:
+    """The inline values from the ``inline`` column of the row of ``key``.
+
+    Unpickled only once the envelope is intact and, when ``secrets`` are given, signed with one
+    of them for ``key``; :class:`CorruptEntryError` (or its :class:`SignatureError`) otherwise.
+    """
     if blob is None:
         return None
     blob = bytes(blob)
-    if not blob.startswith(INLINE_MAGIC):
+    if not blob.startswith(ENVELOPE.magic):
         raise CorruptEntryError(key, location, "inline values not written by fleche (bad magic)")
+    if blob.startswith(LEGACY_INLINE_MAGIC):
+        if secrets:
+            raise SignatureError(
+                key, location, "unsigned inline values (written before fleche signed them) "
+                "refused: this storage has a secret key; save the call again to sign it"
+            )
+        payload: Any = memoryview(blob)[len(LEGACY_INLINE_MAGIC):]
+    else:
+        _, payload = ENVELOPE.open(blob, key, location, secrets)
     try:
-        values = pickle.loads(memoryview(blob)[len(INLINE_MAGIC) :])
+        values = pickle.loads(payload)
     except Exception as e:  # noqa: BLE001 - unpickling raises many kinds
         raise CorruptEntryError(key, location, f"inline values do not unpickle: {e!r}") from None
     if type(values) is not dict:

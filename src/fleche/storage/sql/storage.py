@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,6 +35,7 @@ from ...counters import BYTES_WRITTEN
 from ...digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk
 from ...errors import DatabaseError, SaveError
 from ..base import CallStorage, Intent, _check_key_text, _unique_match
+from ..envelope import as_secrets, environment_secrets
 from ..thread_safe import PerKeyLockMixin
 from . import connections as _connections
 from . import queries as _queries
@@ -72,9 +73,19 @@ class Sql(PerKeyLockMixin, CallStorage):
     float, bool, None) without NUL characters, so that a loaded record equals the saved one.
 
     A record's ``inline`` values (small arguments and results a cache keeps in the record,
-    see ``keeps_inline_values``) are pickled into its row and unpickled on load. Like pickle
-    files, this trusts the database: whoever can write its tables can run code in every process
-    loading from it. Only BLOBs carrying this storage's format prefix are unpickled.
+    see ``keeps_inline_values``) are pickled into its row, in the envelope pickle files use
+    (:mod:`fleche.storage.envelope`): a damaged BLOB raises
+    :class:`~fleche.errors.CorruptEntryError` before anything is unpickled. Unpickling runs
+    code, so whoever can write the tables could run code in every process loading from them:
+    give ``secret_key`` (bytes, str, or several to rotate keys: values are signed with the first
+    and accepted with any), or set ``FLECHE_SECRET_KEY`` in every process, and inline values
+    that are unsigned, tampered with or moved from another row raise
+    :class:`~fleche.errors.SignatureError` unread. A key given as a field travels inside pickled
+    copies of the storage; the environment variable does not.
+
+    ``lock_timeout`` (seconds, ``None`` for ever) bounds how long a write or a ``locked``
+    section waits for the key's lock, thread lock included, before raising
+    :class:`~fleche.errors.LockTimeout`.
 
     >>> import tempfile
     >>> from fleche.call import Call, QueryCall
@@ -94,6 +105,7 @@ class Sql(PerKeyLockMixin, CallStorage):
     url: str | None = None
     echo: bool = False
     lock_timeout: float | None = 1.0
+    secret_key: bytes | str | Sequence[bytes | str] | None = field(default=None, repr=False)
     engine: Any = field(default=None, init=False, compare=False, repr=False)
     session: Any = field(default=None, init=False, compare=False, repr=False)
     _local: threading.local | None = field(default=None, init=False, compare=False, repr=False)
@@ -112,6 +124,11 @@ class Sql(PerKeyLockMixin, CallStorage):
             type(timeout) in (int, float) and math.isfinite(timeout) and timeout >= 0
         ):
             raise ValueError(f"lock_timeout must be a number >= 0 or None, got {timeout!r}")
+        object.__setattr__(self, "secret_key", as_secrets(self.secret_key) or None)
+
+    def _secrets(self) -> tuple[bytes, ...]:
+        """Keys to sign inline values with (the first) and to accept (any); empty: unsigned."""
+        return self.secret_key or environment_secrets()  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return (
@@ -248,7 +265,7 @@ class Sql(PerKeyLockMixin, CallStorage):
             version=version,
             code_digest=code_digest,
             result=None if result is None else _mk(result),
-            inline=None if blob is None else load_inline(blob, key, where),
+            inline=None if blob is None else load_inline(blob, key, where, self._secrets()),
         )
 
     def _fetch_call(self, key: Digest) -> DigestedCall:
@@ -314,7 +331,7 @@ class Sql(PerKeyLockMixin, CallStorage):
         check_record(record)
         key = record.to_lookup_key()
         try:
-            inline = dump_inline(record)
+            inline = dump_inline(record, key, self._secrets())
         except SaveError as e:
             raise SaveError(f"cannot save a call of {record.name!r}: {e}") from e.__cause__
         row = {
