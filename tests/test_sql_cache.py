@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("sqlalchemy", reason="the sql extra is not installed")
 
 from fleche import fleche  # noqa: E402
+from fleche.call import Call  # noqa: E402
 from fleche.caches import Cache  # noqa: E402
 from fleche.storage import Sql, ValuePickleFile  # noqa: E402
 
@@ -102,3 +103,22 @@ def test_sql_specs_take_a_lock_timeout(tmp_path):
     assert open_store(f"sqlite:///{tmp_path}/calls.db").calls.lock_timeout == 1.0
     server = open_store("postgresql://u@db-host/x?values=/shared/v&lock_timeout=5")
     assert server.calls.lock_timeout == 5.0 and server.calls.url == "postgresql+psycopg://u@db-host/x"
+
+
+def test_an_integer_version_is_cached(tmp_path, db_url, recwarn):  # noqa: F811
+    """``@fleche(version=1)`` over ``Sql`` caches like any other version, and keeps the int."""
+    calls = Sql(db_url)
+    cache = Cache(ValuePickleFile(root=tmp_path / "values"), calls)
+    runs = []
+
+    @fleche(cache=cache, version=1)
+    def twice(x):
+        runs.append(x)
+        return 2 * x
+
+    assert twice(3) == 6 and twice(3) == 6 and runs == [3]
+    record = calls.load(twice.digest(3))
+    assert record.version == 1 and type(record.version) is int
+    assert [c.version for c in calls.query(Call(record.name, {"x": 3}, version=1))] == [1]
+    assert not [w for w in recwarn if "not cached" in str(w.message)]
+    _close(calls)

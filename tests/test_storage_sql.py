@@ -239,6 +239,109 @@ def test_other_schema_version_is_refused(db_url: str) -> None:
 # -- records ------------------------------------------------------------------------------------
 
 
+def test_versions_keep_their_type(sql: Sql) -> None:
+    """A call's version may be an int as well as a str; each loads with its type and the two
+    never meet: ``1`` and ``"1"`` are different keys, found by different queries."""
+    records = {v: _call(1, version=v) for v in (1, "1", None, 0, 2**80, -3)}
+    keys = {v: sql.save(r) for v, r in records.items()}
+    assert len(set(keys.values())) == len(records)
+    for v, key in keys.items():
+        loaded = sql.load(key)
+        assert loaded == records[v] and type(loaded.version) is type(v) and loaded.version == v
+        assert loaded.to_lookup_key() == key
+    assert [c.version for c in sql.query(QueryCall(version=1))] == [1]
+    assert [c.version for c in sql.query(QueryCall(version="1"))] == ["1"]
+    assert [c.version for c in sql.query(QueryCall(version=2**80))] == [2**80]
+    assert {type(c.version) for c in sql.query(QueryCall(name="_f"))} == {int, str, type(None)}
+    for bad in (True, 1.0, b"1"):
+        with pytest.raises(SaveError, match="version"):
+            sql.save(_call(2, version=bad))
+    assert set(sql.list()) == set(keys.values())
+
+
+_SCHEMA_2 = Path(__file__).parent / "data" / "sql_schema2.sqlite"
+"""A SQLite database of schema version 2, written by fleche before integer versions: three calls
+of ``area`` (versions None, "1", "2.0") with metadata and inline values of the old format."""
+
+
+def _schema_2_rows() -> dict[str, list[dict[str, Any]]]:
+    with sqlite3.connect(_SCHEMA_2) as conn:
+        conn.row_factory = sqlite3.Row
+        return {
+            table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
+            for table in ("fleche_schema", "fleche_calls", "fleche_arguments", "fleche_metadata")
+        }
+
+
+def _make_schema_2(db_url: str, tmp_path: Path) -> str:
+    """A database of schema version 2 holding the calls of ``_SCHEMA_2``: the file itself for
+    SQLite; for a server, the version 2 tables (today's without ``version_type``) with its rows."""
+    import shutil
+
+    if "://" not in db_url:
+        target = tmp_path / "schema2.sqlite"
+        shutil.copy(_SCHEMA_2, target)
+        return str(target)
+    engine = _engine(db_url)
+    try:
+        schema.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE fleche_calls DROP COLUMN version_type"))
+        old = sa.MetaData()
+        tables = {name: sa.Table(name, old, autoload_with=engine) for name in _schema_2_rows()}
+        with engine.begin() as conn:
+            for name, rows in _schema_2_rows().items():
+                if rows:
+                    conn.execute(sa.insert(tables[name]), rows)
+    finally:
+        engine.dispose()
+    return db_url
+
+
+def test_a_schema_2_database_is_migrated_in_place(db_url: str, tmp_path: Path) -> None:
+    """Opening a database written by the previous fleche (schema 2) migrates it to schema 3:
+    every call loads as it was, old inline values included, and integer versions can be saved."""
+    url = _make_schema_2(db_url, tmp_path)
+    expected = _schema_2_rows()["fleche_calls"]
+    storage = Sql(url)
+    assert sorted(storage.list()) == sorted(r["key"] for r in expected)
+    for row in expected:
+        call = storage.load(row["key"])
+        assert call.to_lookup_key() == row["key"] and call.version == row["version"]
+        assert call.metadata["function"]["version"] == row["version"]
+        (value,) = call.inline.values()
+        assert call.result == digest(value)
+    assert [c.version for c in storage.query(QueryCall(version="1"))] == ["1"]
+    key = storage.save(_call(5, version=5))
+    assert storage.load(key).version == 5
+    _close(storage)
+    engine = _engine(url)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(sa.select(versions.c.value)).scalar() == SCHEMA_VERSION == 3
+    finally:
+        engine.dispose()
+    again = Sql(url)  # a second opening finds schema 3 and changes nothing
+    assert again.load(key).version == 5 and len(again.list()) == len(expected) + 1
+    _close(again)
+
+
+def test_migrating_racing_processes(db_url: str, tmp_path: Path) -> None:
+    """Four processes open a schema 2 database at once; one migrates, all read it."""
+    url = _make_schema_2(db_url, tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        counts = pool.map(_count_calls, [url] * 4)
+    assert counts == [len(_schema_2_rows()["fleche_calls"])] * 4
+
+
+def _count_calls(url: str) -> int:
+    storage = Sql(url)
+    n = len(storage.list())
+    _close(storage)
+    return n
+
+
 def test_records_round_trip_exactly(sql: Sql) -> None:
     records = [
         _call(1, metadata=None),
@@ -574,7 +677,7 @@ _calls = st.builds(
     metadata=st.none()
     | st.dictionaries(_SECTIONS, st.dictionaries(_META_KEYS, _META_VALUES, max_size=3), max_size=2),
     module=st.sampled_from([None, "m", "M"]),
-    version=st.sampled_from([None, "1", "1 "]),
+    version=st.sampled_from([None, "1", "1 ", 1, 0, -(2**70)]),
     code_digest=st.sampled_from([None, "abc", "ABC"]),
     result=st.sampled_from(_VALUES),
 )
@@ -598,7 +701,7 @@ _templates = st.builds(
         max_size=2,
     ),
     module=st.none() | st.sampled_from(["m", "M", 3]),
-    version=st.none() | st.sampled_from(["1", "1 "]),
+    version=st.none() | st.sampled_from(["1", "1 ", 1, 0, True, False, -(2**70)]),
     code_digest=st.none() | st.sampled_from(["abc", "ABC"]),
     result=st.none() | _TEMPLATE_VALUES,
 )
@@ -662,6 +765,34 @@ def test_query_pushes_conditions_into_sql(sql: Sql) -> None:
     assert "fleche_metadata" in text and "fleche_arguments" in text
     assert [c.name for c in sql.query(pushed)] == []
     assert [c.arguments["x"] for c in sql.query(QueryCall(metadata={"run": {"i": 1}}))] == [digest(1)]
+
+
+def test_query_takes_a_call_as_template(sql: Sql) -> None:
+    """A Call, digested or not, queries as the QueryCall with the same fields."""
+    for i in range(6):
+        sql.save(_call(i, version=i % 2))
+    template = Call("_f", {"y": 1}, module=__name__, version=1)
+    expected = _keys(sql.query(QueryCall(name="_f", arguments={"y": 1}, module=__name__, version=1)))
+    assert expected and _keys(sql.query(template)) == expected
+    assert _keys(sql.query(template.digest().replace(result=None))) == expected
+    assert _keys(sql.query(_call(3, version=1))) == _keys([sql.load(_call(3, version=1).to_lookup_key())])
+    with pytest.raises(TypeError, match="QueryCall or a Call"):
+        list(sql.query({"name": "_f"}))
+
+
+def test_contains_many_is_one_query_per_batch(sql: Sql) -> None:
+    """1200 keys, full and short, stored and not, cost three statements (batches of 500)."""
+    stored = [sql.save(_call(i)) for i in range(40)]
+    missing = [_call(i).to_lookup_key() for i in range(40, 1200)]
+    asked = [*stored[:20], *(k[:10] for k in stored[20:]), *missing]
+    statements: list[str] = []
+    checkouts: list[int] = []
+    sa.event.listen(sql.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    sa.event.listen(sql.engine.pool, "checkout", lambda *a: checkouts.append(1))
+    assert sql.contains_many(asked) == set(stored)
+    assert len([s for s in statements if "fleche_calls" in s]) == 3 and len(checkouts) <= 3
+    with pytest.raises(ValueError, match="too short"):
+        sql.contains_many([stored[0], "abc"])
 
 
 # -- processes ----------------------------------------------------------------------------------

@@ -13,13 +13,42 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ...call import QueryCall
-from ...digest import digest
+from ...call import Call, QueryCall
+from ...digest import DIGEST_LENGTH, digest
 from .dialects import Dialect
 from .records import storable
 from .schema import arguments, calls, metadata_sections
 
-__all__ = ["call_conditions", "stored_form"]
+__all__ = ["as_template", "call_conditions", "keys_among", "stored_form"]
+
+
+def as_template(template: QueryCall | Call) -> QueryCall:
+    """``template`` as a :class:`QueryCall`: a :class:`Call` (digested or not) stands for the
+    template with the same fields."""
+    if isinstance(template, QueryCall):
+        return template
+    if isinstance(template, Call):
+        return QueryCall(
+            name=template.name,
+            arguments=template.arguments,
+            metadata=template.metadata,
+            module=template.module,
+            version=template.version,
+            code_digest=template.code_digest,
+            result=template.result,
+        )
+    raise TypeError(f"a query template is a QueryCall or a Call, got {type(template).__name__}")
+
+
+def keys_among(texts: list[str]) -> Any:
+    """A SELECT of the stored keys that are in ``texts`` (full keys) or start with one of them
+    (prefixes: an index range scan each). ``texts`` must be checked hex digests."""
+    full = [t for t in texts if len(t) == DIGEST_LENGTH]
+    where = [calls.c.key.in_(full)] if full else []
+    where += [
+        sa.and_(calls.c.key >= t, calls.c.key < t + "g") for t in texts if len(t) < DIGEST_LENGTH
+    ]
+    return sa.select(calls.c.key).where(sa.or_(sa.false(), *where))
 
 
 def stored_form(value: Any) -> str:
@@ -35,18 +64,26 @@ def stored_form(value: Any) -> str:
 def call_conditions(template: QueryCall, dialect: Dialect) -> list[Any]:
     """SQL conditions over ``fleche_calls`` that every call matching ``template`` fulfils.
 
-    Name, module, version, code digest, result, arguments, metadata sections and scalar
-    metadata entries (str, int, float, bool, None) become conditions; anything else is left to
-    :meth:`QueryCall.matches`.
+    Name, module, version (type included), code digest, result, arguments, metadata sections
+    and scalar metadata entries (str, int, float, bool, None) become conditions; anything else
+    is left to :meth:`QueryCall.matches`.
     """
     conditions: list[Any] = []
-    for attr in ("name", "module", "version", "code_digest"):
+    for attr in ("name", "module", "code_digest"):
         want = getattr(template, attr)
         if want is None:
             continue
         if type(want) is not str:
             continue  # stored fields are str; leave odd templates to matches()
         conditions.append(calls.c[attr] == want if storable(want) else sa.false())
+    version = template.version
+    if type(version) is str:
+        conditions.append(
+            sa.and_(calls.c.version == version, calls.c.version_type.is_(None))
+            if storable(version) else sa.false()
+        )
+    elif type(version) is int:
+        conditions.append(sa.and_(calls.c.version == str(version), calls.c.version_type == "int"))
     if template.result is not None:
         result = stored_form(template.result)
         if result == digest(None):

@@ -30,8 +30,10 @@ __all__ = [
     "dump_inline",
     "dump_json",
     "dump_record",
+    "dump_version",
     "load_inline",
     "load_record",
+    "load_version",
     "storable",
 ]
 
@@ -107,8 +109,10 @@ def check_record(call: DigestedCall) -> None:
     """Raise :class:`SaveError` unless the database can hold ``call`` so it loads back equal."""
     try:
         _check_text(call.name, "the call's name")
-        for attr in ("module", "version", "code_digest"):
+        for attr in ("module", "code_digest"):
             _check_text(getattr(call, attr), f"the call's {attr}", optional=True)
+        if type(call.version) is not int:
+            _check_text(call.version, "the call's version (a str or an int)", optional=True)
         if not isinstance(call.arguments, Mapping):
             raise SaveError(f"arguments must be a mapping, got {type(call.arguments).__name__}")
         for name, value in call.arguments.items():
@@ -128,6 +132,25 @@ def check_record(call: DigestedCall) -> None:
                 _check_json(dict(entries), f"metadata[{section!r}]")
     except SaveError as e:
         raise SaveError(f"cannot save a call of {call.name!r}: {e}") from None
+
+
+def dump_version(version: str | int | None) -> tuple[str | None, str | None]:
+    """The ``version`` and ``version_type`` columns of a call's version (a str, int or None)."""
+    if type(version) is int:
+        return str(version), "int"
+    return version, None
+
+
+def load_version(text: str | None, kind: str | None, key: str, location: str) -> str | int | None:
+    """The version :func:`dump_version` wrote as ``text`` and ``kind``."""
+    if kind is None:
+        return text
+    if kind == "int" and text is not None:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    raise CorruptEntryError(key, location, f"version {text!r} of type {kind!r} is not readable")
 
 
 def dump_record(call: DigestedCall) -> str:

@@ -24,10 +24,13 @@ __all__ = [
     "versions",
 ]
 
-SCHEMA_VERSION = 2
-"""Version of the table layout below; a database of another version is refused.
+SCHEMA_VERSION = 3
+"""Version of the table layout below. A database of version 2 is migrated in place on opening
+(see :data:`MIGRATIONS`); one of any other version is refused.
 
 2: ``fleche_calls`` holds each whole record (``record``, ``inline``), so a load reads one row.
+3: ``fleche_calls.version_type`` says which type a call's ``version`` has (NULL: a ``str``;
+``"int"``: an ``int``, written in decimal in ``version``).
 """
 
 _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
@@ -58,6 +61,7 @@ calls = sa.Table(
     sa.Column("name", sa.Text, nullable=False),
     sa.Column("module", sa.Text),
     sa.Column("version", sa.Text),
+    sa.Column("version_type", sa.String(8)),  # NULL: str (or no version); "int": int
     sa.Column("code_digest", sa.Text),
     sa.Column("result", sa.String(DIGEST_LENGTH)),
     # The whole record, written with the rows below in one transaction: a load reads this row
@@ -103,6 +107,19 @@ metadata_sections = sa.Table(
 )
 
 
+def _add_version_type(conn: sa.Connection) -> None:
+    """Migrate schema 2 to 3: add ``fleche_calls.version_type``. Every existing row keeps its
+    meaning (NULL: a ``str`` version), so no row is rewritten."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns(calls.name)}
+    if "version_type" not in present:  # MySQL commits DDL at once: a rerun may find it there
+        column = calls.c.version_type.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {calls.name} ADD COLUMN version_type {column}"))
+
+
+MIGRATIONS = {2: _add_version_type}
+"""For each older schema version, the step that brings it to the next version."""
+
+
 def _found_version(conn: sa.Connection) -> int | None:
     """The schema version of the fleche tables ``conn`` sees; ``None`` if there are none."""
     if not sa.inspect(conn).has_table(versions.name):
@@ -111,12 +128,12 @@ def _found_version(conn: sa.Connection) -> int | None:
 
 
 def ensure_schema(engine: sa.Engine, dialect: Dialect) -> None:
-    """Check the schema version, creating the tables if there are none; safe against racing
-    processes (the loser of a creation race retries and finds the tables).
+    """Check the schema version, creating the tables if there are none and migrating an older
+    version in place; safe against racing processes (the loser of a creation race retries and
+    finds the tables; migrations run under the dialect's schema lock, one process at a time).
 
     Only reads when the tables are there in this version, so a database this process cannot
-    write opens for reading; a write transaction (under the dialect's schema lock) is taken
-    only to create the tables.
+    write opens for reading; a write transaction is taken only to create or migrate.
     """
     from .connections import is_transient, reason, retrying
 
@@ -125,15 +142,25 @@ def ensure_schema(engine: sa.Engine, dialect: Dialect) -> None:
             found = _found_version(conn)
         if found == SCHEMA_VERSION:
             return
-        if found is not None:
+        if found is not None and found not in MIGRATIONS:
             raise SchemaVersionError(dialect.safe_url, found, SCHEMA_VERSION)
-        dialect.check_writable("create the fleche tables in it")
+        dialect.check_writable(
+            "create the fleche tables in it" if found is None
+            else f"migrate its fleche tables from schema version {found} to {SCHEMA_VERSION}"
+        )
         with dialect.writer(engine).begin() as conn, dialect.schema_lock(conn):
             found = _found_version(conn)
             if found is None:
                 schema.create_all(conn)
                 conn.execute(sa.insert(versions).values(name="version", value=SCHEMA_VERSION))
-            elif found != SCHEMA_VERSION:
+                return
+            while found in MIGRATIONS:
+                MIGRATIONS[found](conn)
+                found += 1
+                conn.execute(
+                    sa.update(versions).where(versions.c.name == "version").values(value=found)
+                )
+            if found != SCHEMA_VERSION:
                 raise SchemaVersionError(dialect.safe_url, found, SCHEMA_VERSION)
 
     def creation_race(e: exc.DBAPIError) -> bool:

@@ -35,6 +35,7 @@ RECORD_COLUMNS = (
     calls.c.name,
     calls.c.module,
     calls.c.version,
+    calls.c.version_type,
     calls.c.code_digest,
     calls.c.result,
     calls.c.record,

@@ -41,7 +41,16 @@ from . import connections as _connections
 from . import queries as _queries
 from . import statements as _statements
 from .connections import Connections, is_transient, reason, retrying, safe_url
-from .records import check_record, dump_inline, dump_json, dump_record, load_inline, load_record
+from .records import (
+    check_record,
+    dump_inline,
+    dump_json,
+    dump_record,
+    dump_version,
+    load_inline,
+    load_record,
+    load_version,
+)
 from .schema import calls
 
 __all__ = ["Sql"]
@@ -254,7 +263,7 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     def _decode(self, row: Any) -> DigestedCall:
         """The record in a row of ``statements.RECORD_COLUMNS``."""
-        key, name, module, version, code_digest, result, text, blob = row
+        key, name, module, version, version_type, code_digest, result, text, blob = row
         where = f"{safe_url(self.url)} table fleche_calls"
         args, metadata = load_record(text, key, where)
         return DigestedCall(
@@ -262,7 +271,7 @@ class Sql(PerKeyLockMixin, CallStorage):
             arguments=args,
             metadata=metadata,
             module=module,
-            version=version,
+            version=load_version(version, version_type, key, where),
             code_digest=code_digest,
             result=None if result is None else _mk(result),
             inline=None if blob is None else load_inline(blob, key, where, self._secrets()),
@@ -314,6 +323,35 @@ class Sql(PerKeyLockMixin, CallStorage):
                 matches = conn.execute(_statements.EXPAND, params).scalars().all()
         return _unique_match(text, matches)
 
+    def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
+        """The full keys of those among ``keys`` (full or short) that are stored.
+
+        One query per batch of 500 keys, full keys and prefixes alike, each a snapshot that
+        other processes may change at once. A short key no stored key starts with is left out;
+        one that several start with raises :class:`AmbiguousDigestError`, like :meth:`expand`.
+        """
+        texts = [_check_key_text(k) for k in keys]  # hex only: nothing can get into the SQL
+        for text in texts:
+            if len(text) < MIN_PREFIX_LENGTH:
+                raise ValueError(
+                    f"short digest {text!r} is too short: give at least {MIN_PREFIX_LENGTH} "
+                    "characters"
+                )
+        found: set[Digest] = set()
+        for start in range(0, len(texts), _CHUNK):
+            batch = texts[start : start + _CHUNK]
+            with self._session_scope(Intent.READ) as conn:
+                stored = set(conn.execute(_queries.keys_among(batch)).scalars())
+            for text in batch:
+                if len(text) == DIGEST_LENGTH:
+                    if text in stored:
+                        found.add(_mk(text))
+                    continue
+                matches = [k for k in stored if k.startswith(text)]
+                if matches:
+                    found.add(_unique_match(text, matches))
+        return found
+
     def save(self, call: DigestedCall | Call) -> Digest:
         """Store the record under its lookup key, replacing an earlier one, and return the key.
 
@@ -334,11 +372,13 @@ class Sql(PerKeyLockMixin, CallStorage):
             inline = dump_inline(record, key, self._secrets())
         except SaveError as e:
             raise SaveError(f"cannot save a call of {record.name!r}: {e}") from e.__cause__
+        version, version_type = dump_version(record.version)
         row = {
             "key": key,
             "name": record.name,
             "module": record.module,
-            "version": record.version,
+            "version": version,
+            "version_type": version_type,
             "code_digest": record.code_digest,
             "result": None if record.result is None else str(record.result),
             "record": dump_record(record),
@@ -405,9 +445,11 @@ class Sql(PerKeyLockMixin, CallStorage):
         (see :func:`fleche.storage.sql.queries.call_conditions`)."""
         return _queries.call_conditions(template, self._connect().dialect)
 
-    def query(self, template: QueryCall) -> Iterable[DigestedCall]:
+    def query(self, template: QueryCall | Call) -> Iterable[DigestedCall]:
         """Find cached calls matching a template using SQL-side filtering.
 
+        ``template`` is a :class:`QueryCall`, or a :class:`Call` (digested or not) standing for
+        the equivalent ``QueryCall`` (same fields; its ``None`` fields are wildcards too).
         Semantics and results equal the generic ``CallMixin.query``: ``None`` fields are
         wildcards; arguments and result match by digest; ``template.metadata`` maps section
         names to entries that must be equal (an empty dict asks only that the section exists).
@@ -422,6 +464,7 @@ class Sql(PerKeyLockMixin, CallStorage):
         :param template: A Call used as a template. None-valued fields are wildcards.
         :returns: an iterator over the matching calls, with their decoded metadata.
         """
+        template = _queries.as_template(template)
         conditions = self._build_call_conditions(template)
         with self._session_scope(Intent.READ) as conn:
             keys = conn.execute(sa.select(calls.c.key).where(*conditions)).scalars().all()
