@@ -999,6 +999,22 @@ def test_a_held_key_times_out_at_one_deadline(db_url: str) -> None:
     _close(storage)
 
 
+def test_a_dead_holders_lock_is_free(db_url: str) -> None:
+    """A process killed inside ``locked(k)`` leaves nothing held: the kernel (SQLite's lock
+    files) or the server (a connection that is gone) frees its lock."""
+    storage = Sql(db_url, lock_timeout=60)
+    key = storage.save(_call(1))
+    holder = _Holder(db_url, key)
+    holder.process.start()
+    assert holder.ready.wait(120)
+    holder.process.kill()
+    holder.process.join(60)
+    with storage.locked(key):
+        storage.save(_call(1, result=2))
+    assert storage.load(key).result == digest(2)
+    _close(storage)
+
+
 def _save_others(url: str, records: list[DigestedCall], done: Any) -> None:
     storage = Sql(url, lock_timeout=60)
     for record in records:
