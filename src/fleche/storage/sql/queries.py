@@ -91,10 +91,7 @@ def call_conditions(template: QueryCall, dialect: Dialect) -> list[Any]:
         else:
             conditions.append(calls.c.result == result)
     for name, value in (template.arguments or {}).items():
-        if type(name) is not str:
-            continue
-        if not storable(name):
-            conditions.append(sa.false())
+        if not _sql_can_match(name, conditions):
             continue
         conditions.append(
             sa.exists().where(
@@ -104,10 +101,7 @@ def call_conditions(template: QueryCall, dialect: Dialect) -> list[Any]:
             )
         )
     for section, entries in (template.metadata or {}).items():
-        if type(section) is not str:
-            continue
-        if not storable(section):
-            conditions.append(sa.false())
+        if not _sql_can_match(section, conditions):
             continue
         where = [metadata_sections.c.call_key == calls.c.key, metadata_sections.c.section == section]
         for entry, value in (entries or {}).items():
@@ -116,6 +110,18 @@ def call_conditions(template: QueryCall, dialect: Dialect) -> list[Any]:
                 where.append(condition)
         conditions.append(sa.exists().where(*where))
     return conditions
+
+
+def _sql_can_match(name: Any, conditions: list[Any]) -> bool:
+    """Whether a condition on the stored name ``name`` can go into SQL; a name no database can
+    hold matches nothing (``false`` is added to ``conditions``), a non-str one is left to
+    :meth:`QueryCall.matches`."""
+    if type(name) is not str:
+        return False
+    if not storable(name):
+        conditions.append(sa.false())
+        return False
+    return True
 
 
 def entry_condition(entry: Any, value: Any, dialect: Dialect) -> Any:

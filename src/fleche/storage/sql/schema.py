@@ -74,16 +74,24 @@ calls = sa.Table(
     **_TABLE_ARGS,
 )
 
+def _part_of_a_call() -> tuple[sa.Column, sa.Column]:
+    """The primary key of a table of a call's parts: the call's key (its rows go with the call)
+    and the part's position."""
+    return (
+        sa.Column(
+            "call_key",
+            sa.String(DIGEST_LENGTH),
+            sa.ForeignKey("fleche_calls.key", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    )
+
+
 arguments = sa.Table(
     "fleche_arguments",
     schema,
-    sa.Column(
-        "call_key",
-        sa.String(DIGEST_LENGTH),
-        sa.ForeignKey("fleche_calls.key", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    *_part_of_a_call(),
     sa.Column("name", sa.Text, nullable=False),
     sa.Column("value", sa.String(DIGEST_LENGTH), nullable=False),
     sa.Index("ix_fleche_arguments_value", "value", "name", mysql_length={"name": 255}),
@@ -93,13 +101,7 @@ arguments = sa.Table(
 metadata_sections = sa.Table(
     "fleche_metadata",
     schema,
-    sa.Column(
-        "call_key",
-        sa.String(DIGEST_LENGTH),
-        sa.ForeignKey("fleche_calls.key", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    *_part_of_a_call(),
     sa.Column("section", sa.Text, nullable=False),
     sa.Column("data", _LONG_TEXT, nullable=False),
     sa.Index("ix_fleche_metadata_section", "section", mysql_length=255),

@@ -21,13 +21,30 @@ from sqlalchemy.engine import URL
 
 from ..schema import calls
 
-__all__ = ["SIMPLE_KEY", "UPDATED_COLUMNS", "Dialect", "lock_id", "lock_name"]
+__all__ = [
+    "SIMPLE_KEY",
+    "UPDATED_COLUMNS",
+    "Dialect",
+    "ServerDialect",
+    "lock_id",
+    "lock_name",
+    "on_conflict_upsert",
+]
 
 SIMPLE_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 """Metadata entry names that need no quoting in a SQLite or MySQL JSON path."""
 
 UPDATED_COLUMNS = tuple(c.name for c in calls.columns if c.name != "key")
 """The columns an upsert replaces in an existing calls row."""
+
+
+def on_conflict_upsert(insert: Any) -> Any:
+    """The upsert of a calls row for databases with ``INSERT ... ON CONFLICT DO UPDATE``, from
+    their dialect's ``insert`` construct."""
+    stmt = insert(calls)
+    return stmt.on_conflict_do_update(
+        index_elements=[calls.c.key], set_={name: stmt.excluded[name] for name in UPDATED_COLUMNS}
+    )
 
 
 def lock_id(key: str) -> int:
@@ -135,3 +152,15 @@ class Dialect(abc.ABC):
                     conn.rollback()
                 except exc.DBAPIError:
                     conn.invalidate()
+
+
+class ServerDialect(Dialect):
+    """A database server (PostgreSQL, MariaDB/MySQL): engines whose connections run in READ
+    COMMITTED, so each statement of a replacing save sees what the previous writer committed;
+    reads of several statements switch to REPEATABLE READ for one snapshot."""
+
+    def snapshot(self, engine: sa.Engine) -> Any:
+        return engine.execution_options(isolation_level="REPEATABLE READ")
+
+    def writer(self, engine: sa.Engine) -> Any:
+        return engine

@@ -12,7 +12,7 @@ from sqlalchemy.dialects import mysql
 
 from ....errors import DatabaseError, LockTimeout
 from ..schema import calls
-from .base import SIMPLE_KEY, UPDATED_COLUMNS, Dialect, lock_name
+from .base import SIMPLE_KEY, UPDATED_COLUMNS, ServerDialect, lock_name
 
 __all__ = ["MysqlDialect"]
 
@@ -23,7 +23,7 @@ _GET_LOCK = sa.select(sa.func.get_lock(_NAME, sa.bindparam("timeout", type_=sa.F
 _RELEASE_LOCK = sa.select(sa.func.release_lock(_NAME))
 
 
-class MysqlDialect(Dialect):
+class MysqlDialect(ServerDialect):
     """MariaDB/MySQL (InnoDB): writes in READ COMMITTED, reads of several statements in
     REPEATABLE READ, key locks with ``GET_LOCK(name, timeout)``.
 
@@ -38,12 +38,6 @@ class MysqlDialect(Dialect):
         return sa.create_engine(
             self.url, echo=echo, pool_pre_ping=True, isolation_level="READ COMMITTED"
         )
-
-    def snapshot(self, engine: sa.Engine) -> Any:
-        return engine.execution_options(isolation_level="REPEATABLE READ")
-
-    def writer(self, engine: sa.Engine) -> Any:
-        return engine
 
     def upsert(self) -> Any:
         stmt = mysql.insert(calls)

@@ -12,8 +12,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql
 
 from ....errors import LockTimeout
-from ..schema import calls
-from .base import UPDATED_COLUMNS, Dialect, lock_id
+from .base import ServerDialect, lock_id, on_conflict_upsert
 
 __all__ = ["PostgresqlDialect"]
 
@@ -26,7 +25,7 @@ _DEFAULT_LOCK_TIMEOUT = sa.text("SET LOCAL lock_timeout TO DEFAULT")
 _LOCK_NOT_AVAILABLE = "55P03"
 
 
-class PostgresqlDialect(Dialect):
+class PostgresqlDialect(ServerDialect):
     """PostgreSQL: writes in READ COMMITTED, reads of several statements in REPEATABLE READ, key
     locks as session-level advisory locks.
 
@@ -39,8 +38,6 @@ class PostgresqlDialect(Dialect):
     names = ("postgresql",)
 
     def create_engine(self, echo: bool) -> sa.Engine:
-        # Writes run in READ COMMITTED: each statement of a replacing save sees the rows the
-        # previous writer committed. Reads switch to REPEATABLE READ for one snapshot.
         kwargs: dict[str, Any] = {
             "echo": echo, "pool_pre_ping": True, "isolation_level": "READ COMMITTED"
         }
@@ -48,18 +45,8 @@ class PostgresqlDialect(Dialect):
             kwargs["connect_args"] = {"connect_timeout": 15}
         return sa.create_engine(self.url, **kwargs)
 
-    def snapshot(self, engine: sa.Engine) -> Any:
-        return engine.execution_options(isolation_level="REPEATABLE READ")
-
-    def writer(self, engine: sa.Engine) -> Any:
-        return engine
-
     def upsert(self) -> Any:
-        stmt = postgresql.insert(calls)
-        return stmt.on_conflict_do_update(
-            index_elements=[calls.c.key],
-            set_={name: stmt.excluded[name] for name in UPDATED_COLUMNS},
-        )
+        return on_conflict_upsert(postgresql.insert)
 
     def json_text(self, data: Any, entry: str) -> Any | None:
         return sa.cast(

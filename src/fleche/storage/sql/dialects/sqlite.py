@@ -17,8 +17,7 @@ from sqlalchemy.engine import URL
 
 from ....errors import DatabaseError, NetworkFilesystemWarning
 from ...locks import hold
-from ..schema import calls
-from .base import SIMPLE_KEY, UPDATED_COLUMNS, Dialect
+from .base import SIMPLE_KEY, Dialect, on_conflict_upsert
 
 __all__ = ["BUSY_TIMEOUT_S", "SqliteDialect", "filesystem_type", "is_network_filesystem"]
 
@@ -185,11 +184,7 @@ class SqliteDialect(Dialect):
         return engine.execution_options(fleche_immediate=True)
 
     def upsert(self) -> Any:
-        stmt = sqlite.insert(calls)
-        return stmt.on_conflict_do_update(
-            index_elements=[calls.c.key],
-            set_={name: stmt.excluded[name] for name in UPDATED_COLUMNS},
-        )
+        return on_conflict_upsert(sqlite.insert)
 
     def json_text(self, data: Any, entry: str) -> Any | None:
         if SIMPLE_KEY.fullmatch(entry) is None or sqlite3.sqlite_version_info < (3, 38):
