@@ -1121,43 +1121,73 @@ def _read_only_store(root: Path, keep_open: bool) -> tuple[str, list[str], Any]:
     return spec, keys, keeper
 
 
+def _on_read_only_mount(source: Path, mounted: Path, code: str, *args: str) -> Any:
+    """Run the Python ``code`` with ``args`` in a process that sees ``source`` read-only at
+    ``mounted`` (a bind mount in a private mount namespace, gone with the process)."""
+    import shlex
+    import shutil
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root and unshare(1) (a private mount namespace)")
+    mounted.mkdir()
+    script = mounted.parent / "read_only_checks.py"
+    script.write_text(code)
+    command = (
+        f"mount --bind {source} {mounted} && mount -o remount,bind,ro {mounted} && "
+        f"exec {sys.executable} {script} {' '.join(map(shlex.quote, args))}"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", command], env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True, text=True, timeout=120,
+    )
+    if done.returncode != 0 and "mount:" in done.stderr:
+        pytest.skip(f"cannot make a read-only bind mount here: {done.stderr.strip()}")
+    return done
+
+
 @pytest.mark.parametrize("keep_open", [False, True], ids=["closed", "open-elsewhere"])
 def test_sqlite_store_on_a_read_only_mount_reads(tmp_path: Path, keep_open: bool) -> None:
     """Reading, ``fleche ls``, ``show`` and ``verify`` work on a read-only bind mount of a SQLite
     store; saves and evictions fail naming the file, and nothing is created there."""
     import json
-    import shutil
 
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root and unshare(1) (a private mount namespace)")
     source, mounted = tmp_path / "store", tmp_path / "ro"
     source.mkdir()
-    mounted.mkdir()
     _, keys, keeper = _read_only_store(source, keep_open)
 
     def listing() -> list[str]:  # SQLite's own -wal and -shm files come and go
         return sorted(n for n in os.listdir(source) if not n.endswith(("-wal", "-shm")))
 
     before = listing()
-    script = tmp_path / "checks.py"
-    script.write_text(_READ_ONLY_CHECKS)
-    spec = f"sqlite:///{mounted}/calls.db"
-    command = (
-        f"mount --bind {source} {mounted} && mount -o remount,bind,ro {mounted} && "
-        f"exec {sys.executable} {script} {spec} {mounted}/calls.db '{json.dumps(keys)}'"
-    )
-    done = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", command], env={**os.environ, "PYTHONPATH": SRC},
-        capture_output=True, text=True, timeout=120,
-    )
-    if keeper is not None:
-        keeper.close()
-    if done.returncode != 0 and "mount:" in done.stderr and "read-only checks" not in done.stdout:
-        pytest.skip(f"cannot make a read-only bind mount here: {done.stderr.strip()}")
+    try:
+        done = _on_read_only_mount(
+            source, mounted, _READ_ONLY_CHECKS,
+            f"sqlite:///{mounted}/calls.db", f"{mounted}/calls.db", json.dumps(keys),
+        )
+    finally:
+        if keeper is not None:
+            keeper.close()
     assert done.returncode == 0, done.stdout + done.stderr
     assert "read-only checks passed" in done.stdout
     assert "read-only filesystem" in done.stdout  # the refused save says why
     assert listing() == before  # nothing was created
+
+
+def test_a_read_only_schema_2_database_is_refused_clearly(tmp_path: Path) -> None:
+    """A schema 2 database that cannot be written cannot be migrated: the error says so."""
+    import shutil
+
+    source = tmp_path / "store"
+    source.mkdir()
+    shutil.copy(_SCHEMA_2, source / "calls.sqlite")
+    code = (
+        "import sys\nfrom fleche.errors import DatabaseError\nfrom fleche.storage.sql import Sql\n"
+        "try:\n    Sql(sys.argv[1]).list()\nexcept DatabaseError as e:\n    print(e)\n"
+    )
+    done = _on_read_only_mount(source, tmp_path / "ro", code, f"{tmp_path}/ro/calls.sqlite")
+    assert done.returncode == 0, done.stderr
+    assert "cannot migrate its fleche tables from schema version 2 to 3" in done.stdout
+    assert "read-only filesystem" in done.stdout and f"{tmp_path}/ro/calls.sqlite" in done.stdout
 
 
 def test_sqlite_store_without_write_permission_reads(tmp_path: Path) -> None:

@@ -201,10 +201,10 @@ class Connections:
         # A thread holding key locks on a connection writes on it too (no second connection).
         conn = getattr(self.local, "lock_conn", None) if write else None
         with contextlib.ExitStack() as stack:
+            if lock and not dialect.locks_with_connection:  # wait holding no connection
+                stack.enter_context(dialect.hold_key(None, key, remaining(deadline)))
             if conn is None:
                 conn = stack.enter_context(self.open(intent))
-            if lock and not dialect.locks_with_connection:
-                stack.enter_context(dialect.hold_key(None, key, remaining(deadline)))
             self.local.conn = conn
             try:
                 with conn.begin():

@@ -183,8 +183,9 @@ class Sql(PerKeyLockMixin, CallStorage):
     ) -> contextlib.AbstractContextManager[sa.Connection]:
         """The connection of the operation running in this thread, or a new one in a transaction
         (see ``Connections.transaction``): nested operations share the outermost connection, so
-        one operation is one transaction, and a read transaction is one snapshot."""
-        return self._connect().transaction(intent, key)
+        one operation is one transaction, and a read transaction is one snapshot. A new write
+        transaction for ``key`` waits up to ``lock_timeout`` for the key's lock."""
+        return self._connect().transaction(intent, key, _connections.deadline(self.lock_timeout))
 
     def _read_one(self, read: str, key: str) -> Any:
         """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds."""
