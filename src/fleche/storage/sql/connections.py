@@ -202,14 +202,18 @@ class Connections:
         conn = getattr(self.local, "lock_conn", None) if write else None
         with contextlib.ExitStack() as stack:
             if lock and not dialect.locks_with_connection:  # wait holding no connection
-                stack.enter_context(dialect.hold_key(None, key, remaining(deadline)))
+                stack.enter_context(
+                    dialect.hold_key(None, key, remaining(deadline), section=False)
+                )
             if conn is None:
                 conn = stack.enter_context(self.open(intent))
             self.local.conn = conn
             try:
                 with conn.begin():
                     if lock and dialect.locks_with_connection:
-                        stack.enter_context(dialect.hold_key(conn, key, remaining(deadline)))
+                        stack.enter_context(
+                            dialect.hold_key(conn, key, remaining(deadline), section=False)
+                        )
                     yield conn
             finally:
                 self.local.conn = None
@@ -238,9 +242,11 @@ class Connections:
                     conn = self.local.lock_conn = self.write.connect()
                     stack.callback(self._close_lock_connection, conn)
                 with conn.begin():  # the lock outlives this transaction
-                    stack.enter_context(dialect.hold_key(conn, key, remaining(deadline)))
+                    stack.enter_context(
+                        dialect.hold_key(conn, key, remaining(deadline), section=True)
+                    )
             else:
-                stack.enter_context(dialect.hold_key(None, key, remaining(deadline)))
+                stack.enter_context(dialect.hold_key(None, key, remaining(deadline), section=True))
             held[key] = 1
             try:
                 yield

@@ -116,15 +116,17 @@ class Dialect(abc.ABC):
 
     @abc.abstractmethod
     def hold_key(
-        self, conn: sa.Connection | None, key: str, timeout: float | None
+        self, conn: sa.Connection | None, key: str, timeout: float | None, *, section: bool
     ) -> contextlib.AbstractContextManager[None]:
         """Hold ``key``'s lock against writers of every process while inside.
 
         Waits at most ``timeout`` seconds (``None``: without limit) and raises
         :class:`~fleche.errors.LockTimeout` holding nothing. ``conn`` is the connection whose
         transaction the lock is taken in for databases whose locks belong to a connection
-        (:attr:`locks_with_connection`); the lock outlives that transaction and is released on
-        leaving. Other databases get ``None`` and are entered before the transaction begins.
+        (:attr:`locks_with_connection`); it is left, and the lock released, after that
+        transaction ended. With ``section`` the lock is held until leaving, across transactions
+        (a ``locked`` section); without, a database may release it with the transaction (one
+        write). Other databases get ``None`` and are entered before the transaction begins.
         """
 
     locks_with_connection: ClassVar[bool] = True

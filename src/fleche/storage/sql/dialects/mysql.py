@@ -64,7 +64,9 @@ class MysqlDialect(ServerDialect):
         return bool(args) and args[0] in (1205, 1213)  # lock wait timeout, deadlock
 
     @contextlib.contextmanager
-    def hold_key(self, conn: sa.Connection | None, key: str, timeout: float | None) -> Iterator[None]:
+    def hold_key(
+        self, conn: sa.Connection | None, key: str, timeout: float | None, *, section: bool
+    ) -> Iterator[None]:
         assert conn is not None
         params = {"name": lock_name(key)}
         wait = _YEAR_S if timeout is None else max(0.0, timeout)

@@ -20,6 +20,8 @@ _SCHEMA_LOCK_ID = 0x666C6563  # "flec": the advisory lock guarding table creatio
 _ID = sa.bindparam("id", type_=sa.BigInteger)
 _TRY_LOCK = sa.select(sa.func.pg_try_advisory_lock(_ID))
 _LOCK = sa.select(sa.func.pg_advisory_lock(_ID))
+_TRY_LOCK_XACT = sa.select(sa.func.pg_try_advisory_xact_lock(_ID))
+_LOCK_XACT = sa.select(sa.func.pg_advisory_xact_lock(_ID))
 _UNLOCK = sa.select(sa.func.pg_advisory_unlock(_ID))
 _DEFAULT_LOCK_TIMEOUT = sa.text("SET LOCAL lock_timeout TO DEFAULT")
 _LOCK_NOT_AVAILABLE = "55P03"
@@ -31,8 +33,9 @@ class PostgresqlDialect(ServerDialect):
 
     A key lock is tried first (one statement); a waiter then waits in the server with
     ``lock_timeout`` set for that one statement, so it wakes as soon as the holder releases and
-    gives up at its deadline. Being session-level, the lock outlives the transaction it was
-    taken in and is held, outside any transaction, for a whole ``locked`` section.
+    gives up at its deadline. A ``locked`` section's lock is session-level: it outlives the
+    transaction it was taken in and is held, outside any transaction, for the whole section. A
+    single write's is transaction-level; the two kinds exclude each other.
     """
 
     names = ("postgresql",)
@@ -68,21 +71,29 @@ class PostgresqlDialect(ServerDialect):
         return f"{self.safe_url} advisory lock {lock_id(key)}"
 
     @contextlib.contextmanager
-    def hold_key(self, conn: sa.Connection | None, key: str, timeout: float | None) -> Iterator[None]:
+    def hold_key(
+        self, conn: sa.Connection | None, key: str, timeout: float | None, *, section: bool
+    ) -> Iterator[None]:
         assert conn is not None
         params = {"id": lock_id(key)}
-        if not conn.execute(_TRY_LOCK, params).scalar():
+        # A section's lock is session-level (kept until unlocked); a single write's is taken for
+        # its transaction, which releases it at the commit, saving a statement.
+        try_lock, lock = (_TRY_LOCK, _LOCK) if section else (_TRY_LOCK_XACT, _LOCK_XACT)
+        if not conn.execute(try_lock, params).scalar():
             if timeout is not None and timeout <= 0:
                 raise LockTimeout(key, self.key_lock_location(key), 0.0)
             # lock_timeout 0 means no limit; a limit is at least 1 ms.
             ms = 0 if timeout is None else max(1, math.ceil(timeout * 1000))
             conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms:d}"))
             try:
-                conn.execute(_LOCK, params)
+                conn.execute(lock, params)
             except exc.OperationalError as e:
                 if getattr(e.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
                     raise LockTimeout(key, self.key_lock_location(key), timeout or 0.0) from None
                 raise
             conn.execute(_DEFAULT_LOCK_TIMEOUT)  # the transaction's own statements wait as usual
+        if not section:
+            yield
+            return
         with self._released_on_exit(conn, _UNLOCK, params):
             yield

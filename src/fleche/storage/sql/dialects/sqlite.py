@@ -205,7 +205,7 @@ class SqliteDialect(Dialect):
         return f"lock files in {self.lock_directory}"
 
     def hold_key(
-        self, conn: sa.Connection | None, key: str, timeout: float | None
+        self, conn: sa.Connection | None, key: str, timeout: float | None, *, section: bool
     ) -> contextlib.AbstractContextManager[None]:
         if self.lock_directory is None:
             return contextlib.nullcontext()  # nobody else can write: nothing to exclude
