@@ -56,7 +56,7 @@ def _stats(samples: list[float]) -> str:
 def _drop(url: str) -> None:
     import sqlalchemy as sa
 
-    from fleche.storage._sql_schema import schema
+    from fleche.storage.sql.schema import schema
 
     engine = sa.create_engine(Sql(url)._sqlalchemy_url())
     schema.drop_all(engine)

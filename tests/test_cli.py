@@ -284,7 +284,7 @@ def test_copy_into_a_server_database(kind, tmp_path):
         pytest.skip(f"no {kind} database to test with")
     from sqlalchemy.engine import make_url
 
-    from fleche.storage._sql_schema import schema
+    from fleche.storage.sql.schema import schema
 
     password = make_url(url).password or "no password"
     target = f"{url}?values={tmp_path}/shared-values"

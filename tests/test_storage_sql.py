@@ -12,6 +12,8 @@ import pickle
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,17 @@ from fleche.digest import Digest, digest  # noqa: E402
 from fleche.errors import (  # noqa: E402
     CorruptEntryError,
     DatabaseError,
+    LockTimeout,
     SaveError,
     SchemaVersionError,
+    SignatureError,
 )
 from fleche.storage import CallMemory, Intent  # noqa: E402
-from fleche.storage._sql_engine import _filesystem_type, _is_network_filesystem  # noqa: E402
-from fleche.storage._sql_schema import (  # noqa: E402
+from fleche.storage.sql.dialects.sqlite import (  # noqa: E402
+    filesystem_type as _filesystem_type,
+    is_network_filesystem as _is_network_filesystem,
+)
+from fleche.storage.sql.schema import (  # noqa: E402
     SCHEMA_VERSION,
     arguments,
     calls,
@@ -232,6 +239,109 @@ def test_other_schema_version_is_refused(db_url: str) -> None:
 # -- records ------------------------------------------------------------------------------------
 
 
+def test_versions_keep_their_type(sql: Sql) -> None:
+    """A call's version may be an int as well as a str; each loads with its type and the two
+    never meet: ``1`` and ``"1"`` are different keys, found by different queries."""
+    records = {v: _call(1, version=v) for v in (1, "1", None, 0, 2**80, -3)}
+    keys = {v: sql.save(r) for v, r in records.items()}
+    assert len(set(keys.values())) == len(records)
+    for v, key in keys.items():
+        loaded = sql.load(key)
+        assert loaded == records[v] and type(loaded.version) is type(v) and loaded.version == v
+        assert loaded.to_lookup_key() == key
+    assert [c.version for c in sql.query(QueryCall(version=1))] == [1]
+    assert [c.version for c in sql.query(QueryCall(version="1"))] == ["1"]
+    assert [c.version for c in sql.query(QueryCall(version=2**80))] == [2**80]
+    assert {type(c.version) for c in sql.query(QueryCall(name="_f"))} == {int, str, type(None)}
+    for bad in (True, 1.0, b"1"):
+        with pytest.raises(SaveError, match="version"):
+            sql.save(_call(2, version=bad))
+    assert set(sql.list()) == set(keys.values())
+
+
+_SCHEMA_2 = Path(__file__).parent / "data" / "sql_schema2.sqlite"
+"""A SQLite database of schema version 2, written by fleche before integer versions: three calls
+of ``area`` (versions None, "1", "2.0") with metadata and inline values of the old format."""
+
+
+def _schema_2_rows() -> dict[str, list[dict[str, Any]]]:
+    with sqlite3.connect(_SCHEMA_2) as conn:
+        conn.row_factory = sqlite3.Row
+        return {
+            table: [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
+            for table in ("fleche_schema", "fleche_calls", "fleche_arguments", "fleche_metadata")
+        }
+
+
+def _make_schema_2(db_url: str, tmp_path: Path) -> str:
+    """A database of schema version 2 holding the calls of ``_SCHEMA_2``: the file itself for
+    SQLite; for a server, the version 2 tables (today's without ``version_type``) with its rows."""
+    import shutil
+
+    if "://" not in db_url:
+        target = tmp_path / "schema2.sqlite"
+        shutil.copy(_SCHEMA_2, target)
+        return str(target)
+    engine = _engine(db_url)
+    try:
+        schema.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE fleche_calls DROP COLUMN version_type"))
+        old = sa.MetaData()
+        tables = {name: sa.Table(name, old, autoload_with=engine) for name in _schema_2_rows()}
+        with engine.begin() as conn:
+            for name, rows in _schema_2_rows().items():
+                if rows:
+                    conn.execute(sa.insert(tables[name]), rows)
+    finally:
+        engine.dispose()
+    return db_url
+
+
+def test_a_schema_2_database_is_migrated_in_place(db_url: str, tmp_path: Path) -> None:
+    """Opening a database written by the previous fleche (schema 2) migrates it to schema 3:
+    every call loads as it was, old inline values included, and integer versions can be saved."""
+    url = _make_schema_2(db_url, tmp_path)
+    expected = _schema_2_rows()["fleche_calls"]
+    storage = Sql(url)
+    assert sorted(storage.list()) == sorted(r["key"] for r in expected)
+    for row in expected:
+        call = storage.load(row["key"])
+        assert call.to_lookup_key() == row["key"] and call.version == row["version"]
+        assert call.metadata["function"]["version"] == row["version"]
+        (value,) = call.inline.values()
+        assert call.result == digest(value)
+    assert [c.version for c in storage.query(QueryCall(version="1"))] == ["1"]
+    key = storage.save(_call(5, version=5))
+    assert storage.load(key).version == 5
+    _close(storage)
+    engine = _engine(url)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(sa.select(versions.c.value)).scalar() == SCHEMA_VERSION == 3
+    finally:
+        engine.dispose()
+    again = Sql(url)  # a second opening finds schema 3 and changes nothing
+    assert again.load(key).version == 5 and len(again.list()) == len(expected) + 1
+    _close(again)
+
+
+def test_migrating_racing_processes(db_url: str, tmp_path: Path) -> None:
+    """Four processes open a schema 2 database at once; one migrates, all read it."""
+    url = _make_schema_2(db_url, tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        counts = pool.map(_count_calls, [url] * 4)
+    assert counts == [len(_schema_2_rows()["fleche_calls"])] * 4
+
+
+def _count_calls(url: str) -> int:
+    storage = Sql(url)
+    n = len(storage.list())
+    _close(storage)
+    return n
+
+
 def test_records_round_trip_exactly(sql: Sql) -> None:
     records = [
         _call(1, metadata=None),
@@ -413,6 +523,86 @@ def test_only_inline_blobs_this_storage_wrote_are_unpickled(sql: Sql, db_url: st
         engine.dispose()
 
 
+def _inline_blob(db_url: str, key: str) -> bytes:
+    engine = _engine(db_url)
+    try:
+        with engine.begin() as conn:
+            return bytes(conn.execute(sa.select(calls.c.inline).where(calls.c.key == key)).scalar())
+    finally:
+        engine.dispose()
+
+
+def _set_inline_blob(db_url: str, key: str, blob: bytes) -> None:
+    engine = _engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.update(calls).where(calls.c.key == key).values(inline=blob))
+    finally:
+        engine.dispose()
+
+
+def test_inline_values_are_checksummed(sql: Sql, db_url: str) -> None:
+    """Inline values travel in the checked envelope: a flipped or cut byte is refused unread."""
+    key = sql.save(_call(1).replace(inline={digest(1): "one"}))
+    blob = _inline_blob(db_url, key)
+    assert blob[:5] == b"FLCI\x02"  # the envelope, format version 2
+    for broken, reason in [
+        (blob[:-1] + bytes([blob[-1] ^ 1]), "checksum mismatch"),
+        (blob[:-3], "torn"),
+        (blob[:12], "truncated"),
+    ]:
+        _set_inline_blob(db_url, key, broken)
+        with pytest.raises(CorruptEntryError, match=reason) as info:
+            sql.load(key)
+        assert info.value.key == key and "fleche_calls" in info.value.location
+    assert UNPICKLED == []
+    sql.save(_call(1).replace(inline={digest(1): "one"}))  # overwritten by the next save
+    assert sql.load(key).inline == {digest(1): "one"}
+
+
+def test_inline_values_are_signed_with_a_secret_key(db_url: str, monkeypatch: Any) -> None:
+    """With a key, inline values are signed for their row: unsigned, foreign-key and moved
+    values are refused with SignatureError; rows without inline values need no signature."""
+    monkeypatch.delenv("FLECHE_SECRET_KEY", raising=False)
+    signed, other, unsigned = Sql(db_url, secret_key="k1"), Sql(db_url, secret_key=b"k2"), Sql(db_url)
+    assert "k1" not in repr(signed)
+    a = signed.save(_call(1).replace(inline={digest(1): "a"}))
+    b = signed.save(_call(2).replace(inline={digest(2): "b"}))
+    plain = signed.save(_call(3))
+    assert signed.load(a).inline == {digest(1): "a"} and signed.load(plain) == _call(3)
+    assert unsigned.load(a).inline == {digest(1): "a"}  # a checksum needs no key
+    with pytest.raises(SignatureError, match="none of"):
+        other.load(a)
+    assert Sql(db_url, secret_key=["k2", "k1"]).load(a).inline == {digest(1): "a"}  # rotation
+    _set_inline_blob(db_url, b, _inline_blob(db_url, a))  # a's values planted in b's row
+    with pytest.raises(SignatureError):
+        signed.load(b)
+    c = unsigned.save(_call(4).replace(inline={digest(4): "c"}))
+    with pytest.raises(SignatureError, match="unsigned"):
+        signed.load(c)
+    monkeypatch.setenv("FLECHE_SECRET_KEY", "k2")
+    with pytest.raises(SignatureError, match="unsigned"):
+        unsigned.load(c)  # the environment's key applies too
+    assert unsigned.load(unsigned.save(_call(4).replace(inline={digest(4): "c"}))).inline == {
+        digest(4): "c"
+    }
+    for storage in (signed, other, unsigned):
+        _close(storage)
+
+
+def test_inline_values_of_the_old_format_still_load(sql: Sql, db_url: str, monkeypatch: Any) -> None:
+    """Rows written before the envelope (magic ``FLCI\\x01`` and a bare pickle) load as before
+    while no key is set; with a key they are refused as unsigned."""
+    monkeypatch.delenv("FLECHE_SECRET_KEY", raising=False)
+    key = sql.save(_call(1).replace(inline={digest(1): "old"}))
+    _set_inline_blob(db_url, key, b"FLCI\x01" + pickle.dumps({str(digest(1)): "old"}, 5))
+    assert sql.load(key).inline == {digest(1): "old"}
+    keyed = Sql(db_url, secret_key="k")
+    with pytest.raises(SignatureError, match="unsigned"):
+        keyed.load(key)
+    _close(keyed)
+
+
 def _version(n: int) -> DigestedCall:
     """Version ``n`` of one record: result, metadata and inline value all say ``n``."""
     value = ("v", n)
@@ -487,7 +677,7 @@ _calls = st.builds(
     metadata=st.none()
     | st.dictionaries(_SECTIONS, st.dictionaries(_META_KEYS, _META_VALUES, max_size=3), max_size=2),
     module=st.sampled_from([None, "m", "M"]),
-    version=st.sampled_from([None, "1", "1 "]),
+    version=st.sampled_from([None, "1", "1 ", 1, 0, -(2**70)]),
     code_digest=st.sampled_from([None, "abc", "ABC"]),
     result=st.sampled_from(_VALUES),
 )
@@ -511,7 +701,7 @@ _templates = st.builds(
         max_size=2,
     ),
     module=st.none() | st.sampled_from(["m", "M", 3]),
-    version=st.none() | st.sampled_from(["1", "1 "]),
+    version=st.none() | st.sampled_from(["1", "1 ", 1, 0, True, False, -(2**70)]),
     code_digest=st.none() | st.sampled_from(["abc", "ABC"]),
     result=st.none() | _TEMPLATE_VALUES,
 )
@@ -577,6 +767,34 @@ def test_query_pushes_conditions_into_sql(sql: Sql) -> None:
     assert [c.arguments["x"] for c in sql.query(QueryCall(metadata={"run": {"i": 1}}))] == [digest(1)]
 
 
+def test_query_takes_a_call_as_template(sql: Sql) -> None:
+    """A Call, digested or not, queries as the QueryCall with the same fields."""
+    for i in range(6):
+        sql.save(_call(i, version=i % 2))
+    template = Call("_f", {"y": 1}, module=__name__, version=1)
+    expected = _keys(sql.query(QueryCall(name="_f", arguments={"y": 1}, module=__name__, version=1)))
+    assert expected and _keys(sql.query(template)) == expected
+    assert _keys(sql.query(template.digest().replace(result=None))) == expected
+    assert _keys(sql.query(_call(3, version=1))) == _keys([sql.load(_call(3, version=1).to_lookup_key())])
+    with pytest.raises(TypeError, match="QueryCall or a Call"):
+        list(sql.query({"name": "_f"}))
+
+
+def test_contains_many_is_one_query_per_batch(sql: Sql) -> None:
+    """1200 keys, full and short, stored and not, cost three statements (batches of 500)."""
+    stored = [sql.save(_call(i)) for i in range(40)]
+    missing = [_call(i).to_lookup_key() for i in range(40, 1200)]
+    asked = [*stored[:20], *(k[:10] for k in stored[20:]), *missing]
+    statements: list[str] = []
+    checkouts: list[int] = []
+    sa.event.listen(sql.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    sa.event.listen(sql.engine.pool, "checkout", lambda *a: checkouts.append(1))
+    assert sql.contains_many(asked) == set(stored)
+    assert len([s for s in statements if "fleche_calls" in s]) == 3 and len(checkouts) <= 3
+    with pytest.raises(ValueError, match="too short"):
+        sql.contains_many([stored[0], "abc"])
+
+
 # -- processes ----------------------------------------------------------------------------------
 
 
@@ -606,7 +824,7 @@ def _forked_child(storage: Sql, key: str, parent_backend: Any, start: Any, out: 
         for i in range(40):
             assert storage.load(key) == _call(1)
             storage.save(_call(10 + i % 4))
-        out.put(("ok", _backend_id(storage) != parent_backend, storage._pid == os.getpid()))
+        out.put(("ok", _backend_id(storage) != parent_backend, storage._connections.pid == os.getpid()))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         out.put(("error", repr(e), None))
 
@@ -678,6 +896,163 @@ def test_many_processes_save_overlapping_calls(db_url: str) -> None:
     _close(storage)
 
 
+# -- key locks: one deadline, held outside transactions ----------------------------------------
+
+OVERSHOOT_S = 0.2
+"""How much later than ``lock_timeout`` a waiter may give up (the issue's generous bound)."""
+
+
+def _hold_locked(url: str, key: str, ready: Any, release: Any) -> None:
+    """Hold ``key``'s ``locked`` section in this process until ``release`` is set."""
+    storage = Sql(url, lock_timeout=60)
+    with storage.locked(key):
+        ready.set()
+        release.wait(120)
+    _close(storage)
+
+
+class _Holder:
+    """Another process holding ``locked(key)`` until the ``with`` block ends."""
+
+    def __init__(self, url: str, key: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.ready, self.release = ctx.Event(), ctx.Event()
+        self.process = ctx.Process(target=_hold_locked, args=(url, key, self.ready, self.release))
+
+    def __enter__(self) -> _Holder:
+        self.process.start()
+        assert self.ready.wait(120), "the holder never took the lock"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release.set()
+        self.process.join(120)
+        assert self.process.exitcode == 0
+
+
+def _connection_time(storage: Sql) -> float:
+    """How long an uncontended ``locked`` section takes on ``storage`` (warmed up)."""
+    free = _call(999).to_lookup_key()
+    with storage.locked(free):
+        pass
+    t0 = time.monotonic()
+    with storage.locked(free):
+        pass
+    return time.monotonic() - t0
+
+
+def _enter_locked(storage: Sql, key: str) -> None:
+    with storage.locked(key):
+        pass
+
+
+def _time_out(section: Any) -> float:
+    """Seconds until ``section()`` raised ``LockTimeout``."""
+    t0 = time.monotonic()
+    with pytest.raises(LockTimeout) as info:
+        section()
+    assert info.value.timeout <= 1.0 and "timed out" in str(info.value)
+    return time.monotonic() - t0
+
+
+def test_lock_timeout_is_a_setting(tmp_path: Path) -> None:
+    storage = Sql(tmp_path / "a.sqlite", lock_timeout=2.5)
+    assert storage.lock_timeout == 2.5 and Sql(tmp_path / "a.sqlite").lock_timeout == 1.0
+    assert "lock_timeout=2.5" in repr(storage)
+    assert pickle.loads(pickle.dumps(storage)).lock_timeout == 2.5
+    assert storage != Sql(tmp_path / "a.sqlite") and Sql(lock_timeout=None).lock_timeout is None
+    for bad in (-1, "1", float("nan")):
+        with pytest.raises(ValueError, match="lock_timeout"):
+            Sql(tmp_path / "a.sqlite", lock_timeout=bad)
+
+
+def test_a_held_key_times_out_at_one_deadline(db_url: str) -> None:
+    """Another process holds a key. Two threads here wait for it, the second behind the first's
+    thread lock; each gives up at ``lock_timeout`` in total, and so does a save of the key."""
+    timeout = 0.4
+    storage = Sql(db_url, lock_timeout=timeout)
+    key = storage.save(_call(1))
+    bound = timeout + OVERSHOOT_S + _connection_time(storage)
+    waited: list[float] = []
+    errors: list[BaseException] = []
+
+    def wait_for_key() -> None:
+        try:
+            waited.append(_time_out(lambda: _enter_locked(storage, key)))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with _Holder(db_url, key):
+        threads = [threading.Thread(target=wait_for_key) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(waited) == 2 and all(timeout * 0.9 <= w < bound for w in waited), (waited, bound)
+        assert timeout * 0.9 <= _time_out(lambda: storage.save(_call(1, result=2))) < bound
+        assert timeout * 0.9 <= _time_out(lambda: storage.evict(key)) < bound
+    assert storage.load(key) == _call(1)  # nothing changed
+    with storage.locked(key):  # free again once the holder is gone
+        storage.save(_call(1, result=3))
+    assert storage.load(key).result == digest(3)
+    _close(storage)
+
+
+def test_a_dead_holders_lock_is_free(db_url: str) -> None:
+    """A process killed inside ``locked(k)`` leaves nothing held: the kernel (SQLite's lock
+    files) or the server (a connection that is gone) frees its lock."""
+    storage = Sql(db_url, lock_timeout=60)
+    key = storage.save(_call(1))
+    holder = _Holder(db_url, key)
+    holder.process.start()
+    assert holder.ready.wait(120)
+    holder.process.kill()
+    holder.process.join(60)
+    with storage.locked(key):
+        storage.save(_call(1, result=2))
+    assert storage.load(key).result == digest(2)
+    _close(storage)
+
+
+def _save_others(url: str, records: list[DigestedCall], done: Any) -> None:
+    storage = Sql(url, lock_timeout=60)
+    for record in records:
+        storage.save(record)
+        assert storage.load(record.to_lookup_key()) == record
+    _close(storage)
+    done.set()
+
+
+def test_a_long_section_keeps_no_other_writer_waiting(db_url: str) -> None:
+    """While one process holds ``locked(k1)`` (released by an event), another saves other keys
+    without waiting for it, and a waiter on ``k1`` gives up at its deadline."""
+    from fleche.storage.locks import stripe_path
+
+    storage = Sql(db_url, lock_timeout=0.3)
+    k1 = storage.save(_call(1))
+    bound = storage.lock_timeout + OVERSHOOT_S + _connection_time(storage)
+    # Keys whose SQLite lock file differs from k1's, so that only the database could hold them up.
+    others = [r for r in (_call(i) for i in range(100, 160))
+              if stripe_path("", r.to_lookup_key()) != stripe_path("", k1)][:20]
+    ctx = multiprocessing.get_context("spawn")
+    with _Holder(db_url, k1):
+        done = ctx.Event()
+        writer = ctx.Process(target=_save_others, args=(db_url, others, done))
+        writer.start()
+        try:
+            assert done.wait(120), "saving other keys waited for the held key"
+        finally:
+            writer.join(120)
+        assert writer.exitcode == 0
+        assert _time_out(lambda: _enter_locked(storage, k1)) < bound
+        assert storage.load(k1) == _call(1)  # reads never wait
+    assert storage.contains_many([r.to_lookup_key() for r in others]) == {
+        r.to_lookup_key() for r in others
+    }
+    _close(storage)
+
+
 # -- SQLite specifics ---------------------------------------------------------------------------
 
 
@@ -691,6 +1066,152 @@ def test_sqlite_runs_in_wal_mode_with_busy_timeout(tmp_path: Path) -> None:
         assert s.execute(sa.text("PRAGMA busy_timeout")).scalar() == 30000
         assert s.execute(sa.text("PRAGMA foreign_keys")).scalar() == 1
     _close(storage)
+
+
+_READ_ONLY_CHECKS = """
+import json, os, sys
+import fleche
+from fleche.call import QueryCall
+from fleche.cli import main
+from fleche.errors import DatabaseError, SaveError
+from fleche.storage.sql import Sql
+
+spec, path, expected = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+cache = fleche.open(spec)
+calls = cache.calls
+assert sorted(calls.list()) == sorted(expected), calls.list()
+for key in expected:
+    assert calls.contains(key[:8]) and calls.load(key[:8]).to_lookup_key() == key
+    assert cache.load_result(key) is not None
+assert len(list(calls.query(QueryCall(name="_f")))) == len(expected)
+with calls.locked(expected[0]):
+    pass
+for argv in (["ls", spec], ["show", spec, expected[0][:8]], ["verify", spec]):
+    assert main(argv) == 0, argv
+try:
+    calls.save(calls.load(expected[0]).replace(version="other"))
+except SaveError as e:
+    assert path in str(e) and "read-only" in str(e), e
+    print("save refused:", e)
+else:
+    raise AssertionError("saved into a read-only database")
+try:
+    calls.evict(expected[0])
+except DatabaseError as e:
+    assert path in str(e) and "read-only" in str(e), e
+else:
+    raise AssertionError("evicted from a read-only database")
+assert sorted(calls.list()) == sorted(expected)
+print("read-only checks passed")
+"""
+
+
+def _read_only_store(root: Path, keep_open: bool) -> tuple[str, list[str], Any]:
+    """A SQLite store under ``root`` with three calls; optionally a connection kept open
+    (so that the WAL's ``-shm`` file exists)."""
+    from fleche import open as open_store
+
+    spec = f"sqlite:///{root}/calls.db"
+    cache = open_store(spec)
+    keys = [cache.save(Call.from_call(_f, i).replace(result=i * 10)) for i in range(3)]
+    _close(cache.calls)
+    keeper = sqlite3.connect(root / "calls.db") if keep_open else None
+    if keeper is not None:
+        keeper.execute("SELECT count(*) FROM fleche_calls").fetchall()
+    return spec, keys, keeper
+
+
+def _on_read_only_mount(source: Path, mounted: Path, code: str, *args: str) -> Any:
+    """Run the Python ``code`` with ``args`` in a process that sees ``source`` read-only at
+    ``mounted`` (a bind mount in a private mount namespace, gone with the process)."""
+    import shlex
+    import shutil
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root and unshare(1) (a private mount namespace)")
+    mounted.mkdir()
+    script = mounted.parent / "read_only_checks.py"
+    script.write_text(code)
+    command = (
+        f"mount --bind {source} {mounted} && mount -o remount,bind,ro {mounted} && "
+        f"exec {sys.executable} {script} {' '.join(map(shlex.quote, args))}"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", command], env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True, text=True, timeout=120,
+    )
+    if done.returncode != 0 and "mount:" in done.stderr:
+        pytest.skip(f"cannot make a read-only bind mount here: {done.stderr.strip()}")
+    return done
+
+
+@pytest.mark.parametrize("keep_open", [False, True], ids=["closed", "open-elsewhere"])
+def test_sqlite_store_on_a_read_only_mount_reads(tmp_path: Path, keep_open: bool) -> None:
+    """Reading, ``fleche ls``, ``show`` and ``verify`` work on a read-only bind mount of a SQLite
+    store; saves and evictions fail naming the file, and nothing is created there."""
+    import json
+
+    source, mounted = tmp_path / "store", tmp_path / "ro"
+    source.mkdir()
+    _, keys, keeper = _read_only_store(source, keep_open)
+
+    def listing() -> list[str]:  # SQLite's own -wal and -shm files come and go
+        return sorted(n for n in os.listdir(source) if not n.endswith(("-wal", "-shm")))
+
+    before = listing()
+    try:
+        done = _on_read_only_mount(
+            source, mounted, _READ_ONLY_CHECKS,
+            f"sqlite:///{mounted}/calls.db", f"{mounted}/calls.db", json.dumps(keys),
+        )
+    finally:
+        if keeper is not None:
+            keeper.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "read-only checks passed" in done.stdout
+    assert "read-only filesystem" in done.stdout  # the refused save says why
+    assert listing() == before  # nothing was created
+
+
+def test_a_read_only_schema_2_database_is_refused_clearly(tmp_path: Path) -> None:
+    """A schema 2 database that cannot be written cannot be migrated: the error says so."""
+    import shutil
+
+    source = tmp_path / "store"
+    source.mkdir()
+    shutil.copy(_SCHEMA_2, source / "calls.sqlite")
+    code = (
+        "import sys\nfrom fleche.errors import DatabaseError\nfrom fleche.storage.sql import Sql\n"
+        "try:\n    Sql(sys.argv[1]).list()\nexcept DatabaseError as e:\n    print(e)\n"
+    )
+    done = _on_read_only_mount(source, tmp_path / "ro", code, f"{tmp_path}/ro/calls.sqlite")
+    assert done.returncode == 0, done.stderr
+    assert "cannot migrate its fleche tables from schema version 2 to 3" in done.stdout
+    assert "read-only filesystem" in done.stdout and f"{tmp_path}/ro/calls.sqlite" in done.stdout
+
+
+def test_sqlite_store_without_write_permission_reads(tmp_path: Path) -> None:
+    """The same without write permission on the file and its directory (as a user other than
+    root: root ignores file permissions)."""
+    import json
+
+    if os.geteuid() == 0:
+        pytest.skip("running as root, which ignores file permissions; the read-only mount "
+                    "test covers the same code path")
+    spec, keys, _ = _read_only_store(tmp_path, keep_open=False)
+    script = tmp_path / "checks.py"
+    script.write_text(_READ_ONLY_CHECKS)
+    os.chmod(tmp_path / "calls.db", 0o444)
+    os.chmod(tmp_path, 0o555)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), spec, str(tmp_path / "calls.db"), json.dumps(keys)],
+            env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no permission to write" in done.stdout
 
 
 def test_network_filesystems_are_recognised(tmp_path: Path) -> None:

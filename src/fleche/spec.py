@@ -21,7 +21,8 @@ specs too. The forms:
 
 Options, after ``?`` and joined by ``&``: ``values=DIR`` (SQL stores), ``format=pickle``
 (default), ``cloudpickle`` (values stored with cloudpickle) or ``h5``; ``lock_timeout=SECONDS``
-(or ``none``) and ``durable=true`` for the file storages. Relative paths are made absolute when
+(or ``none``) for the key locks of the file storages and of a SQL store's calls;
+``durable=true`` for the file storages. Relative paths are made absolute when
 the spec is parsed, ``~`` is expanded; a directory whose name contains ``?`` is written as a
 ``file://`` URL with ``%3F``. Other options of a SQL URL (``sslmode=require``...) stay
 in the database URL. A bare ``postgresql://`` means ``postgresql+psycopg://`` and a bare
@@ -127,7 +128,9 @@ class StoreSpec:
             return Cache(values, _call_storage(self.format, Path(self.calls) / "calls", settings))
         from .storage.sql import Sql
 
-        return Cache(values, Sql(_sql_argument(self.calls, self.url_query)))
+        return Cache(
+            values, Sql(_sql_argument(self.calls, self.url_query), lock_timeout=self.lock_timeout)
+        )
 
     def sqlite_path(self) -> Path | None:
         """The SQLite file of a ``sqlite://`` spec, else ``None``."""

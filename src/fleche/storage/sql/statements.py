@@ -6,14 +6,12 @@ constructed and looked up anew; values go in as parameters (``key``, ``keys``, c
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from ._sql_schema import arguments, calls, metadata_sections
+from .schema import arguments, calls, metadata_sections
 
 __all__ = [
     "CONTAINS",
@@ -28,8 +26,6 @@ __all__ = [
     "SELECT_RECORD",
     "SELECT_RECORDS",
     "KeyRead",
-    "key_lock",
-    "upsert",
 ]
 
 _KEY = sa.bindparam("key", type_=calls.c.key.type)
@@ -39,6 +35,7 @@ RECORD_COLUMNS = (
     calls.c.name,
     calls.c.module,
     calls.c.version,
+    calls.c.version_type,
     calls.c.code_digest,
     calls.c.result,
     calls.c.record,
@@ -112,52 +109,3 @@ class KeyRead:
                     cursor.close()
                 raw.close()
         raise AssertionError("unreachable")
-
-
-_UPDATED = [c.name for c in calls.columns if c.name != "key"]
-
-
-@functools.lru_cache(maxsize=None)
-def upsert(dialect: str) -> Any:
-    """Insert a ``fleche_calls`` row from parameters named as its columns, or replace every
-    column of the row with that key; ``None`` for a dialect without an upsert here."""
-    if dialect in ("sqlite", "postgresql"):
-        module = sqlite if dialect == "sqlite" else postgresql
-        stmt = module.insert(calls)
-        return stmt.on_conflict_do_update(
-            index_elements=[calls.c.key], set_={name: stmt.excluded[name] for name in _UPDATED}
-        )
-    if dialect in ("mysql", "mariadb"):
-        stmt = mysql.insert(calls)
-        return stmt.on_duplicate_key_update({name: stmt.inserted[name] for name in _UPDATED})
-    return None
-
-
-_YEAR_S = 365 * 24 * 3600
-
-
-@functools.lru_cache(maxsize=None)
-def key_lock(dialect: str) -> tuple[Any, Any] | None:
-    """Statements taking and releasing a database lock on one key, or None where the write
-    transaction itself excludes other writers (SQLite's ``BEGIN IMMEDIATE``).
-
-    PostgreSQL: a transaction-scoped advisory lock on ``id`` (released at commit; no release
-    statement). MariaDB/MySQL: ``GET_LOCK(name, a year)`` (MariaDB has no infinite wait), held
-    by the connection until released; it returns 1 when taken.
-    """
-    if dialect == "postgresql":
-        lock_id = sa.bindparam("id", type_=sa.BigInteger)
-        return sa.select(sa.func.pg_advisory_xact_lock(lock_id)), None
-    if dialect in ("mysql", "mariadb"):
-        name = sa.bindparam("name", type_=sa.String)
-        return (
-            sa.select(sa.func.get_lock(name, _YEAR_S)),
-            sa.select(sa.func.release_lock(name)),
-        )
-    return None
-
-
-def key_lock_params(key: str) -> dict[str, Any]:
-    """The parameters of :func:`key_lock` for ``key``: two keys share a lock only if their first
-    15 hex digits agree, which merely serializes them."""
-    return {"id": int(key[:15], 16), "name": "fleche:" + key[:56]}

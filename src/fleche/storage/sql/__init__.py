@@ -1,0 +1,18 @@
+"""The ``Sql`` call storage: call records in SQLite, PostgreSQL or MariaDB/MySQL (``sql`` extra).
+
+One module per concern:
+
+- :mod:`.storage`: the storage itself, :class:`Sql`;
+- :mod:`.connections`: connections per process and the one retry loop;
+- :mod:`.dialects`: one object per database (upsert, key lock, JSON paths, isolation, schema
+  lock), so a new database is one module;
+- :mod:`.schema`: the tables and their creation, version check and migration;
+- :mod:`.records`: how a record is encoded in a row;
+- :mod:`.statements` and :mod:`.queries`: the fixed statements of the hot paths, and the
+  conditions a query template becomes.
+"""
+
+from .schema import SCHEMA_VERSION
+from .storage import Sql
+
+__all__ = ["SCHEMA_VERSION", "Sql"]

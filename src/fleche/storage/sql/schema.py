@@ -1,0 +1,178 @@
+"""The tables of ``Sql`` and their creation: calls, arguments, metadata, schema version."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.dialects import mysql
+
+from ...digest import DIGEST_LENGTH
+from ...errors import DatabaseError, SchemaVersionError
+
+if TYPE_CHECKING:
+    from .dialects import Dialect
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "arguments",
+    "calls",
+    "ensure_schema",
+    "metadata_sections",
+    "schema",
+    "versions",
+]
+
+SCHEMA_VERSION = 3
+"""Version of the table layout below. A database of version 2 is migrated in place on opening
+(see :data:`MIGRATIONS`); one of any other version is refused.
+
+2: ``fleche_calls`` holds each whole record (``record``, ``inline``), so a load reads one row.
+3: ``fleche_calls.version_type`` says which type a call's ``version`` has (NULL: a ``str``;
+``"int"``: an ``int``, written in decimal in ``version``).
+"""
+
+_LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+_LONG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+# MySQL/MariaDB compare text case-insensitively by default; a binary collation keeps equality
+# exact (query results are still re-checked in Python, so this is about index selectivity).
+_TABLE_ARGS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+schema = sa.MetaData()
+"""The fleche tables (all named ``fleche_*``)."""
+
+versions = sa.Table(
+    "fleche_schema",
+    schema,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Integer, nullable=False),
+    **_TABLE_ARGS,
+)
+
+calls = sa.Table(
+    "fleche_calls",
+    schema,
+    sa.Column("key", sa.String(DIGEST_LENGTH), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("module", sa.Text),
+    sa.Column("version", sa.Text),
+    sa.Column("version_type", sa.String(8)),  # NULL: str (or no version); "int": int
+    sa.Column("code_digest", sa.Text),
+    sa.Column("result", sa.String(DIGEST_LENGTH)),
+    # The whole record, written with the rows below in one transaction: a load reads this row
+    # only. ``record`` is JSON {"a": {argument name: digest}, "m": metadata or null}; ``inline``
+    # the pickled small values (see fleche.storage.sql.records.dump_inline), or NULL.
+    sa.Column("record", _LONG_TEXT, nullable=False),
+    sa.Column("inline", _LONG_BLOB),
+    sa.Index("ix_fleche_calls_name", "name", mysql_length=255),
+    sa.Index("ix_fleche_calls_result", "result"),
+    **_TABLE_ARGS,
+)
+
+def _part_of_a_call() -> tuple[sa.Column, sa.Column]:
+    """The primary key of a table of a call's parts: the call's key (its rows go with the call)
+    and the part's position."""
+    return (
+        sa.Column(
+            "call_key",
+            sa.String(DIGEST_LENGTH),
+            sa.ForeignKey("fleche_calls.key", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    )
+
+
+arguments = sa.Table(
+    "fleche_arguments",
+    schema,
+    *_part_of_a_call(),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("value", sa.String(DIGEST_LENGTH), nullable=False),
+    sa.Index("ix_fleche_arguments_value", "value", "name", mysql_length={"name": 255}),
+    **_TABLE_ARGS,
+)
+
+metadata_sections = sa.Table(
+    "fleche_metadata",
+    schema,
+    *_part_of_a_call(),
+    sa.Column("section", sa.Text, nullable=False),
+    sa.Column("data", _LONG_TEXT, nullable=False),
+    sa.Index("ix_fleche_metadata_section", "section", mysql_length=255),
+    **_TABLE_ARGS,
+)
+
+
+def _add_version_type(conn: sa.Connection) -> None:
+    """Migrate schema 2 to 3: add ``fleche_calls.version_type``. Every existing row keeps its
+    meaning (NULL: a ``str`` version), so no row is rewritten."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns(calls.name)}
+    if "version_type" not in present:  # MySQL commits DDL at once: a rerun may find it there
+        column = calls.c.version_type.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {calls.name} ADD COLUMN version_type {column}"))
+
+
+MIGRATIONS = {2: _add_version_type}
+"""For each older schema version, the step that brings it to the next version."""
+
+
+def _found_version(conn: sa.Connection) -> int | None:
+    """The schema version of the fleche tables ``conn`` sees; ``None`` if there are none."""
+    if not sa.inspect(conn).has_table(versions.name):
+        return None
+    return conn.execute(sa.select(versions.c.value).where(versions.c.name == "version")).scalar()
+
+
+def ensure_schema(engine: sa.Engine, dialect: Dialect) -> None:
+    """Check the schema version, creating the tables if there are none and migrating an older
+    version in place; safe against racing processes (the loser of a creation race retries and
+    finds the tables; migrations run under the dialect's schema lock, one process at a time).
+
+    Only reads when the tables are there in this version, so a database this process cannot
+    write opens for reading; a write transaction is taken only to create or migrate.
+    """
+    from .connections import is_transient, reason, retrying
+
+    def attempt() -> None:
+        with dialect.snapshot(engine).connect() as conn, conn.begin():
+            found = _found_version(conn)
+        if found == SCHEMA_VERSION:
+            return
+        if found is not None and found not in MIGRATIONS:
+            raise SchemaVersionError(dialect.safe_url, found, SCHEMA_VERSION)
+        dialect.check_writable(
+            "create the fleche tables in it" if found is None
+            else f"migrate its fleche tables from schema version {found} to {SCHEMA_VERSION}"
+        )
+        with dialect.writer(engine).begin() as conn, dialect.schema_lock(conn):
+            found = _found_version(conn)
+            if found is None:
+                schema.create_all(conn)
+                conn.execute(sa.insert(versions).values(name="version", value=SCHEMA_VERSION))
+                return
+            while found in MIGRATIONS:
+                MIGRATIONS[found](conn)
+                found += 1
+                conn.execute(
+                    sa.update(versions).where(versions.c.name == "version").values(value=found)
+                )
+            if found != SCHEMA_VERSION:
+                raise SchemaVersionError(dialect.safe_url, found, SCHEMA_VERSION)
+
+    def creation_race(e: exc.DBAPIError) -> bool:
+        """Whether ``e`` comes from another process creating the same tables at the same time."""
+        if is_transient(dialect, e):
+            return True
+        text = str(e.orig).lower()
+        return any(w in text for w in ("already exists", "duplicate", "concurrent ddl", "timed out"))
+
+    try:
+        retrying(attempt, creation_race, attempts=20, max_pause=1.0)
+    except exc.DBAPIError as e:
+        raise DatabaseError(dialect.safe_url, reason(e)) from None
