@@ -14,18 +14,18 @@ import pytest
 from fleche.digest import digest
 from fleche.errors import LockTimeout
 from fleche.storage import ValuePickleFile
-from fleche.storage.locks import hold, stripe_path
+from fleche.storage.locks import STRIPES, hold, stripe_path
 
 SPAWN = multiprocessing.get_context("spawn")
 FORK = multiprocessing.get_context("fork")
 
 
-def _keys_in(stripes: int, same: bool, n: int = 2) -> list[str]:
+def _keys_in(same: bool, n: int = 2) -> list[str]:
     """n keys that all share one stripe (same=True) or all lie in different stripes."""
     seen: dict[str, list[str]] = {}
     for i in range(100000):
         key = digest(i)
-        slot = stripe_path("d", key, stripes)
+        slot = stripe_path("d", key)
         if same:
             seen.setdefault(slot, []).append(key)
             if len(seen[slot]) == n:
@@ -37,9 +37,22 @@ def _keys_in(stripes: int, same: bool, n: int = 2) -> list[str]:
     raise AssertionError("no keys found")
 
 
+def _pair_in_another_stripe(key: str) -> list[str]:
+    """Two keys that share a stripe other than ``key``'s."""
+    seen: dict[str, list[str]] = {}
+    for i in range(100000):
+        k = digest(("other", i))
+        slot = stripe_path("d", k)
+        if slot != stripe_path("d", key):
+            seen.setdefault(slot, []).append(k)
+            if len(seen[slot]) == 2:
+                return seen[slot]
+    raise AssertionError("no keys found")
+
+
 def _try_lock(storage, key, timeout, result) -> None:
     try:
-        with hold(storage._lock_directory(), key, stripes=storage.lock_stripes, timeout=timeout):
+        with hold(storage._lock_directory(), key, timeout=timeout):
             result.append("acquired")
     except LockTimeout as e:
         result.append(e)
@@ -112,11 +125,9 @@ def test_pickled_copies_in_one_process_exclude_each_other(tmp_path):
 
 def test_keys_sharing_a_stripe_do_not_block_threads_of_one_process(tmp_path):
     """Threads wait only for the same key; crossed holds on two stripes do not deadlock."""
-    values = ValuePickleFile(tmp_path, lock_stripes=4, lock_timeout=5)
-    by_stripe: dict[str, list[str]] = {}
-    for i in range(200):
-        by_stripe.setdefault(stripe_path("d", digest(i), 4), []).append(digest(i))
-    (k1, k3), (k2, k4) = (keys[:2] for keys in list(by_stripe.values())[:2])
+    values = ValuePickleFile(tmp_path, lock_timeout=5)
+    k1, k3 = _keys_in(same=True)
+    k2, k4 = _pair_in_another_stripe(k1)
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
 
@@ -140,19 +151,18 @@ def test_keys_sharing_a_stripe_do_not_block_threads_of_one_process(tmp_path):
     assert values.load(k3) == f"v{k3}" and values.load(k4) == f"v{k4}"
 
 
-def test_stripes_bound_the_lock_files(tmp_path):
-    values = ValuePickleFile(tmp_path, lock_stripes=8)
-    for i in range(300):
-        values.save(i)
-    lock_files = list((tmp_path / ".locks").iterdir())
-    assert 1 <= len(lock_files) <= 8
-    assert all(p.suffix == ".lock" for p in lock_files)
+def test_lock_files_are_the_stripes_of_the_keys(tmp_path):
+    values = ValuePickleFile(tmp_path)
+    keys = [values.save(i) for i in range(300)]
+    lock_files = {p.name for p in (tmp_path / ".locks").iterdir()}
+    assert lock_files == {os.path.basename(stripe_path("d", k)) for k in keys}
+    assert all(int(name[:4], 16) < STRIPES and name.endswith(".lock") for name in lock_files)
     assert len(list(values.list())) == 300
 
 
 def test_nested_stripes_release_in_reverse_order(tmp_path):
     values = ValuePickleFile(tmp_path, lock_timeout=0.1)
-    k1, k2 = _keys_in(values.lock_stripes, same=False)
+    k1, k2 = _keys_in(same=False)
     with values.locked(k1):
         with values.locked(k2):
             assert _child_result(FORK, values, k2) == "timeout"
@@ -177,7 +187,7 @@ def test_lock_timeout_while_another_process_holds_the_key(tmp_path):
         err = info.value
         assert isinstance(err, TimeoutError)
         assert err.key == key and err.timeout == 0.2
-        assert err.lock_path == stripe_path(str(tmp_path / ".locks"), key, values.lock_stripes)
+        assert err.lock_path == stripe_path(str(tmp_path / ".locks"), key)
         assert key in str(err) and err.lock_path in str(err) and "0.2" in str(err)
         with pytest.raises(LockTimeout):
             values.evict(key)
@@ -194,8 +204,8 @@ def test_lock_timeout_while_another_process_holds_the_key(tmp_path):
 
 
 def test_a_stripe_excludes_other_processes_for_every_key_in_it(tmp_path):
-    values = ValuePickleFile(tmp_path, lock_stripes=2)
-    k1, k2 = _keys_in(2, same=True)
+    values = ValuePickleFile(tmp_path)
+    k1, k2 = _keys_in(same=True)
     with values.locked(k1):
         assert _child_result(SPAWN, values, k2) == "timeout"
     assert _child_result(SPAWN, values, k2) == "acquired"
@@ -257,7 +267,7 @@ def test_fork_child_does_not_inherit_held_locks(tmp_path):
     with values.locked(key):
         # The child's registry is fresh: it must not believe it shares the parent's file lock.
         assert _child_result(FORK, values, key) == "timeout"
-        other = _keys_in(values.lock_stripes, same=False)
+        other = _keys_in(same=False)
         free = next(k for k in other if stripe_path("d", k) != stripe_path("d", key))
         assert _child_result(FORK, values, free) == "acquired"
     assert _child_result(FORK, values, key) == "acquired"
@@ -308,8 +318,10 @@ def test_one_storage_in_two_threads_honours_the_timeout_and_reads_do_not_wait(tm
     assert values.load(key) == "new"
 
 
-def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path):
+def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path, monkeypatch):
     from fleche.storage import locks
+
+    monkeypatch.setattr(locks, "_MAX_OPEN_LOCK_FILES", 16)
 
     def open_lock_files():
         return sum(
@@ -324,9 +336,9 @@ def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path):
     with hold(str(tmp_path), key):
         assert open_lock_files() == 1
     for i in range(300):
-        with hold(str(tmp_path), digest(i), stripes=4096):
+        with hold(str(tmp_path), digest(i)):
             pass
-    assert open_lock_files() <= locks._MAX_OPEN_LOCK_FILES
+    assert open_lock_files() <= 16
     # A stripe whose file was closed while idle locks again.
     with hold(str(tmp_path), key):
         assert not _another_process_can_lock(str(tmp_path), key)
@@ -334,13 +346,16 @@ def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path):
 
 
 def _probe_lock(directory, key, results):
-    import fasteners
+    """Another program's view: a plain lockf on the lock file."""
+    import fcntl
 
-    lock = fasteners.InterProcessLock(stripe_path(directory, key))
-    got = lock.acquire(blocking=False)
-    if got:
-        lock.release()
-    results.put(got)
+    with open(stripe_path(directory, key), "a") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            results.put(False)
+        else:
+            results.put(True)
 
 
 def _another_process_can_lock(directory, key):

@@ -118,8 +118,8 @@ def test_entry_is_key_dot_h5_and_list_ignores_strays(tmp_path):
 def test_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="version_validator"):
         ValueBagOfHoldingH5File(tmp_path, version_validator="loose")
-    with pytest.raises(ValueError, match="lock_stripes"):
-        ValueBagOfHoldingH5File(tmp_path, lock_stripes=0)
+    with pytest.raises(ValueError, match="lock_timeout"):
+        ValueBagOfHoldingH5File(tmp_path, lock_timeout=-1)
 
 
 def test_pickles_with_its_settings(tmp_path):
@@ -431,10 +431,10 @@ def _damage_cases() -> dict[str, Any]:
         return lambda path: path.write_bytes(transform(path.read_bytes()))
 
     return {
-        "empty": (write(lambda d: b""), "not a readable HDF5 bag"),
-        "garbage": (write(lambda d: os.urandom(len(d))), "not a readable HDF5 bag"),
-        "truncated": (write(lambda d: d[: len(d) // 2]), "not a readable HDF5 bag"),
-        "text file": (write(lambda d: b"hello\n"), "not a readable HDF5 bag"),
+        "empty": (write(lambda d: b""), "truncated"),
+        "garbage": (write(lambda d: os.urandom(len(d))), "magic"),
+        "truncated": (write(lambda d: d[: len(d) // 2]), "torn"),
+        "text file": (write(lambda d: b"hello\n"), "truncated"),
         "plain h5py": (plain_h5py, "damaged or not a fleche entry"),
     }
 

@@ -17,7 +17,7 @@ import bisect
 import contextlib
 import enum
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, overload
+from typing import Any, ClassVar, overload
 
 from ..call import Call, DigestedCall, QueryCall
 from ..errors import AmbiguousDigestError, CorruptEntryError, LockTimeout, SaveError
@@ -60,8 +60,18 @@ class OperationContext(abc.ABC):  # noqa: B024 - a hook base, deliberately witho
 
     Both :class:`KeyManagement` (storage layer) and ``BaseCache`` (cache layer) inherit from this
     class so that the same thread-safety mixins (``SerializingMixin``, ``PerKeyLockMixin``) can
-    attach to either layer without duplication.
+    attach to either layer without duplication. The settings those mixins read are declared
+    here, so every layer has them.
     """
+
+    lock_timeout: float | None = None
+    """Seconds a locking mixin waits for a key's lock before raising ``LockTimeout``; ``None``
+    waits for ever. Storages with locks that can be held long (files, databases) make it a
+    setting (a dataclass field) with a finite default."""
+
+    _atomic_writes: ClassVar[bool] = False
+    """Whether every write replaces an entry in one atomic step (a dict assignment, an
+    ``os.replace``, a transaction), so a reader sees a whole entry without taking a lock."""
 
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
