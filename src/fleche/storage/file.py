@@ -33,6 +33,7 @@ from ..counters import BYTES_WRITTEN
 from ..digest import Digest, _mk
 from ..errors import CorruptEntryError, WriteError
 from .base import StorageBackend
+from .destructuring import Digested
 
 __all__ = ["FileStorage", "expect_call_record"]
 
@@ -363,7 +364,7 @@ def expect_call_record(value: Any, key: str, location: str) -> DigestedCall:
     what the intact entry holds instead (a value stored where a call record belongs)."""
     if isinstance(value, DigestedCall):
         return value
-    kind = type(value)
+    kind = value.kind if isinstance(value, Digested) else type(value)  # a destructured value
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     article = "an" if name[:1].lower() in "aeiou" else "a"
     raise CorruptEntryError(key, location, f"holds {article} {name}, not a call record")
