@@ -5,15 +5,17 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from fleche.digest import digest
-from fleche.errors import LockTimeout
-from fleche.storage import ValuePickleFile
+from fleche.errors import LockError, LockTimeout
+from fleche.storage import CallPickleFile, ValuePickleFile
 from fleche.storage.locks import STRIPES, hold, stripe_path
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -366,3 +368,192 @@ def _another_process_can_lock(directory, key):
     got = results.get(timeout=60)
     p.join(60)
     return got
+
+
+# -- one deadline -----------------------------------------------------------------------------
+
+
+def _hold_keys(root, keys, holding, release) -> None:
+    """Child process: hold every key of ``keys`` at once until told to release."""
+    import contextlib
+
+    values = ValuePickleFile(root)
+    with contextlib.ExitStack() as stack:
+        for key in keys:
+            stack.enter_context(values.locked(key))
+        holding.set()
+        release.wait(60)
+
+
+def test_lock_timeout_is_one_deadline_for_every_layer(tmp_path):
+    """A waiter queued on the thread lock behind another waiter, while another process holds
+    the file lock, still gives up within its own ``lock_timeout`` (plus a generous margin): the
+    thread lock and the file lock share one deadline instead of getting one each."""
+    timeout = 0.3
+    values = ValuePickleFile(tmp_path, lock_timeout=timeout)
+    key = digest("contended")
+    holding, release = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_hold_keys, args=(tmp_path, [key], holding, release))
+    p.start()
+    waited: dict[str, tuple[str, float]] = {}
+
+    def save(name: str) -> None:
+        began = time.monotonic()
+        try:
+            values.save("waiter", key)
+            outcome = "saved"
+        except LockTimeout:
+            outcome = "timeout"
+        waited[name] = (outcome, time.monotonic() - began)
+
+    try:
+        assert holding.wait(60)
+        first = threading.Thread(target=save, args=("first",))
+        first.start()
+        thread_lock = values._get_key_lock(key)
+        while thread_lock.acquire(blocking=False):  # until the first waiter holds the thread
+            thread_lock.release()                   # lock and polls for the file lock
+        second = threading.Thread(target=save, args=("second",))
+        second.start()
+        first.join(30)
+        second.join(30)
+    finally:
+        release.set()
+        p.join(60)
+    assert {name: outcome for name, (outcome, _) in waited.items()} == {
+        "first": "timeout", "second": "timeout"
+    }
+    assert max(w for _, w in waited.values()) < timeout + 0.2, waited
+
+
+# -- the lock file of a key does not depend on any setting ------------------------------------
+
+
+def test_no_setting_can_split_the_locks_of_a_store(tmp_path):
+    """Processes that open one directory with different settings take the same lock file for
+    each key (a ``lock_stripes`` setting used to make them lock different files)."""
+    with pytest.raises(TypeError, match="lock_stripes"):
+        ValuePickleFile(tmp_path, lock_stripes=8)
+    keys = [digest(("k", i)) for i in range(20)]
+    holding, release = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_hold_keys, args=(tmp_path, keys, holding, release))
+    p.start()
+    try:
+        assert holding.wait(60)
+        others = [
+            ValuePickleFile(tmp_path, lock_timeout=0, serializer="cloudpickle", durable=True),
+            CallPickleFile(str(tmp_path) + "/", lock_timeout=0),
+        ]
+        for storage in others:
+            for key in keys:
+                with pytest.raises(LockTimeout):
+                    with storage.locked(key):
+                        pass
+    finally:
+        release.set()
+        p.join(60)
+
+
+# -- a store reached through a symlink --------------------------------------------------------
+
+
+def test_a_store_reached_through_a_symlink_shares_the_locks(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    direct = ValuePickleFile(real, lock_timeout=0.2)
+    linked = ValuePickleFile(tmp_path / "link", lock_timeout=0.2)
+    key = digest("through a link")
+    holding, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_directly() -> None:
+        with direct.locked(key):
+            holding.set()
+            release.wait(60)
+        done.set()
+
+    t = threading.Thread(target=hold_directly)
+    t.start()
+    try:
+        assert holding.wait(60)
+        with pytest.raises(LockTimeout):  # another thread of this process, through the link
+            linked.save("second holder", key)
+        # The attempt through the link must not have dropped this process's file lock.
+        assert _child_result(SPAWN, direct, key) == "timeout"
+        assert _child_result(SPAWN, linked, key) == "timeout"
+    finally:
+        release.set()
+        t.join()
+    assert done.is_set()
+    assert _child_result(SPAWN, linked, key) == "acquired"
+
+
+# -- lock files deleted or replaced while processes use them ----------------------------------
+
+
+def test_a_deleted_lock_file_is_followed_to_the_new_one(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.3)
+    key = values.save("before", digest("deleted lock"))  # this process keeps the lock file open
+    lock_file = Path(stripe_path(str(tmp_path / ".locks"), key))
+    lock_file.unlink()
+    holding, release = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_hold_keys, args=(tmp_path, [key], holding, release))
+    p.start()
+    try:
+        assert holding.wait(60)  # a new process created and locked a new lock file
+        with pytest.raises(LockTimeout):
+            values.save("during", key)  # locking the deleted file would exclude nobody
+    finally:
+        release.set()
+        p.join(60)
+    values.save("after", key)
+    assert values.load(key) == "after" and lock_file.is_file()
+
+
+def test_a_symlinked_lock_directory_is_refused(tmp_path):
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    values = ValuePickleFile(store, lock_timeout=0.3)
+    key = values.save("before", digest("planted locks"))
+    outside.mkdir()
+    shutil.rmtree(store / ".locks")
+    (store / ".locks").symlink_to(outside, target_is_directory=True)
+    for storage in (values, pickle.loads(pickle.dumps(values))):
+        with pytest.raises(LockError, match="symbolic link") as info:
+            storage.save("during", key)
+        assert not isinstance(info.value, LockTimeout)
+    assert _child_error(values, key) == "LockError"  # a new process refuses it too
+    assert list(outside.iterdir()) == []  # no lock file was made outside the store
+    assert values.load(key) == "before"
+
+
+def test_a_lock_file_replaced_by_a_directory_is_a_clear_error(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.3)
+    key = values.save("before", digest("lock dir"))
+    lock_file = Path(stripe_path(str(tmp_path / ".locks"), key))
+    lock_file.unlink()
+    lock_file.mkdir()
+    with pytest.raises(LockError, match="is a directory") as info:
+        values.save("during", key)
+    assert info.value.lock_path == str(lock_file) and info.value.key == key
+    assert values.load(key) == "before"
+    lock_file.rmdir()
+    values.save("after", key)
+    assert values.load(key) == "after"
+
+
+def _save_in_child(storage, key, queue) -> None:
+    try:
+        storage.save("from the child", key)
+        queue.put("saved")
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        queue.put(type(e).__name__)
+
+
+def _child_error(storage, key) -> str:
+    queue = SPAWN.Queue()
+    p = SPAWN.Process(target=_save_in_child, args=(storage, key, queue))
+    p.start()
+    try:
+        return queue.get(timeout=60)
+    finally:
+        p.join(60)
