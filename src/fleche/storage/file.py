@@ -77,6 +77,9 @@ class FileStorage(StorageBackend):
     _entry_suffix: ClassVar[str] = ""
     """Appended to the key to name an entry file (e.g. ``".h5"``), so other tools recognize it."""
 
+    _writes_scratch: ClassVar[bool] = False
+    """Whether :meth:`_encode` may write its ``scratch`` file (which ``put`` then removes)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.root, (str, os.PathLike)):
             raise TypeError(f"root must be a str or Path, got {type(self.root).__name__}")
@@ -102,8 +105,9 @@ class FileStorage(StorageBackend):
     def _encode(self, value: Any, key: Digest, scratch: str) -> bytes | memoryview:
         """The bytes of the entry file that stores ``value`` under ``key``.
 
-        ``scratch`` is a path, in the entry's (checked) directory, where the encoder may write a
-        file of its own (say, for a library that only writes to paths); it is removed afterwards.
+        ``scratch`` is a path, in the entry's (checked) directory, where an encoder whose class
+        sets ``_writes_scratch`` may write a file of its own (say, for a library that only writes
+        to paths); it is removed afterwards.
         Note for implementers: raise :class:`~fleche.errors.SaveError` if the value cannot be
         stored; never touch any other path.
         """
@@ -239,7 +243,8 @@ class FileStorage(StorageBackend):
             _remove(fd, tmp)
             raise
         finally:
-            _remove(fd, scratch)
+            if self._writes_scratch:
+                _remove(fd, scratch)
             os.close(fd)
         return key
 

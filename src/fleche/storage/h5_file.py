@@ -105,6 +105,7 @@ class BagOfHoldingH5FileBackend(FileStorage):
     secret_key: bytes | str | Sequence[bytes | str] | None = field(default=None, repr=False)
 
     _entry_suffix: ClassVar[str] = ".h5"
+    _writes_scratch: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -130,7 +130,9 @@ class _LockFile:
     holding the record lock and say whether one is taking it.
     """
 
-    __slots__ = ("directory", "path", "users", "keys", "_cond", "_holders", "_acquiring", "_fd")
+    __slots__ = (
+        "directory", "path", "users", "keys", "_cond", "_holders", "_acquiring", "_fd", "_inode"
+    )
 
     def __init__(self, directory: str, path: str) -> None:
         self.directory = directory
@@ -141,6 +143,7 @@ class _LockFile:
         self._holders = 0
         self._acquiring = False
         self._fd: int | None = None
+        self._inode: tuple[int, int] | None = None  # of the file open as ``_fd``
 
     def close_if_idle(self) -> bool:
         """Close the descriptor unless a thread holds or is taking the lock."""
@@ -182,6 +185,7 @@ class _LockFile:
         while True:
             if self._fd is None:
                 self._fd = _open_lock_file(self.directory, self.path, key)
+                self._inode = _identity(os.fstat(self._fd))
             try:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -203,12 +207,11 @@ class _LockFile:
                 return False
 
     def _still_at_path(self) -> bool:
-        assert self._fd is not None
         try:
             named = os.stat(self.path, follow_symlinks=False)
         except OSError:
             return False
-        return stat.S_ISREG(named.st_mode) and _identity(named) == _identity(os.fstat(self._fd))
+        return stat.S_ISREG(named.st_mode) and _identity(named) == self._inode
 
     def leave(self) -> None:
         """Count one hold out, releasing the record lock with the last one."""
