@@ -75,9 +75,17 @@ def _fill(directory: Path) -> None:
                 f.flush()
 
 
-def test_full_disk_raises_write_error_and_loses_nothing(tmp_path):
+def _h5_values(root):
+    pytest.importorskip("h5py", reason="the h5 extra is not installed")
+    from fleche.storage import ValueBagOfHoldingH5File
+
+    return ValueBagOfHoldingH5File(root)
+
+
+@pytest.mark.parametrize("make", [ValuePickleFile, _h5_values], ids=["pickle", "h5"])
+def test_full_disk_raises_write_error_and_loses_nothing(tmp_path, make):
     with _tmpfs(tmp_path / "mnt", "1m") as mnt:
-        values = ValuePickleFile(mnt / "store")
+        values = make(mnt / "store")
         before = {values.save(i): i for i in range(20)}
         key = digest("big")
         _fill(mnt)
@@ -86,7 +94,7 @@ def test_full_disk_raises_write_error_and_loses_nothing(tmp_path):
         err = info.value
         assert isinstance(err, SaveError) and isinstance(err, OSError)
         assert err.errno == errno.ENOSPC and err.key == key
-        assert err.path == f"{mnt}/store/{key[:2]}/{key}"
+        assert err.path == values._path(key) and err.path.startswith(f"{mnt}/store/{key[:2]}/")
         assert err.path in str(err) and "No space left on device" in str(err)
         assert _temporary_files(mnt) == []  # nothing half written left behind
         assert not values.contains(key)

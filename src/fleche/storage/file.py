@@ -317,7 +317,8 @@ def _write_error(key: str, path: str, e: OSError) -> WriteError:
         reason = (f"{os.path.dirname(path)} is a symbolic link or not a directory; fleche "
                   "never follows symlinks inside a store (remove it)")
     else:
-        reason = f"{e.strerror} ({errno.errorcode.get(e.errno or 0, e.errno)})"
+        # os.strerror, not e.strerror: h5py puts a page of libhdf5 detail there
+        reason = f"{os.strerror(e.errno or 0)} ({errno.errorcode.get(e.errno or 0, e.errno)})"
     return WriteError(key, path, e.errno, reason)
 
 
