@@ -142,9 +142,13 @@ def test_nested_lock_layers_share_one_deadline():
 
     outer = lock_deadline(0.3)
     with acquiring_until(outer):
-        assert lock_deadline(60) == outer  # an inner layer gets no deadline of its own
+        assert lock_deadline(60) == outer  # an inner layer waits no longer than the outer one
+        assert lock_deadline(None) == outer
+        assert lock_deadline(0) < outer  # nor longer than its own timeout
         with acquiring_until(time.monotonic() + 60):
             assert lock_deadline(None) == outer
+    with acquiring_until(None):  # an outer layer without deadline leaves inner ones theirs
+        assert lock_deadline(None) is None and lock_deadline(5) is not None
     later = lock_deadline(0.3)
     assert later is not None and later >= outer  # outside an acquisition, a fresh deadline
     assert lock_deadline(None) is None

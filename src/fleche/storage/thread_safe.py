@@ -50,12 +50,15 @@ _ACQUISITION = _Acquisition()
 def lock_deadline(timeout: float | None) -> float | None:
     """The ``time.monotonic()`` deadline for a lock this thread takes now.
 
-    Inside :func:`acquiring_until` it is the deadline of the enclosing acquisition, so nested lock
-    layers share one; otherwise ``timeout`` seconds from now (``None``: no deadline). Per thread.
+    ``timeout`` seconds from now (``None``: no deadline of its own), but never later than the
+    deadline of an enclosing acquisition (see :func:`acquiring_until`), so nested lock layers
+    share one. Per thread.
     """
+    own = None if timeout is None else time.monotonic() + timeout
     if _ACQUISITION.active:
-        return _ACQUISITION.deadline
-    return None if timeout is None else time.monotonic() + timeout
+        outer = _ACQUISITION.deadline
+        return outer if own is None or outer < own else own  # type: ignore[operator]
+    return own
 
 
 def wait_time(deadline: float | None) -> float | None:
@@ -69,9 +72,10 @@ def acquiring_until(deadline: float | None) -> Iterator[None]:
 
     Enter only the acquisition of the inner layers in it, not the work done under the lock: a
     nested operation there starts an acquisition, and a deadline, of its own. Where an outer
-    acquisition is already running, its deadline stays in force.
+    acquisition is already running, its deadline stays in force; ``None`` (no deadline) leaves
+    the inner layers their own timeouts.
     """
-    if _ACQUISITION.active:
+    if _ACQUISITION.active or deadline is None:
         yield
         return
     _ACQUISITION.active, _ACQUISITION.deadline = True, deadline
