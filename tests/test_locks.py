@@ -5,27 +5,29 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from fleche.digest import digest
-from fleche.errors import LockTimeout
-from fleche.storage import ValuePickleFile
-from fleche.storage.locks import hold, stripe_path
+from fleche.errors import LockError, LockTimeout
+from fleche.storage import CallPickleFile, ValuePickleFile
+from fleche.storage.locks import STRIPES, hold, stripe_path
 
 SPAWN = multiprocessing.get_context("spawn")
 FORK = multiprocessing.get_context("fork")
 
 
-def _keys_in(stripes: int, same: bool, n: int = 2) -> list[str]:
+def _keys_in(same: bool, n: int = 2) -> list[str]:
     """n keys that all share one stripe (same=True) or all lie in different stripes."""
     seen: dict[str, list[str]] = {}
     for i in range(100000):
         key = digest(i)
-        slot = stripe_path("d", key, stripes)
+        slot = stripe_path("d", key)
         if same:
             seen.setdefault(slot, []).append(key)
             if len(seen[slot]) == n:
@@ -37,9 +39,22 @@ def _keys_in(stripes: int, same: bool, n: int = 2) -> list[str]:
     raise AssertionError("no keys found")
 
 
+def _pair_in_another_stripe(key: str) -> list[str]:
+    """Two keys that share a stripe other than ``key``'s."""
+    seen: dict[str, list[str]] = {}
+    for i in range(100000):
+        k = digest(("other", i))
+        slot = stripe_path("d", k)
+        if slot != stripe_path("d", key):
+            seen.setdefault(slot, []).append(k)
+            if len(seen[slot]) == 2:
+                return seen[slot]
+    raise AssertionError("no keys found")
+
+
 def _try_lock(storage, key, timeout, result) -> None:
     try:
-        with hold(storage._lock_directory(), key, stripes=storage.lock_stripes, timeout=timeout):
+        with hold(storage._lock_directory(), key, timeout=timeout):
             result.append("acquired")
     except LockTimeout as e:
         result.append(e)
@@ -112,11 +127,9 @@ def test_pickled_copies_in_one_process_exclude_each_other(tmp_path):
 
 def test_keys_sharing_a_stripe_do_not_block_threads_of_one_process(tmp_path):
     """Threads wait only for the same key; crossed holds on two stripes do not deadlock."""
-    values = ValuePickleFile(tmp_path, lock_stripes=4, lock_timeout=5)
-    by_stripe: dict[str, list[str]] = {}
-    for i in range(200):
-        by_stripe.setdefault(stripe_path("d", digest(i), 4), []).append(digest(i))
-    (k1, k3), (k2, k4) = (keys[:2] for keys in list(by_stripe.values())[:2])
+    values = ValuePickleFile(tmp_path, lock_timeout=5)
+    k1, k3 = _keys_in(same=True)
+    k2, k4 = _pair_in_another_stripe(k1)
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
 
@@ -140,19 +153,18 @@ def test_keys_sharing_a_stripe_do_not_block_threads_of_one_process(tmp_path):
     assert values.load(k3) == f"v{k3}" and values.load(k4) == f"v{k4}"
 
 
-def test_stripes_bound_the_lock_files(tmp_path):
-    values = ValuePickleFile(tmp_path, lock_stripes=8)
-    for i in range(300):
-        values.save(i)
-    lock_files = list((tmp_path / ".locks").iterdir())
-    assert 1 <= len(lock_files) <= 8
-    assert all(p.suffix == ".lock" for p in lock_files)
+def test_lock_files_are_the_stripes_of_the_keys(tmp_path):
+    values = ValuePickleFile(tmp_path)
+    keys = [values.save(i) for i in range(300)]
+    lock_files = {p.name for p in (tmp_path / ".locks").iterdir()}
+    assert lock_files == {os.path.basename(stripe_path("d", k)) for k in keys}
+    assert all(int(name[:4], 16) < STRIPES and name.endswith(".lock") for name in lock_files)
     assert len(list(values.list())) == 300
 
 
 def test_nested_stripes_release_in_reverse_order(tmp_path):
     values = ValuePickleFile(tmp_path, lock_timeout=0.1)
-    k1, k2 = _keys_in(values.lock_stripes, same=False)
+    k1, k2 = _keys_in(same=False)
     with values.locked(k1):
         with values.locked(k2):
             assert _child_result(FORK, values, k2) == "timeout"
@@ -177,7 +189,7 @@ def test_lock_timeout_while_another_process_holds_the_key(tmp_path):
         err = info.value
         assert isinstance(err, TimeoutError)
         assert err.key == key and err.timeout == 0.2
-        assert err.lock_path == stripe_path(str(tmp_path / ".locks"), key, values.lock_stripes)
+        assert err.lock_path == stripe_path(str(tmp_path / ".locks"), key)
         assert key in str(err) and err.lock_path in str(err) and "0.2" in str(err)
         with pytest.raises(LockTimeout):
             values.evict(key)
@@ -194,8 +206,8 @@ def test_lock_timeout_while_another_process_holds_the_key(tmp_path):
 
 
 def test_a_stripe_excludes_other_processes_for_every_key_in_it(tmp_path):
-    values = ValuePickleFile(tmp_path, lock_stripes=2)
-    k1, k2 = _keys_in(2, same=True)
+    values = ValuePickleFile(tmp_path)
+    k1, k2 = _keys_in(same=True)
     with values.locked(k1):
         assert _child_result(SPAWN, values, k2) == "timeout"
     assert _child_result(SPAWN, values, k2) == "acquired"
@@ -257,7 +269,7 @@ def test_fork_child_does_not_inherit_held_locks(tmp_path):
     with values.locked(key):
         # The child's registry is fresh: it must not believe it shares the parent's file lock.
         assert _child_result(FORK, values, key) == "timeout"
-        other = _keys_in(values.lock_stripes, same=False)
+        other = _keys_in(same=False)
         free = next(k for k in other if stripe_path("d", k) != stripe_path("d", key))
         assert _child_result(FORK, values, free) == "acquired"
     assert _child_result(FORK, values, key) == "acquired"
@@ -308,8 +320,10 @@ def test_one_storage_in_two_threads_honours_the_timeout_and_reads_do_not_wait(tm
     assert values.load(key) == "new"
 
 
-def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path):
+def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path, monkeypatch):
     from fleche.storage import locks
+
+    monkeypatch.setattr(locks, "_MAX_OPEN_LOCK_FILES", 16)
 
     def open_lock_files():
         return sum(
@@ -324,9 +338,9 @@ def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path):
     with hold(str(tmp_path), key):
         assert open_lock_files() == 1
     for i in range(300):
-        with hold(str(tmp_path), digest(i), stripes=4096):
+        with hold(str(tmp_path), digest(i)):
             pass
-    assert open_lock_files() <= locks._MAX_OPEN_LOCK_FILES
+    assert open_lock_files() <= 16
     # A stripe whose file was closed while idle locks again.
     with hold(str(tmp_path), key):
         assert not _another_process_can_lock(str(tmp_path), key)
@@ -334,13 +348,16 @@ def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path):
 
 
 def _probe_lock(directory, key, results):
-    import fasteners
+    """Another program's view: a plain lockf on the lock file."""
+    import fcntl
 
-    lock = fasteners.InterProcessLock(stripe_path(directory, key))
-    got = lock.acquire(blocking=False)
-    if got:
-        lock.release()
-    results.put(got)
+    with open(stripe_path(directory, key), "a") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            results.put(False)
+        else:
+            results.put(True)
 
 
 def _another_process_can_lock(directory, key):
@@ -351,3 +368,192 @@ def _another_process_can_lock(directory, key):
     got = results.get(timeout=60)
     p.join(60)
     return got
+
+
+# -- one deadline -----------------------------------------------------------------------------
+
+
+def _hold_keys(root, keys, holding, release) -> None:
+    """Child process: hold every key of ``keys`` at once until told to release."""
+    import contextlib
+
+    values = ValuePickleFile(root)
+    with contextlib.ExitStack() as stack:
+        for key in keys:
+            stack.enter_context(values.locked(key))
+        holding.set()
+        release.wait(60)
+
+
+def test_lock_timeout_is_one_deadline_for_every_layer(tmp_path):
+    """A waiter queued on the thread lock behind another waiter, while another process holds
+    the file lock, still gives up within its own ``lock_timeout`` (plus a generous margin): the
+    thread lock and the file lock share one deadline instead of getting one each."""
+    timeout = 0.3
+    values = ValuePickleFile(tmp_path, lock_timeout=timeout)
+    key = digest("contended")
+    holding, release = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_hold_keys, args=(tmp_path, [key], holding, release))
+    p.start()
+    waited: dict[str, tuple[str, float]] = {}
+
+    def save(name: str) -> None:
+        began = time.monotonic()
+        try:
+            values.save("waiter", key)
+            outcome = "saved"
+        except LockTimeout:
+            outcome = "timeout"
+        waited[name] = (outcome, time.monotonic() - began)
+
+    try:
+        assert holding.wait(60)
+        first = threading.Thread(target=save, args=("first",))
+        first.start()
+        thread_lock = values._get_key_lock(key)
+        while thread_lock.acquire(blocking=False):  # until the first waiter holds the thread
+            thread_lock.release()                   # lock and polls for the file lock
+        second = threading.Thread(target=save, args=("second",))
+        second.start()
+        first.join(30)
+        second.join(30)
+    finally:
+        release.set()
+        p.join(60)
+    assert {name: outcome for name, (outcome, _) in waited.items()} == {
+        "first": "timeout", "second": "timeout"
+    }
+    assert max(w for _, w in waited.values()) < timeout + 0.2, waited
+
+
+# -- the lock file of a key does not depend on any setting ------------------------------------
+
+
+def test_no_setting_can_split_the_locks_of_a_store(tmp_path):
+    """Processes that open one directory with different settings take the same lock file for
+    each key (a ``lock_stripes`` setting used to make them lock different files)."""
+    with pytest.raises(TypeError, match="lock_stripes"):
+        ValuePickleFile(tmp_path, lock_stripes=8)
+    keys = [digest(("k", i)) for i in range(20)]
+    holding, release = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_hold_keys, args=(tmp_path, keys, holding, release))
+    p.start()
+    try:
+        assert holding.wait(60)
+        others = [
+            ValuePickleFile(tmp_path, lock_timeout=0, serializer="cloudpickle", durable=True),
+            CallPickleFile(str(tmp_path) + "/", lock_timeout=0),
+        ]
+        for storage in others:
+            for key in keys:
+                with pytest.raises(LockTimeout):
+                    with storage.locked(key):
+                        pass
+    finally:
+        release.set()
+        p.join(60)
+
+
+# -- a store reached through a symlink --------------------------------------------------------
+
+
+def test_a_store_reached_through_a_symlink_shares_the_locks(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    direct = ValuePickleFile(real, lock_timeout=0.2)
+    linked = ValuePickleFile(tmp_path / "link", lock_timeout=0.2)
+    key = digest("through a link")
+    holding, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_directly() -> None:
+        with direct.locked(key):
+            holding.set()
+            release.wait(60)
+        done.set()
+
+    t = threading.Thread(target=hold_directly)
+    t.start()
+    try:
+        assert holding.wait(60)
+        with pytest.raises(LockTimeout):  # another thread of this process, through the link
+            linked.save("second holder", key)
+        # The attempt through the link must not have dropped this process's file lock.
+        assert _child_result(SPAWN, direct, key) == "timeout"
+        assert _child_result(SPAWN, linked, key) == "timeout"
+    finally:
+        release.set()
+        t.join()
+    assert done.is_set()
+    assert _child_result(SPAWN, linked, key) == "acquired"
+
+
+# -- lock files deleted or replaced while processes use them ----------------------------------
+
+
+def test_a_deleted_lock_file_is_followed_to_the_new_one(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.3)
+    key = values.save("before", digest("deleted lock"))  # this process keeps the lock file open
+    lock_file = Path(stripe_path(str(tmp_path / ".locks"), key))
+    lock_file.unlink()
+    holding, release = SPAWN.Event(), SPAWN.Event()
+    p = SPAWN.Process(target=_hold_keys, args=(tmp_path, [key], holding, release))
+    p.start()
+    try:
+        assert holding.wait(60)  # a new process created and locked a new lock file
+        with pytest.raises(LockTimeout):
+            values.save("during", key)  # locking the deleted file would exclude nobody
+    finally:
+        release.set()
+        p.join(60)
+    values.save("after", key)
+    assert values.load(key) == "after" and lock_file.is_file()
+
+
+def test_a_symlinked_lock_directory_is_refused(tmp_path):
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    values = ValuePickleFile(store, lock_timeout=0.3)
+    key = values.save("before", digest("planted locks"))
+    outside.mkdir()
+    shutil.rmtree(store / ".locks")
+    (store / ".locks").symlink_to(outside, target_is_directory=True)
+    for storage in (values, pickle.loads(pickle.dumps(values))):
+        with pytest.raises(LockError, match="symbolic link") as info:
+            storage.save("during", key)
+        assert not isinstance(info.value, LockTimeout)
+    assert _child_error(values, key) == "LockError"  # a new process refuses it too
+    assert list(outside.iterdir()) == []  # no lock file was made outside the store
+    assert values.load(key) == "before"
+
+
+def test_a_lock_file_replaced_by_a_directory_is_a_clear_error(tmp_path):
+    values = ValuePickleFile(tmp_path, lock_timeout=0.3)
+    key = values.save("before", digest("lock dir"))
+    lock_file = Path(stripe_path(str(tmp_path / ".locks"), key))
+    lock_file.unlink()
+    lock_file.mkdir()
+    with pytest.raises(LockError, match="is a directory") as info:
+        values.save("during", key)
+    assert info.value.lock_path == str(lock_file) and info.value.key == key
+    assert values.load(key) == "before"
+    lock_file.rmdir()
+    values.save("after", key)
+    assert values.load(key) == "after"
+
+
+def _save_in_child(storage, key, queue) -> None:
+    try:
+        storage.save("from the child", key)
+        queue.put("saved")
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        queue.put(type(e).__name__)
+
+
+def _child_error(storage, key) -> str:
+    queue = SPAWN.Queue()
+    p = SPAWN.Process(target=_save_in_child, args=(storage, key, queue))
+    p.start()
+    try:
+        return queue.get(timeout=60)
+    finally:
+        p.join(60)

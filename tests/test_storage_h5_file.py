@@ -28,13 +28,15 @@ from hypothesis.extra import pandas as hpd  # noqa: E402
 
 from fleche.call import Call, DigestedCall  # noqa: E402
 from fleche.digest import Digest, digest  # noqa: E402
-from fleche.errors import CorruptEntryError, SaveError  # noqa: E402
+from fleche.errors import CorruptEntryError, SaveError, SignatureError  # noqa: E402
 from fleche.storage import (  # noqa: E402
     BagOfHoldingH5FileBackend,
     CallBagOfHoldingH5File,
     FileStorage,
     ValueBagOfHoldingH5File,
 )
+from fleche.storage.envelope import SECRET_KEY_ENV  # noqa: E402
+from fleche.storage.h5_file import USER_BLOCK  # noqa: E402
 from fleche.testing import (  # noqa: E402
     CallStorageTests,
     ValueStorageTests,
@@ -118,8 +120,8 @@ def test_entry_is_key_dot_h5_and_list_ignores_strays(tmp_path):
 def test_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="version_validator"):
         ValueBagOfHoldingH5File(tmp_path, version_validator="loose")
-    with pytest.raises(ValueError, match="lock_stripes"):
-        ValueBagOfHoldingH5File(tmp_path, lock_stripes=0)
+    with pytest.raises(ValueError, match="lock_timeout"):
+        ValueBagOfHoldingH5File(tmp_path, lock_timeout=-1)
 
 
 def test_pickles_with_its_settings(tmp_path):
@@ -431,10 +433,10 @@ def _damage_cases() -> dict[str, Any]:
         return lambda path: path.write_bytes(transform(path.read_bytes()))
 
     return {
-        "empty": (write(lambda d: b""), "not a readable HDF5 bag"),
-        "garbage": (write(lambda d: os.urandom(len(d))), "not a readable HDF5 bag"),
-        "truncated": (write(lambda d: d[: len(d) // 2]), "not a readable HDF5 bag"),
-        "text file": (write(lambda d: b"hello\n"), "not a readable HDF5 bag"),
+        "empty": (write(lambda d: b""), "truncated"),
+        "garbage": (write(lambda d: os.urandom(len(d))), "magic"),
+        "truncated": (write(lambda d: d[: len(d) // 2]), "torn"),
+        "text file": (write(lambda d: b"hello\n"), "truncated"),
         "plain h5py": (plain_h5py, "damaged or not a fleche entry"),
     }
 
@@ -483,6 +485,95 @@ def test_corrupt_call_record(tmp_path):
         calls.load(key)
     calls.evict(key)
     assert list(calls.list()) == []
+
+
+# -- integrity: checksum and signature in the user block -------------------------------------
+
+
+@pytest.fixture
+def no_env_key(monkeypatch):
+    monkeypatch.delenv(SECRET_KEY_ENV, raising=False)
+
+
+def test_entries_carry_a_checked_header_in_the_user_block(tmp_path, no_env_key):
+    values = ValueBagOfHoldingH5File(tmp_path)
+    key = values.save(np.arange(5))
+    path = _entry(tmp_path, key)
+    data = path.read_bytes()
+    assert data[:4] == b"FLCH" and data[USER_BLOCK:USER_BLOCK + 8] == b"\x89HDF\r\n\x1a\n"
+    with h5py.File(path, "r") as f:  # still a plain HDF5 file to every HDF5 tool
+        assert f.userblock_size == USER_BLOCK
+        np.testing.assert_array_equal(f["object"][()], np.arange(5))
+    flipped = bytearray(data)
+    flipped[-40] ^= 0x01  # a bit in the HDF5 data, which HDF5 itself might not notice
+    path.write_bytes(bytes(flipped))
+    assert_corrupt_entry_is_reported_and_evictable(values, key, path, "checksum")
+
+
+def test_secret_key_from_the_environment_signs_hdf5_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_KEY_ENV, "alpha")
+    signed = ValueBagOfHoldingH5File(tmp_path)
+    key = signed.save({"a": np.ones(3)}, digest("signed"))
+    assert_same(signed.load(key), {"a": np.ones(3)})
+    monkeypatch.setenv(SECRET_KEY_ENV, "beta")
+    with pytest.raises(SignatureError, match="none of"):
+        ValueBagOfHoldingH5File(tmp_path).load(key)
+    monkeypatch.delenv(SECRET_KEY_ENV)
+    assert_same(ValueBagOfHoldingH5File(tmp_path).load(key), {"a": np.ones(3)})  # unchecked
+
+
+def test_signed_hdf5_storage_refuses_unsigned_moved_and_tampered_entries(tmp_path, no_env_key):
+    unsigned = ValueBagOfHoldingH5File(tmp_path)
+    signed = ValueBagOfHoldingH5File(tmp_path, secret_key=("new", "old"))
+    plain = unsigned.save(np.arange(3))
+    with pytest.raises(SignatureError, match="unsigned"):
+        signed.load(plain)
+    k1, k2 = signed.save(np.arange(4)), signed.save(np.arange(6))
+    _entry(tmp_path, k2).write_bytes(_entry(tmp_path, k1).read_bytes())  # moved to another key
+    with pytest.raises(SignatureError, match="moved"):
+        signed.load(k2)
+    # An attacker who rewrites the HDF5 data and recomputes the checksum cannot forge the HMAC.
+    from fleche.storage.envelope import _checksum
+
+    data = bytearray(_entry(tmp_path, k1).read_bytes())
+    data[-40] ^= 0x01
+    payload = bytes(data[USER_BLOCK:])
+    data[16:32] = _checksum(bytes(data[:16]), bytes(data[32:64]), payload)
+    _entry(tmp_path, k1).write_bytes(bytes(data))
+    with pytest.raises(SignatureError, match="none of"):
+        signed.load(k1)
+    # Key rotation: entries signed with the old key still load where it is accepted.
+    rotated = ValueBagOfHoldingH5File(tmp_path, secret_key="old").save(np.arange(2))
+    assert_same(signed.load(rotated), np.arange(2))
+
+
+def test_entries_written_before_the_header_still_load_without_a_key(tmp_path, no_env_key):
+    """A store written by an earlier fleche (plain HDF5 files, no user block) keeps working."""
+    from bagofholding import H5Bag
+
+    values = ValueBagOfHoldingH5File(tmp_path)
+    key = digest(np.arange(7))
+    _entry(tmp_path, key).parent.mkdir(parents=True)
+    H5Bag.save(np.arange(7), _entry(tmp_path, key))
+    assert_same(values.load(key), np.arange(7))
+    with pytest.raises(SignatureError, match="unsigned"):
+        ValueBagOfHoldingH5File(tmp_path, secret_key="k").load(key)
+    assert_same(values.load(key), np.arange(7))
+
+
+def test_a_value_where_a_call_record_belongs_is_a_corrupt_entry(tmp_path, no_env_key):
+    values, calls = ValueBagOfHoldingH5File(tmp_path), CallBagOfHoldingH5File(tmp_path)
+    key = values.save(np.arange(3))
+    assert_corrupt_entry_is_reported_and_evictable(
+        calls, key, _entry(tmp_path, key), "holds a numpy.ndarray, not a call record"
+    )
+
+
+class TestSignedValueBagOfHoldingH5File(ValueStorageTests):
+    shared_between_processes = True
+
+    def make_storage(self, tmp_path):
+        return ValueBagOfHoldingH5File(tmp_path / "values", secret_key="contract")
 
 
 # -- several processes ------------------------------------------------------------------------

@@ -84,7 +84,6 @@ def test_entry_layout(tmp_path):
     [
         ({"serializer": "json"}, "serializer"),
         ({"lock_timeout": -1}, "lock_timeout"),
-        ({"lock_stripes": 0}, "lock_stripes"),
         ({"secret_key": b""}, "empty"),
     ],
 )

@@ -133,3 +133,28 @@ def _save_in_child(storage, key, results):
     # Without renewal the child would wait for ever for locks held by a thread it does not have.
     got = storage._lock.acquire(timeout=2) and storage._get_key_lock(key).acquire(timeout=2)
     results.put([1] if got else "locks still held after fork")
+
+
+def test_nested_lock_layers_share_one_deadline():
+    import time
+
+    from fleche.storage.thread_safe import acquiring_until, lock_deadline
+
+    outer = lock_deadline(0.3)
+    with acquiring_until(outer):
+        assert lock_deadline(60) == outer  # an inner layer waits no longer than the outer one
+        assert lock_deadline(None) == outer
+        assert lock_deadline(0) < outer  # nor longer than its own timeout
+        with acquiring_until(time.monotonic() + 60):
+            assert lock_deadline(None) == outer
+    with acquiring_until(None):  # an outer layer without deadline leaves inner ones theirs
+        assert lock_deadline(None) is None and lock_deadline(5) is not None
+    later = lock_deadline(0.3)
+    assert later is not None and later >= outer  # outside an acquisition, a fresh deadline
+    assert lock_deadline(None) is None
+    seen = []
+    with acquiring_until(outer):
+        t = threading.Thread(target=lambda: seen.append(lock_deadline(None)))
+        t.start()
+        t.join()
+    assert seen == [None]  # per thread

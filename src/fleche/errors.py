@@ -8,12 +8,14 @@ __all__ = [
     "DatabaseError",
     "FlecheError",
     "FlecheWarning",
+    "LockError",
     "LockTimeout",
     "NetworkFilesystemWarning",
     "SaveError",
     "SchemaVersionError",
     "SignatureError",
     "SpecError",
+    "WriteError",
 ]
 
 
@@ -22,7 +24,30 @@ class FlecheError(Exception):
 
 
 class SaveError(FlecheError):
-    """A value or call could not be stored; nothing was written for it."""
+    """A value or call could not be stored; nothing was written for it, and nothing stored
+    before was lost."""
+
+
+class WriteError(SaveError, OSError):
+    """The file system refused to store an entry: disk full, read-only file system, permission
+    denied, or a path inside the store that is not a real directory.
+
+    ``key`` and ``path`` name the entry, ``reason`` the cause; ``errno`` and ``filename`` are set
+    as for the ``OSError`` it came from. Nothing was written for the entry (no temporary file is
+    left behind) and what was stored before is intact.
+    """
+
+    def __init__(self, key: str, path: str, errno: int | None, reason: str) -> None:
+        OSError.__init__(self, errno, reason, path)
+        self.key = key
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot store {self.key} at {self.path}: {self.reason}"
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.path, self.errno, self.reason))
 
 
 class AmbiguousDigestError(FlecheError, ValueError):
@@ -51,17 +76,39 @@ class SignatureError(CorruptEntryError):
     none of its keys; nothing from it was unpickled."""
 
 
-class LockTimeout(FlecheError, TimeoutError):
+class LockError(FlecheError):
+    """A key's lock cannot be taken because its lock file or lock directory is unusable: a
+    read-only file system, permission denied, a full disk, or a lock path replaced by a directory
+    or a symbolic link (fleche never follows symlinks inside a store).
+
+    ``key``, ``lock_path`` and ``reason`` say which lock and why. Nothing was written or removed
+    under the key; an operation that needed the lock (a save, an eviction, a ``locked`` section)
+    did not run.
+    """
+
+    def __init__(self, key: str, lock_path: str, reason: str) -> None:
+        super().__init__(f"cannot take the lock on {key} ({lock_path}): {reason}")
+        self.key = key
+        self.lock_path = lock_path
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.lock_path, self.reason))
+
+
+class LockTimeout(LockError, TimeoutError):
     """A lock on a key could not be taken within the storage's ``lock_timeout``.
 
     The storage is left as it was.
     """
 
     def __init__(self, key: str, lock_path: str, timeout: float) -> None:
-        super().__init__(
+        TimeoutError.__init__(
+            self,
             f"timed out after {timeout:g} s waiting for the lock on {key} ({lock_path}); another "
-            "thread or process holds it. Raise lock_timeout if the work under it takes longer."
+            "thread or process holds it. Raise lock_timeout if the work under it takes longer.",
         )
+        self.reason = "held by another thread or process"
         self.key = key
         self.lock_path = lock_path
         self.timeout = timeout

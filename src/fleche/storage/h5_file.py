@@ -1,13 +1,28 @@
-"""HDF5 entries written by ``bagofholding``, and the value and call storages on them.
+"""HDF5 entries written by ``bagofholding``, checked and optionally signed, and the value and
+call storages on them.
 
 Each entry is one HDF5 file, ``root/<first two hex digits>/<key>.h5``, written by
 :class:`bagofholding.H5Bag`: the stored object's structure becomes groups under ``/object``, numpy
 arrays become datasets with their dtype and shape, and every node's attrs say what it holds. So a
 stored file opens with plain ``h5py`` (or HDFView, ``h5ls``) and shows the data.
 
-Writes go through :class:`~fleche.storage.file.FileStorage`: a fresh temporary file, then
-``os.replace``, under the same per-key inter-process locks as the pickle storages. No HDF5 file is
-ever opened for writing by two processes, or reopened for writing at all.
+The file's first 512 bytes are an HDF5 *user block*, which HDF5 tools skip (``h5py`` reports it
+as ``userblock_size``). It holds the envelope of :mod:`fleche.storage.envelope` (magic
+``b"FLCH"``) over the HDF5 bytes after it: a BLAKE2b checksum and, with a secret key
+(``secret_key=`` or ``FLECHE_SECRET_KEY``), an HMAC-SHA256 binding the bytes to the key. Both are
+checked on the bytes read from the entry before HDF5 opens it, and HDF5 must then open the very
+file that was checked (same inode, unchanged), so a torn, bit-flipped, tampered or moved entry
+raises :class:`~fleche.errors.CorruptEntryError` (:class:`~fleche.errors.SignatureError` for
+signatures) before bagofholding loads, imports or calls anything from it. Entries written before
+fleche checked HDF5 files (no user block) still load while no secret key is set; with a key set
+they are unsigned and refused, as unsigned pickle entries are.
+
+Writes go through :class:`~fleche.storage.file.FileStorage`: bagofholding writes a scratch file,
+whose bytes go, behind the user block, into a fresh temporary file that a rename moves into
+place, under the same per-key inter-process locks as the pickle storages. So an entry costs one
+more write and read of its bytes than the bag alone, and a load reads the file twice (to check
+it, then through HDF5, from the page cache). No HDF5 file is ever opened for writing by two
+processes, or reopened for writing at all.
 
 libhdf5's own file locking (``flock``, on by default, ``HDF5_USE_FILE_LOCKING``) is left as it is.
 Checked on ext4 with HDF5 2.0: a process holding an entry open for reading neither blocks a writer
@@ -22,7 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 try:
@@ -36,16 +53,27 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 from ..call import DigestedCall
 from ..digest import Digest
-from ..errors import CorruptEntryError, SaveError
+from ..errors import CorruptEntryError, SaveError, SignatureError
 from .base import CallMixin, ValueMixin
 from .destructuring import DestructuringMixin, DigestedDict, DigestedIterable
-from .file import FileStorage
+from .envelope import Envelope, as_secrets, environment_secrets
+from .file import FileStorage, _read_all, expect_call_record
 from .locks import InterProcessLockMixin
 from .thread_safe import PerKeyLockMixin
 
 __all__ = ["BagOfHoldingH5FileBackend", "CallBagOfHoldingH5File", "ValueBagOfHoldingH5File"]
 
 _VALIDATORS = ("exact", "semantic-patch", "semantic-minor", "semantic-major", "none")
+
+ENVELOPE = Envelope(b"FLCH", what="fleche HDF5 entry")
+USER_BLOCK = 512
+"""Bytes before the HDF5 data in an entry file: the envelope header, then zeros."""
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_READ_ATTEMPTS = 5
+
+
+class _Replaced(Exception):
+    """The entry file HDF5 opened is not the one whose bytes were checked: read it again."""
 
 
 class _Unstorable(Exception):
@@ -62,14 +90,22 @@ class BagOfHoldingH5FileBackend(FileStorage):
     or ``"none"`` (the default, like the pickle storages: load whatever still loads). An entry
     refused by it reads as a :class:`~fleche.errors.CorruptEntryError`.
 
-    Loading an entry may import and call what it names, as unpickling does: only share a root
-    with writers you trust. libhdf5 serializes all HDF5 work of one process (h5py holds a global
+    Every entry carries a checksum; with ``secret_key`` (bytes, str, or several to rotate keys:
+    sign with the first, accept any) or ``FLECHE_SECRET_KEY`` set, an HMAC too, and unsigned or
+    tampered entries raise :class:`~fleche.errors.SignatureError` before anything is loaded (see
+    the module docstring). A key given as a field travels inside pickled copies of the storage;
+    the environment variable does not.
+
+    Loading an entry may import and call what it names, as unpickling does: share a root only
+    with writers you trust, or set a secret key. libhdf5 serializes all HDF5 work of one process (h5py holds a global
     lock), so threads of one process read and write entries one at a time.
     """
 
     version_validator: str = "none"
+    secret_key: bytes | str | Sequence[bytes | str] | None = field(default=None, repr=False)
 
     _entry_suffix: ClassVar[str] = ".h5"
+    _writes_scratch: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +114,13 @@ class BagOfHoldingH5FileBackend(FileStorage):
                 f"version_validator must be one of {', '.join(map(repr, _VALIDATORS))}, "
                 f"got {self.version_validator!r}"
             )
+        object.__setattr__(self, "secret_key", as_secrets(self.secret_key) or None)
+
+    def _secrets(self) -> tuple[bytes, ...]:
+        """Keys to sign with (the first) and to accept (any); empty when unsigned."""
+        if self.secret_key:
+            return self.secret_key  # type: ignore[return-value]
+        return environment_secrets()
 
     def put(self, value: Any, key: Digest) -> Digest:
         """Write ``value`` under ``key`` atomically; :class:`SaveError` if bagofholding cannot
@@ -92,23 +135,56 @@ class BagOfHoldingH5FileBackend(FileStorage):
                 f"in HDF5 with bagofholding: {type(cause).__name__}: {cause}"
             ) from cause
 
-    def _write_file(self, value: Any, tmp_path: str) -> None:
+    def get(self, key: Digest) -> Any:
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                return super().get(key)
+            except _Replaced:
+                continue  # replaced by a newer entry between the check and HDF5's open
+        raise CorruptEntryError(
+            key, self._path(key), f"changed on every one of {_READ_ATTEMPTS} attempts to read it"
+        )
+
+    def _encode(self, value: Any, key: Digest, scratch: str) -> bytes:
         try:
-            H5Bag.save(value, tmp_path)
+            H5Bag.save(value, scratch)
         except OSError as e:
-            if e.errno is not None:  # the file system's doing (missing directory, full disk)
+            if e.errno is not None:  # the file system's doing (full disk, permissions)
                 raise
             raise _Unstorable() from e
         except Exception as e:  # noqa: BLE001 - bagofholding, h5py and pickling raise many kinds
             raise _Unstorable() from e
+        fd = os.open(scratch, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            payload = _read_all(fd)
+        finally:
+            os.close(fd)
+        header = ENVELOPE.header(payload, key, self._secrets())
+        return b"".join((header.ljust(USER_BLOCK, b"\0"), payload))
 
-    def _read_file(self, path: str, key: Digest) -> Any:
+    def _decode(self, data: bytes, key: Digest, path: str, fd: int) -> Any:
+        secrets = self._secrets()
+        if data[: len(_HDF5_SIGNATURE)] == _HDF5_SIGNATURE:  # written before entries had a header
+            if secrets:
+                raise SignatureError(
+                    key, path, "unsigned entry refused: this storage has a secret key (an HDF5 "
+                    "file without fleche's user block, written before fleche signed them)"
+                )
+        else:
+            view = memoryview(data)
+            end = ENVELOPE.header_size(view)
+            ENVELOPE.check(view[:end], view[USER_BLOCK:], key, path, secrets)
+            if any(view[end:USER_BLOCK]):
+                raise CorruptEntryError(key, path, "damaged user block: bytes after the header")
+        return self._load_bag(path, key, os.fstat(fd))
+
+    def _load_bag(self, path: str, key: Digest, checked: os.stat_result) -> Any:
         with contextlib.ExitStack() as stack:
             try:
                 # Held open while loading: a concurrent replace or evict cannot change what we read.
                 bag = stack.enter_context(H5Bag(path))
             except FileNotFoundError:
-                raise
+                raise _Replaced() from None  # evicted or replaced since it was checked
             except BagMismatchError as e:
                 raise CorruptEntryError(
                     key, path, f"written by an incompatible bagofholding: {e}"
@@ -117,6 +193,9 @@ class BagOfHoldingH5FileBackend(FileStorage):
                 raise CorruptEntryError(
                     key, path, f"not a readable HDF5 bag: {type(e).__name__}: {e}"
                 ) from e
+            opened = bag.file.id.get_vfd_handle()
+            if not _unchanged(checked, os.fstat(opened)):
+                raise _Replaced()
             try:
                 value = bag.load(version_validator=self.version_validator)
                 if isinstance(value, np.generic):
@@ -129,7 +208,16 @@ class BagOfHoldingH5FileBackend(FileStorage):
                 raise CorruptEntryError(
                     key, path, f"damaged or not a fleche entry: {type(e).__name__}: {e}"
                 ) from e
+            if not _unchanged(checked, os.fstat(opened)):
+                raise _Replaced()
             return value
+
+
+def _unchanged(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two stats are of one file, not written in between."""
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
+        b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns
+    )
 
 
 def _as_stored_array(bag: H5Bag, value: Any) -> Any:
@@ -226,8 +314,8 @@ class CallBagOfHoldingH5File(
 
     def get(self, key: Digest) -> DigestedCall:
         stored = super().get(key)
-        if isinstance(stored, DigestedCall):
-            return stored
+        if not isinstance(stored, str):
+            return expect_call_record(stored, key, self._path(key))
         try:
             return _call_from_json(stored)
         except (TypeError, ValueError, KeyError) as e:

@@ -7,19 +7,19 @@ a signed entry cannot be altered, or moved to another key, without the secret.
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..call import DigestedCall
 from ..digest import Digest
 from ..errors import CorruptEntryError, SaveError
 from .base import CallMixin, ValueMixin
 from .destructuring import DestructuringMixin
 from .envelope import SECRET_KEY_ENV, Envelope, as_secrets, environment_secrets
 from .envelope import _checksum  # noqa: F401 - tests forge entries with it
-from .file import FileStorage
+from .file import FileStorage, expect_call_record
 from .locks import InterProcessLockMixin
 from .thread_safe import PerKeyLockMixin
 
@@ -30,7 +30,6 @@ _CLOUDPICKLE = 0x02
 """Envelope flag: the payload was written by cloudpickle (plain pickle reads it back)."""
 _PROTOCOL = 5
 _SERIALIZERS = ("pickle", "cloudpickle")
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -65,9 +64,9 @@ class PickleFileBackend(FileStorage):
             return self.secret_key  # type: ignore[return-value]
         return environment_secrets()
 
-    # -- encoding -------------------------------------------------------------------------------
+    # -- FileStorage hooks ----------------------------------------------------------------------
 
-    def _encode(self, value: Any, key: Digest) -> bytes:
+    def _encode(self, value: Any, key: Digest, scratch: str) -> bytes:
         try:
             if self.serializer == "cloudpickle":
                 import cloudpickle
@@ -86,7 +85,7 @@ class PickleFileBackend(FileStorage):
         flags = _CLOUDPICKLE if self.serializer == "cloudpickle" else 0
         return ENVELOPE.seal(payload, key, self._secrets(), flags)
 
-    def _decode(self, data: bytes, key: Digest, path: str) -> Any:
+    def _decode(self, data: bytes, key: Digest, path: str, fd: int) -> Any:
         _, payload = ENVELOPE.open(data, key, path, self._secrets())
         try:
             return pickle.loads(payload)
@@ -94,46 +93,6 @@ class PickleFileBackend(FileStorage):
             raise CorruptEntryError(
                 key, path, f"intact but cannot be unpickled here: {type(e).__name__}: {e}"
             ) from e
-
-    # -- FileStorage hooks ----------------------------------------------------------------------
-
-    def put(self, value: Any, key: Digest) -> Digest:
-        # Encode before touching the disk, so an unpicklable value leaves nothing behind.
-        return super().put(self._encode(value, key), key)
-
-    def _write_file(self, value: bytes, tmp_path: str) -> int:
-        # os.open/os.write: no buffering layer, no isatty and seek calls on a file written once.
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o666)
-        try:
-            view = memoryview(value)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        return len(value)
-
-    def _read_file(self, path: str, key: Digest) -> Any:
-        return self._decode(_read_all(path), key, path)
-
-
-def _read_all(path: str) -> bytes:
-    # os.open/os.read instead of open(): a third of the cost on the hit path. Entries are never
-    # written in place, so the size fstat reports is the size to read.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size)
-        if len(data) < size:  # very large files come in several reads
-            parts = [data]
-            while size > (got := sum(map(len, parts))):
-                chunk = os.read(fd, size - got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -151,6 +110,14 @@ class ValuePickleFile(
 
 @dataclass(frozen=True)
 class CallPickleFile(PerKeyLockMixin, InterProcessLockMixin, CallMixin, PickleFileBackend):
-    """A call storage of pickle files, safe to share between threads and processes."""
+    """A call storage of pickle files, safe to share between threads and processes.
+
+    An intact entry that holds something other than a call record (a value stored in the same
+    directory) loads as :class:`~fleche.errors.CorruptEntryError` saying what it holds, so it
+    can be evicted.
+    """
 
     keeps_inline_values = True
+
+    def get(self, key: Digest) -> DigestedCall:
+        return expect_call_record(super().get(key), key, self._path(key))

@@ -1,9 +1,14 @@
-"""Thread-safety mixins and lock shims that survive pickling.
+"""Thread-safety mixins, lock shims that survive pickling, and the one deadline of an acquisition.
 
 Locks cannot be pickled, yet storages must be shipped to worker processes. The shims here pickle
 as "a new lock": the unpickled copy gets a fresh, unlocked one. That is the right meaning, since a
 thread lock only ever coordinates threads of the process that holds it; coordination between
 processes is the business of ``fleche.storage.locks``.
+
+A key's lock may be several locks taken in turn (this module's per-key lock, then the file locks
+of ``fleche.storage.locks``). ``lock_timeout`` bounds the whole acquisition, not each part: the
+outermost layer fixes a deadline with :func:`lock_deadline` and enters the inner layers inside
+:func:`acquiring_until`, where their own :func:`lock_deadline` calls return the same deadline.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +26,63 @@ from ..digest import Digest
 from ..errors import LockTimeout
 from .base import Intent, OperationContext
 
-__all__ = ["PerKeyLockMixin", "SerializingMixin", "_PicklableLock", "_PicklableRLock"]
+__all__ = [
+    "PerKeyLockMixin",
+    "SerializingMixin",
+    "_PicklableLock",
+    "_PicklableRLock",
+    "acquiring_until",
+    "lock_deadline",
+    "wait_time",
+]
+
+
+class _Acquisition(threading.local):
+    """The lock acquisition this thread is in, if an outer lock layer started one."""
+
+    active: bool = False
+    deadline: float | None = None
+
+
+_ACQUISITION = _Acquisition()
+
+
+def lock_deadline(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` deadline for a lock this thread takes now.
+
+    ``timeout`` seconds from now (``None``: no deadline of its own), but never later than the
+    deadline of an enclosing acquisition (see :func:`acquiring_until`), so nested lock layers
+    share one. Per thread.
+    """
+    own = None if timeout is None else time.monotonic() + timeout
+    if _ACQUISITION.active:
+        outer = _ACQUISITION.deadline
+        return outer if own is None or outer < own else own  # type: ignore[operator]
+    return own
+
+
+def wait_time(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (never negative), ``None`` for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+@contextlib.contextmanager
+def acquiring_until(deadline: float | None) -> Iterator[None]:
+    """Lock layers acquired in this block (by this thread) share ``deadline``.
+
+    Enter only the acquisition of the inner layers in it, not the work done under the lock: a
+    nested operation there starts an acquisition, and a deadline, of its own. Where an outer
+    acquisition is already running, its deadline stays in force; ``None`` (no deadline) leaves
+    the inner layers their own timeouts.
+    """
+    if _ACQUISITION.active or deadline is None:
+        yield
+        return
+    _ACQUISITION.active, _ACQUISITION.deadline = True, deadline
+    try:
+        yield
+    finally:
+        _ACQUISITION.active, _ACQUISITION.deadline = False, None
 
 
 # Locks copied into a child by fork may be held by a thread that does not exist there; every lock
@@ -140,8 +202,10 @@ class PerKeyLockMixin(OperationContext):
     obtained the table lock is released, so two threads operating on different keys never block
     each other. Operations on the same key are serialized by the per-key lock, which is reentrant
     to allow nested calls (e.g. ``expand`` inside ``load``). The guarantee covers the threads of
-    one process; pickled copies start with their own, fresh lock table. A storage with a
-    ``lock_timeout`` attribute waits at most that long, then raises ``LockTimeout``.
+    one process; pickled copies start with their own, fresh lock table. Taking a key's lock,
+    including the locks of the layers after this one in the MRO (say, inter-process file locks),
+    waits at most ``lock_timeout`` seconds in total, then raises ``LockTimeout`` holding nothing.
+    Reads skip the lock where the backend declares ``_atomic_writes``.
 
     Place before the concrete storage class in the MRO::
 
@@ -161,20 +225,23 @@ class PerKeyLockMixin(OperationContext):
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
     ) -> contextlib.AbstractContextManager[None]:
-        # Backends whose writes are atomic replacements (class flag ``_atomic_writes``) serve
-        # reads without the lock, so a reader never waits for a long ``locked`` section.
-        if intent is Intent.READ and getattr(self, "_atomic_writes", False):
+        # Backends whose writes are atomic replacements serve reads without the lock, so a
+        # reader never waits for a long ``locked`` section.
+        if intent is Intent.READ and self._atomic_writes:
             return super()._operation_context(key, intent=intent)
         return self._locked_context(key, intent)
 
     @contextlib.contextmanager
     def _locked_context(self, key: Digest | str, intent: Intent) -> Iterator[None]:
+        deadline = lock_deadline(self.lock_timeout)
         lock = self._get_key_lock(key)
-        timeout = getattr(self, "lock_timeout", None)  # honoured where the storage has one
-        if not lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise LockTimeout(str(key), "a thread lock of this process", timeout)
+        left = wait_time(deadline)
+        if not lock.acquire(timeout=-1 if left is None else left):
+            raise LockTimeout(str(key), "a thread lock of this process", self.lock_timeout)
         try:
-            with super()._operation_context(key, intent=intent):
+            with contextlib.ExitStack() as inner:
+                with acquiring_until(deadline):  # the later layers' locks: the same deadline
+                    inner.enter_context(super()._operation_context(key, intent=intent))
                 yield
         finally:
             lock.release()
