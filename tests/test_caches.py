@@ -80,6 +80,26 @@ class TestReadOnlyStack(CacheTests):
         return CacheStack([ReadOnlyCache(memory_cache()), ReadOnlyCache(store)])
 
 
+class TestFilteredCache(CacheTests):
+    """A view that every call matches is a read-only cache like any other."""
+
+    writable = False
+
+    def wrap(self, store):
+        return store.filter(QueryCall())
+
+
+class TestFilteredCacheOnPickleFiles(OnPickleFiles, TestFilteredCache):
+    pass
+
+
+class TestFilteredStack(CacheTests):
+    writable = False
+
+    def wrap(self, store):
+        return CacheStack([memory_cache(), store]).filter(QueryCall(module="fleche.testing"))
+
+
 def record(x, result, name="f"):
     return Call(name, {"x": x}, result=result, metadata={"runtime": {"host": "here"}})
 
