@@ -256,6 +256,14 @@ class FetchedCall(Call):
             object.__setattr__(self, "_result", self._load(self._record.result))
         return known["_result"]
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Call) or isinstance(other, DigestedCall):
+            return NotImplemented
+        fields = ("name", "arguments", "metadata", "module", "version", "code_digest", "result")
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
+
+    __hash__ = None  # type: ignore[assignment]  # as a Call's: its arguments are a mapping
+
     def to_lookup_key(self) -> Digest:
         return self._record.to_lookup_key()
 

@@ -955,7 +955,8 @@ class CacheTests:
             fetched = record.fetch(where)
             assert fetched.to_lookup_key() == call.to_lookup_key() and fetched.name == call.name
             assert fetched.arguments == {"x": 3} and fetched.result == _sample_result(3, big=True)
-            assert fetched.metadata == call.metadata
+            assert fetched.metadata == call.metadata and fetched == call and call == fetched
+            assert fetched.replace(result=0) == call.replace(result=0)
         with pytest.raises(TypeError, match="DigestedCall"):
             cache.stash(record)
         gone = DigestedCall("sample", {"x": digest("not stored")}, result=digest("nor this"))
