@@ -16,19 +16,12 @@ from fleche.errors import AmbiguousDigestError, LockTimeout
 from fleche.namespace import FunctionNamespace
 from fleche.query import QueryIterator
 from fleche.storage import CallPickleFile, ValuePickleFile
+from tests_support import cache_on
 
 
 @pytest.fixture(params=["memory", "pickle", "sqlite"])
 def store(request, tmp_path):
-    if request.param == "memory":
-        return memory_cache()
-    values = ValuePickleFile(root=tmp_path / "values")
-    if request.param == "pickle":
-        return Cache(values, CallPickleFile(root=tmp_path / "calls"))
-    pytest.importorskip("sqlalchemy")
-    from fleche.storage import Sql
-
-    return Cache(values, Sql(str(tmp_path / "calls.sqlite")))
+    return cache_on(request.param, tmp_path)
 
 
 def counted(cache, version=None, ignore=()):

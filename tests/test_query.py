@@ -12,21 +12,14 @@ import fleche
 from fleche import fleche as cached
 from fleche.caches import Cache, memory_cache
 from fleche.storage import CallPickleFile, ValuePickleFile
+from tests_support import cache_on
 
 pd = pytest.importorskip("pandas")
 
 
 @pytest.fixture(params=["memory", "pickle", "sqlite"])
 def store(request, tmp_path):
-    if request.param == "memory":
-        return memory_cache()
-    values = ValuePickleFile(root=tmp_path / "values")
-    if request.param == "pickle":
-        return Cache(values, CallPickleFile(root=tmp_path / "calls"))
-    pytest.importorskip("sqlalchemy")
-    from fleche.storage import Sql
-
-    return Cache(values, Sql(str(tmp_path / "calls.sqlite")))
+    return cache_on(request.param, tmp_path)
 
 
 def test_table_of_a_decorated_function(store):

@@ -43,7 +43,7 @@ from .digest import (
     digest_as,
     digests_by_name,
 )
-from .digest_arguments import by_value
+from .digest_arguments import D, by_value
 from .errors import CorruptEntryError, FlecheWarning, LockTimeout, SaveError, SpecError
 from .namespace import FunctionNamespace
 from .spec import CACHE_ENV, open_store
@@ -485,7 +485,9 @@ def fleche(
 
         @functools.wraps(f)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return cached.run(*by_value(cached.resolve_cache, cached.signature, args, kwargs))
+            if D in map(type, args) or (kwargs and D in map(type, kwargs.values())):
+                args, kwargs = by_value(cached.resolve_cache, cached.signature, args, kwargs)
+            return cached.run(args, kwargs)
 
         _attach(wrapper, cached)
         digest_as(wrapper, f)

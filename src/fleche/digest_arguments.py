@@ -47,15 +47,8 @@ def by_value(
 ) -> tuple[tuple, dict]:
     """``args`` and ``kwargs`` with every :class:`D` replaced by the value it names, loaded
     from ``cache()`` (asked only if there is a ``D``); the same objects if there is none."""
-    for value in args:
-        if type(value) is D:
-            break
-    else:
-        for value in kwargs.values():
-            if type(value) is D:
-                break
-        else:
-            return args, kwargs
+    if D not in map(type, args) and (not kwargs or D not in map(type, kwargs.values())):
+        return args, kwargs  # the decorator's hit path: keep it short
     store = cache()
     loaded = tuple(
         _load(store, a, lambda i=i: _positional_name(signature, i)) if type(a) is D else a
