@@ -18,6 +18,7 @@ from fleche.caches import (
 )
 from fleche.call import Call, QueryCall
 from fleche.digest import digest
+from fleche.filtered import both
 from fleche.storage import CallMemory, CallPickleFile, ValueMemory, ValuePickleFile
 from fleche.testing import CacheTests
 from tests_support import RacedValueMemory, RecordingCache, RecordingValueMemory
@@ -78,6 +79,26 @@ class TestReadOnlyStack(CacheTests):
 
     def wrap(self, store):
         return CacheStack([ReadOnlyCache(memory_cache()), ReadOnlyCache(store)])
+
+
+class TestFilteredCache(CacheTests):
+    """A view that every call matches is a read-only cache like any other."""
+
+    writable = False
+
+    def wrap(self, store):
+        return store.filter(QueryCall())
+
+
+class TestFilteredCacheOnPickleFiles(OnPickleFiles, TestFilteredCache):
+    pass
+
+
+class TestFilteredStack(CacheTests):
+    writable = False
+
+    def wrap(self, store):
+        return CacheStack([memory_cache(), store]).filter(QueryCall(module="fleche.testing"))
 
 
 def record(x, result, name="f"):
@@ -280,3 +301,20 @@ def test_contains_many_through_caches_and_stacks():
     assert fast.contains_many([in_fast, in_slow, missing]) == {in_fast}
     assert stack.contains_many([in_fast, in_slow[:8], missing]) == {in_fast, in_slow}
     assert ReadOnlyCache(slow).contains_many([in_slow, missing]) == {in_slow}
+
+
+def test_a_view_of_a_view_asks_for_both_templates_at_once():
+    cache = memory_cache()
+    keys = {(x, n): cache.save(record(x, x, name=n)) for x in range(3) for n in ("f", "g")}
+    view = cache.filter(QueryCall(name="f")).filter(QueryCall(arguments={"x": digest(1)}))
+    assert list(view.list()) == [keys[(1, "f")]]
+    assert view.query(x=1).count() == 1 and view.query(x=2).empty()
+    assert view.query(QueryCall(name="g")).empty()
+    same = both(QueryCall(arguments={"x": 1}), QueryCall(arguments={"x": digest(1)}))
+    assert digest(same.arguments["x"]) == digest(1)  # a value and its digest agree
+    assert both(QueryCall(arguments={"x": 1}), QueryCall(arguments={"x": 2})) is None
+    host = [QueryCall(metadata={"runtime": {"host": h}}) for h in "ab"]
+    assert both(*host) is None and both(host[0], QueryCall(metadata={"other": {}})).metadata == {
+        "runtime": {"host": "a"}, "other": {}
+    }
+    assert both(QueryCall(version="1"), QueryCall(name="f")) == QueryCall(name="f", version="1")

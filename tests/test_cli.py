@@ -122,6 +122,24 @@ def test_info_ls_show(store):
     assert detail["metadata"]["runtime"]["pid"] > 0
 
 
+@pytest.mark.parametrize("kind", ["pickle", "sqlite"])
+def test_values_kept_inline_are_shown(kind, tmp_path):
+    """The decorator keeps small arguments and results in the call record: ls and show print
+    them (and --json gives them), not <missing value ...>."""
+    spec = spec_for(kind, tmp_path)
+    populate(spec, inline=True)
+    listed = run_here("ls", spec, "--name", "simulate").stdout
+    assert "temperature=1.5, label='run', steps=3" in listed and "missing" not in listed
+    (two,) = run_json("ls", spec, "--where", "x=2", here=True)
+    assert two["arguments"] == {"x": 2}
+    detail = run_json("show", spec, two["short_key"], here=True)
+    assert detail["arguments"]["x"] == {"key": fleche.digest(2), "value": 2}
+    assert detail["result"] == {"key": fleche.digest(4), "value": 4}
+    shown = run_here("show", spec, two["short_key"]).stdout
+    assert f"4  [{fleche.digest(4)[:12]}]" in shown and f"2  [{fleche.digest(2)[:12]}]" in shown
+    assert "missing" not in shown
+
+
 def test_evict_and_gc(store):
     (one,) = run_json("ls", store, "--where", "x=1", here=True)
     n_values = run_json("info", store, here=True)["n_values"]

@@ -9,8 +9,28 @@ pytest.importorskip("sqlalchemy", reason="the sql extra is not installed")
 
 from fleche import fleche  # noqa: E402
 from fleche.call import Call  # noqa: E402
-from fleche.caches import Cache  # noqa: E402
+from fleche.caches import Cache, ReadOnlyCache  # noqa: E402
 from fleche.storage import Sql, ValuePickleFile  # noqa: E402
+from fleche.testing import CacheTests  # noqa: E402
+
+
+class TestCacheOnSqlite(CacheTests):
+    """The cache contract over pickle-file values and SQLite call records (which keep small
+    values inline)."""
+
+    def make_store(self, tmp_path):
+        values = ValuePickleFile(root=tmp_path / "values", lock_timeout=30)
+        return Cache(values, Sql(str(tmp_path / "calls.sqlite")))
+
+    def wrap(self, store):
+        return store
+
+
+class TestReadOnlyCacheOnSqlite(TestCacheOnSqlite):
+    writable = False
+
+    def wrap(self, store):
+        return ReadOnlyCache(store)
 
 RUNS = []
 

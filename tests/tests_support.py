@@ -84,3 +84,21 @@ class RacedValueMemory(ValueMemory):
 
     __hash__ = ValueMemory.__hash__
     __eq__ = ValueMemory.__eq__
+
+
+def cache_on(kind: str, tmp_path: Any) -> Cache:
+    """A real cache of the given kind: ``memory``, ``pickle`` (pickle files for values and
+    calls) or ``sqlite`` (pickle-file values, SQLite call records; skips without SQLAlchemy)."""
+    import pytest
+
+    from fleche.storage import CallPickleFile, ValuePickleFile
+
+    if kind == "memory":
+        return Cache(ValueMemory(), CallMemory())
+    values = ValuePickleFile(root=tmp_path / "values")
+    if kind == "pickle":
+        return Cache(values, CallPickleFile(root=tmp_path / "calls"))
+    pytest.importorskip("sqlalchemy")
+    from fleche.storage import Sql
+
+    return Cache(values, Sql(str(tmp_path / "calls.sqlite")))

@@ -23,7 +23,9 @@ from .caches import BaseCache, Cache, CacheStack, ReadOnlyCache, memory_cache
 from .call import Call, DigestedCall, QueryCall
 from .decorator import active_cache, cache, fleche, get_default_cache, set_default_cache
 from .digest import Digest, Indigestible, register_digest_hook
+from .digest_arguments import D
 from .errors import FlecheError, FlecheWarning
+from .query import MatchCountError, QueryIterator
 from .spec import open_store as open  # noqa: A004,F401 - fleche.open(spec); not in __all__ on purpose
 
 
@@ -49,12 +51,15 @@ __all__ = [
     "Cache",
     "CacheStack",
     "Call",
+    "D",
     "Digest",
     "DigestedCall",
     "FlecheError",
     "FlecheWarning",
     "Indigestible",
+    "MatchCountError",
     "QueryCall",
+    "QueryIterator",
     "ReadOnlyCache",
     "active_cache",
     "cache",

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .call import Call, DigestedCall, LazyArguments, QueryCall
-from .digest import Digest
+from .digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, Indigestible, _mk, digest
 from .errors import FlecheError, SaveError
+from .query import QueryIterator, copy_calls
 from .storage.base import (
     CallStorage,
     Intent,
@@ -127,9 +128,82 @@ class BaseCache(OperationContext):
         """Every stored call key (a snapshot; calls may come and go while you iterate)."""
 
     @abc.abstractmethod
-    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
-        """Stored calls matching ``template`` and the given argument values, values loaded;
-        calls saved or evicted meanwhile may or may not appear."""
+    def find(self, template: QueryCall) -> Iterator[Call]:
+        """One pass over the stored calls matching ``template``, results loaded, arguments
+        loaded on first access; calls saved or evicted meanwhile may or may not appear.
+
+        What :meth:`query` runs each time its :class:`~fleche.query.QueryIterator` is read.
+        """
+
+    def query(self, template: QueryCall | None = None, **arguments: Any) -> QueryIterator:
+        """The stored calls matching ``template`` and the given argument values (by value or
+        :class:`Digest`), as a live :class:`~fleche.query.QueryIterator`: each iteration runs
+        :meth:`find` again against the store as it is then. Its ``evict``/``transfer`` act
+        through this cache (so a read-only one refuses them). Not overridden by wrappers: they
+        forward :meth:`find`.
+        """
+        return QueryIterator(self, self._template(template, arguments))
+
+    def filter(self, template: QueryCall) -> BaseCache:
+        """A read-only view of this cache that holds only the calls matching ``template``.
+
+        The view is a cache (:class:`~fleche.filtered.FilteredCache`): ``load``, ``contains``,
+        ``list``, ``query``, ``load_value`` and ``transfer`` see the matching calls only, as
+        this cache has them at each operation; writes raise :class:`ReadOnlyError`.
+        """
+        from .filtered import FilteredCache  # the view is a wrapper: it builds on this module
+
+        return FilteredCache(self, template)
+
+    def expand_value(self, key: Digest | str) -> Digest:
+        """The full key of the stored argument or result value a prefix (4+ characters) stands
+        for; a full key is returned as it is. ``KeyError`` if no value's key starts with it,
+        :class:`~fleche.errors.AmbiguousDigestError` if several do (a snapshot).
+
+        Note for implementers: this default looks through every call :meth:`find` gives
+        (O(calls), loading results); caches over a value storage ask it instead.
+        """
+        text = _value_key_text(key)
+        if len(text) == DIGEST_LENGTH:
+            return _mk(text)
+        return _unique_match(text, sorted(self._values_in_calls(text)))
+
+    def load_value(self, key: Digest | str) -> Any:
+        """The stored argument or result value under ``key`` (full, or a unique prefix of 4+
+        characters): what ``fleche.D(key)`` passes to a call. ``KeyError`` if there is none,
+        :class:`~fleche.errors.AmbiguousDigestError` if a prefix matches several; never a value
+        half written by another thread or process.
+
+        Note for implementers: this default looks through every call :meth:`find` gives
+        (O(calls)); caches over a value storage load from it.
+        """
+        text = _value_key_text(key)
+        found = self._values_in_calls(text)
+        return found[_unique_match(text, sorted(found))]()
+
+    def _values_in_calls(self, prefix: str) -> dict[Digest, Callable[[], Any]]:
+        """Loaders of the argument and result values of stored calls whose key starts with
+        ``prefix``."""
+        found: dict[Digest, Callable[[], Any]] = {}
+        for call in self.find(QueryCall()):
+            record = call.digest()
+            for name, key in record.arguments.items():
+                if key.startswith(prefix):
+                    found.setdefault(key, lambda c=call, n=name: c.arguments[n])
+            if record.result is not None and record.result.startswith(prefix):
+                found.setdefault(record.result, lambda c=call: c.result)
+        return found
+
+    @abc.abstractmethod
+    def stash(self, call: Call) -> DigestedCall:
+        """Store the call's argument and result values, not its record; return the record.
+
+        The returned :class:`DigestedCall` names each value by its key, so it can be sent
+        anywhere and turned back into the call with ``record.fetch(cache)``; the call itself is
+        not a cached call (not found by :meth:`contains` or :meth:`query`). Values already
+        stored are kept; each is written atomically, as :meth:`save` writes them. ``TypeError``
+        for a :class:`DigestedCall`, whose values are digests already.
+        """
 
     @abc.abstractmethod
     def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
@@ -156,28 +230,38 @@ class BaseCache(OperationContext):
         return CallMemory(storage=dict.fromkeys(self.list())).shrink(full[0], *full[1:])
 
     def transfer(
-        self, other: BaseCache, *, progress: Callable[[int, int], None] | None = None
+        self,
+        other: BaseCache,
+        *,
+        overwrite: bool = False,
+        pop: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Copy every call and its values into ``other``, skipping calls it already has.
 
-        Returns the number of calls copied. ``progress(done, total)`` is called after each call
-        looked at, copied or not. Safe to run while others use either cache; calls saved
-        meanwhile may or may not be copied. A corrupt entry raises ``CorruptEntryError`` and
-        stops the copy; what was copied stays, so running it again resumes. Built on
-        :meth:`list`, :meth:`load` and ``other``'s :meth:`contains` and :meth:`save`.
+        Returns the number of calls copied. ``overwrite`` saves calls ``other`` has again
+        (rewriting their values); ``pop`` evicts each call from this cache once ``other`` has
+        it, a move (values stay until :meth:`gc`; a read-only cache refuses it).
+        ``progress(done, total)`` is called after each call looked at, copied or not. Safe to
+        run while others use either cache; calls saved meanwhile may or may not be copied. A
+        corrupt entry raises ``CorruptEntryError`` and stops the copy; what was copied stays,
+        so running it again resumes. Built on :meth:`list`, :meth:`load`, :meth:`evict` and
+        ``other``'s :meth:`contains` and :meth:`save`.
         """
-        copied = 0
-        keys = list(self.list())
-        for done, key in enumerate(keys, 1):
-            if not other.contains(key):
-                try:
-                    other.save(self.load(key))
-                    copied += 1
-                except KeyError:
-                    pass  # evicted since listed, or a value of it is gone
-            if progress is not None:
-                progress(done, len(keys))
-        return copied
+        calls = [(key, lambda k=key: self.load(k)) for key in self.list()]
+        return copy_calls(self, calls, other, overwrite=overwrite, pop=pop, progress=progress)
+
+    @abc.abstractmethod
+    def redigest(self) -> int:
+        """Store every call again under the keys the current :func:`~fleche.digest.digest`
+        gives (after an upgrade changed how some type digests); return how many calls moved.
+
+        A call whose key changed is saved under its new key before the old record is evicted,
+        so a reader never misses it; its values are saved under their new keys (the old entries
+        stay until :meth:`gc`). Loads every value (O(calls + values)); not atomic as a whole:
+        calls saved meanwhile keep their keys, which are current anyway. A call whose value is
+        gone is left as it is; ``Indigestible`` names a value that has no digest any more.
+        """
 
     def close(self) -> None:
         """Release what this cache holds open in this process (connections, file handles).
@@ -197,6 +281,15 @@ class BaseCache(OperationContext):
 
 def _values_of(record: DigestedCall) -> list[Digest]:
     return [*record.arguments.values(), record.result]
+
+
+def _value_key_text(key: Any) -> str:
+    text = _check_key_text(key)
+    if len(text) < MIN_PREFIX_LENGTH:
+        raise ValueError(
+            f"short digest {text!r} is too short: give at least {MIN_PREFIX_LENGTH} characters"
+        )
+    return text
 
 
 def _fits(value: Any, budget: int) -> int | None:
@@ -370,14 +463,102 @@ class Cache(BaseCache):
         with self._operation_context(full[0], intent=Intent.READ):
             return self.calls.shrink(full[0], *full[1:])
 
-    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
+    def find(self, template: QueryCall) -> Iterator[Call]:
         """Stored calls matching the template, arguments loaded lazily. O(n) for storages that
         cannot filter themselves; calls saved or evicted meanwhile may or may not appear."""
-        for record in self.calls.query(self._template(template, arguments)):
+        for record in self.calls.query(template):
             try:
                 yield self._loaded(record)
             except KeyError:
                 continue  # result value gone (evicted or gc'd concurrently)
+
+    def expand_value(self, key: Digest | str) -> Digest:
+        """The full key of a stored value (see :meth:`BaseCache.expand_value`), from the value
+        storage and, for a prefix, the values kept inline in call records (which lists the
+        call records: O(calls) where they keep inline values)."""
+        text = _value_key_text(key)
+        if len(text) == DIGEST_LENGTH:
+            return _mk(text)
+        with self._operation_context(text, intent=Intent.READ):
+            return _unique_match(text, sorted(self._stored_values(text)))
+
+    def load_value(self, key: Digest | str) -> Any:
+        """The stored value under ``key`` (see :meth:`BaseCache.load_value`): from the value
+        storage, or from a call record that keeps it inline. A full key held by the value
+        storage is one read; a prefix, or a value kept only inline, lists the call records
+        too (O(calls) where they keep inline values)."""
+        text = _value_key_text(key)
+        with self._operation_context(text, intent=Intent.READ):
+            found = self._stored_values(text)
+            return found[_unique_match(text, sorted(found))]()
+
+    def _stored_values(self, text: str) -> dict[Digest, Callable[[], Any]]:
+        """Loaders of the values whose key starts with ``text``: in the value storage, then
+        inline in call records (for a full key only if the value storage lacks it)."""
+        found: dict[Digest, Callable[[], Any]] = {}
+        full = len(text) == DIGEST_LENGTH
+        with contextlib.suppress(KeyError):
+            key = _mk(text) if full else self.values.expand(text)
+            if not full or self.values.contains(key):
+                found[key] = lambda: self.values.load(key)
+        if self.calls.keeps_inline_values and not (full and found):
+            for record in self.calls.query(QueryCall()):
+                for k, value in (record.inline or {}).items():
+                    if k.startswith(text):
+                        found.setdefault(k, lambda v=value: v)
+        return found
+
+    def stash(self, call: Call) -> DigestedCall:
+        """Store the call's values in the value storage (never inline: no record carries them)
+        and return its record; see :meth:`BaseCache.stash`. ``SaveError`` names a value that
+        cannot be stored."""
+        if isinstance(call, DigestedCall):
+            raise TypeError(
+                "a DigestedCall holds the digests of its values, not the values: stash the Call"
+            )
+        record = call.digest()
+        arguments = call.arguments
+        with self._operation_context(record.to_lookup_key()):
+            for name, value_key in record.arguments.items():
+                self._store_value(
+                    f"argument {name!r}", lambda n=name: arguments[n], value_key, 0, {}, False
+                )
+            self._store_value("result", lambda: call.result, record.result, 0, {}, False)
+        return record
+
+    def redigest(self) -> int:
+        """Re-key every record with the current digest (see :meth:`BaseCache.redigest`): the
+        call storage's ``transform`` saves each record under its new key before evicting the
+        old one; a value whose key changed is saved under the new key (kept inline if it was)."""
+        before = set(self.calls.list())
+        self.calls.transform(self._redigested)
+        return len(set(self.calls.list()) - before)
+
+    def _redigested(self, record: DigestedCall) -> DigestedCall:
+        inline = record.inline or {}
+        fresh_inline: dict[Digest, Any] = {}
+
+        def fresh(key: Digest, what: str) -> Digest:
+            value = record.value(key, self.values.load)
+            try:
+                new = digest(value)
+            except Indigestible as e:
+                raise Indigestible(
+                    f"cannot re-key the call {record.name} ({record.to_lookup_key()}): its {what} "
+                    f"has no digest now: {e}"
+                ) from e
+            if key in inline:
+                fresh_inline[new] = value
+            elif new != key and not self.values.contains(new):
+                self.values.save(value, new)
+            return new
+
+        try:
+            arguments = {n: fresh(d, f"argument {n!r}") for n, d in record.arguments.items()}
+            result = fresh(record.result, "result")
+        except KeyError:
+            return record  # a value is gone: the record stays as it is (fleche verify finds it)
+        return record.replace(arguments=arguments, result=result, inline=fresh_inline or None)
 
     def gc(self, dry_run: bool = False) -> set[Digest]:
         """Remove values that no stored call refers to, directly or as a part; return the keys
@@ -544,14 +725,45 @@ class CacheStack(BaseCache):
             seen.update(dict.fromkeys(layer.list()))
         return list(seen)
 
-    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
+    def find(self, template: QueryCall) -> Iterator[Call]:
+        """The matching calls of every layer, each once (from the first layer that has it)."""
         seen = set()
         for layer in self.layers:
-            for call in layer.query(template, **arguments):
+            for call in layer.find(template):
                 key = call.to_lookup_key()
                 if key not in seen:
                     seen.add(key)
                     yield call
+
+    def expand_value(self, key: Digest | str) -> Digest:
+        """The full key a value prefix stands for among the values of every layer."""
+        matches = set()
+        for layer in self.layers:
+            with contextlib.suppress(KeyError):
+                matches.add(layer.expand_value(key))
+        return _unique_match(str(key), sorted(matches))
+
+    def load_value(self, key: Digest | str) -> Any:
+        """The value from the first layer that has it (a prefix is expanded over all layers
+        first, so it is never taken for another layer's value)."""
+        full = self.expand_value(key)
+        for layer in self.layers:
+            with contextlib.suppress(KeyError):
+                return layer.load_value(full)
+        raise KeyError(f"no value stored under {key} in any layer")
+
+    def stash(self, call: Call) -> DigestedCall:
+        """Stash the values in the first layer and, with ``write_through``, every other
+        writable layer (as :meth:`save` writes); :class:`ReadOnlyError` if no layer takes them."""
+        targets = self.layers if self.write_through else self.layers[:1]
+        records = [layer.stash(call) for layer in targets if layer.writable]
+        if not records:
+            raise ReadOnlyError("cannot stash: no layer of this CacheStack accepts it (read-only)")
+        return records[0]
+
+    def redigest(self) -> int:
+        """Re-key every writable layer; the calls moved in all of them together."""
+        return sum(layer.redigest() for layer in self._writable_layers("re-key calls"))
 
     def gc(self, dry_run: bool = False) -> set[Digest]:
         """Collect garbage in every writable layer; the union of the keys each removed."""
@@ -579,6 +791,8 @@ class CacheWrapper(BaseCache):
 
     Only the declared operations are forwarded: the wrapped cache's own attributes (a
     :class:`Cache`'s ``values`` and ``calls``) are reached through ``wrapper.cache``.
+    :meth:`query` and :meth:`filter` are not forwarded but built on the wrapper itself (over
+    the forwarded :meth:`find`), so what they find and evict passes through the wrapper.
     """
 
     cache: BaseCache
@@ -617,8 +831,20 @@ class CacheWrapper(BaseCache):
     def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
         return self.cache.shrink(key, *keys)
 
-    def query(self, template: QueryCall | None = None, **arguments: Any) -> Iterator[Call]:
-        return self.cache.query(template, **arguments)
+    def find(self, template: QueryCall) -> Iterator[Call]:
+        return self.cache.find(template)
+
+    def expand_value(self, key: Digest | str) -> Digest:
+        return self.cache.expand_value(key)
+
+    def load_value(self, key: Digest | str) -> Any:
+        return self.cache.load_value(key)
+
+    def stash(self, call: Call) -> DigestedCall:
+        return self.cache.stash(call)
+
+    def redigest(self) -> int:
+        return self.cache.redigest()
 
     def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
         return self.cache.locked(key)
@@ -627,9 +853,14 @@ class CacheWrapper(BaseCache):
         return self.cache.gc(dry_run=dry_run)
 
     def transfer(
-        self, other: BaseCache, *, progress: Callable[[int, int], None] | None = None
+        self,
+        other: BaseCache,
+        *,
+        overwrite: bool = False,
+        pop: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> int:
-        return self.cache.transfer(other, progress=progress)
+        return self.cache.transfer(other, overwrite=overwrite, pop=pop, progress=progress)
 
     def close(self) -> None:
         self.cache.close()
@@ -638,9 +869,10 @@ class CacheWrapper(BaseCache):
 @dataclass(frozen=True)
 class ReadOnlyCache(CacheWrapper):
     """A view of ``cache`` that loads, queries and copies out (``transfer``) but refuses every
-    write: ``save``, ``evict``, ``discard``, ``locked`` and ``gc`` (also a dry run) raise
-    :class:`ReadOnlyError`, and :attr:`writable` is false, so the decorator computes a miss (or
-    a corrupt entry) without saving and never waits for a lock."""
+    write: ``save``, ``stash``, ``evict``, ``discard``, ``locked``, ``gc`` (also a dry run),
+    ``redigest`` and ``transfer(pop=True)`` raise :class:`ReadOnlyError`, and :attr:`writable`
+    is false, so the decorator computes a miss (or a corrupt entry) without saving and never
+    waits for a lock."""
 
     @property
     def writable(self) -> bool:  # type: ignore[override]
@@ -663,3 +895,23 @@ class ReadOnlyCache(CacheWrapper):
 
     def gc(self, dry_run: bool = False) -> set[Digest]:
         raise self._refuse("collect garbage")
+
+    def stash(self, call: Call) -> DigestedCall:
+        raise self._refuse(f"stash the values of a call of {call.name}")
+
+    def redigest(self) -> int:
+        raise self._refuse("re-key calls")
+
+    def transfer(
+        self,
+        other: BaseCache,
+        *,
+        overwrite: bool = False,
+        pop: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Copy out into ``other`` (see :meth:`BaseCache.transfer`); ``pop``, which would
+        evict here, raises :class:`ReadOnlyError` before anything is copied."""
+        if pop:
+            raise self._refuse("move calls out (transfer with pop=True evicts them)")
+        return super().transfer(other, overwrite=overwrite, progress=progress)

@@ -22,13 +22,17 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .digest import Digest, callable_name, digest, digest_mapping, digest_sequence
+
+if TYPE_CHECKING:
+    from .caches import BaseCache
 
 __all__ = [
     "Call",
     "DigestedCall",
+    "FetchedCall",
     "KnownArguments",
     "LazyArguments",
     "Metadata",
@@ -179,6 +183,12 @@ class Call:
             result=digest(self.result),
         )
 
+    def stash(self, cache: BaseCache) -> DigestedCall:
+        """Store this call's argument and result values in ``cache`` (not the call itself) and
+        return its :class:`DigestedCall`, which :meth:`DigestedCall.fetch` turns back into the
+        call; see :meth:`~fleche.caches.BaseCache.stash`."""
+        return cache.stash(self)
+
     def replace(self, **changes: Any) -> Call:
         """A copy with the given fields changed (records are immutable)."""
         unknown = changes.keys() - self.__dict__.keys()
@@ -219,6 +229,52 @@ class DigestedCall(Call):
             return inline[key]
         return load(key)
 
+    def fetch(self, cache: BaseCache) -> FetchedCall:
+        """This call with its values from ``cache``, each loaded on first access (arguments one
+        by one, the result when first read); a value the cache lacks raises ``KeyError`` then.
+        The inverse of :meth:`Call.stash`."""
+        return FetchedCall(self, lambda key: self.value(key, cache.load_value))
+
+
+class FetchedCall(Call):
+    """A :class:`Call` whose argument and result values load from a cache on first access
+    (what :meth:`DigestedCall.fetch` gives); each value is loaded once, then kept. Equal to the
+    plain call with the same values; :meth:`replace` gives a plain :class:`Call`."""
+
+    def __init__(self, record: DigestedCall, load: Callable[[Digest], Any]) -> None:
+        for name in ("name", "metadata", "module", "version", "code_digest"):
+            object.__setattr__(self, name, getattr(record, name))
+        object.__setattr__(self, "arguments", LazyArguments(record.arguments, load))
+        object.__setattr__(self, "_record", record)
+        object.__setattr__(self, "_load", load)
+
+    @property
+    def result(self) -> Any:  # type: ignore[override]
+        """The result, loaded on first access."""
+        known = self.__dict__
+        if "_result" not in known:
+            object.__setattr__(self, "_result", self._load(self._record.result))
+        return known["_result"]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Call) or isinstance(other, DigestedCall):
+            return NotImplemented
+        fields = ("name", "arguments", "metadata", "module", "version", "code_digest", "result")
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
+
+    __hash__ = None  # type: ignore[assignment]  # as a Call's: its arguments are a mapping
+
+    def to_lookup_key(self) -> Digest:
+        return self._record.to_lookup_key()
+
+    def digest(self) -> DigestedCall:
+        return self._record.replace(inline=None)
+
+    def replace(self, **changes: Any) -> Call:
+        fields = {n: getattr(self, n) for n in ("name", "metadata", "module", "version", "code_digest")}
+        plain = Call(arguments=dict(self.arguments), result=self.result, **fields)
+        return plain.replace(**changes)
+
 
 @dataclass(frozen=True)
 class QueryCall:
@@ -237,6 +293,24 @@ class QueryCall:
     version: str | None = None
     code_digest: str | None = None
     result: Any = None
+
+    @classmethod
+    def from_call(cls, func: Callable[..., Any], *args: Any, **kwargs: Any) -> QueryCall:
+        """A template for the stored calls of ``func`` with these arguments: they bind to the
+        signature as in a call, but defaults are not filled in, so every argument not given is
+        a wildcard. Name and module are ``func``'s; for a ``@fleche`` function, also its
+        version and code digest, as its calls are keyed (arguments it ignores are left out).
+
+        ``TypeError`` if the arguments do not fit the signature (too many, unknown names).
+        """
+        from .decorator import namespace_of  # the decorator builds on this module
+
+        namespace = namespace_of(func)
+        if namespace is not None:
+            return namespace.template(*args, **kwargs)
+        name, module = callable_name(func)
+        bound = inspect.signature(func).bind_partial(*args, **kwargs)
+        return cls(name=name, module=module, arguments=dict(bound.arguments))
 
     def matches(self, call: Call) -> bool:
         """Whether ``call`` (digested or not) fits this template."""

@@ -177,11 +177,12 @@ _BRIEF = _brief_repr(40)
 _FULL = _brief_repr(120)
 
 
-def _value(values: Any, key: Digest, shown: reprlib.Repr) -> tuple[Any, str]:
-    """The value under ``key`` (or ``None``) and its repr for people, ``<missing ...>`` or
-    ``<corrupt ...>`` where it cannot be loaded."""
+def _value(record: DigestedCall, values: Any, key: Digest, shown: reprlib.Repr) -> tuple[Any, str]:
+    """The value under ``key`` (or ``None``), from ``record`` where it keeps the value inline,
+    else from ``values``, and its repr for people, ``<missing ...>`` or ``<corrupt ...>`` where
+    it cannot be loaded."""
     try:
-        value = values.load(key)
+        value = record.value(key, values.load)
     except KeyError:
         return None, f"<missing value {key[:12]}>"
     except CorruptEntryError:
@@ -298,7 +299,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = []
     for (key, record), short in zip(found, shorts):
         arguments = {
-            name: _value(cache.values, d, _BRIEF) for name, d in record.arguments.items()
+            name: _value(record, cache.values, d, _BRIEF) for name, d in record.arguments.items()
         }
         runtime = _runtime(record)
         rows.append((key, short, record, arguments, runtime))
@@ -352,8 +353,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise Failure(f"no call stored under {args.key!r}") from None
     except CorruptEntryError as e:
         raise Failure(f"the call record is corrupt: {e} (fleche evict or verify --repair)") from None
-    arguments = {n: (d, *_value(cache.values, d, _FULL)) for n, d in record.arguments.items()}
-    result = (record.result, *_value(cache.values, record.result, _FULL)) if record.result else None
+    arguments = {n: (d, *_value(record, cache.values, d, _FULL)) for n, d in record.arguments.items()}
+    result = (record.result, *_value(record, cache.values, record.result, _FULL)) if record.result else None
     if args.json:
         _emit_json({
             "key": key, "function": record.name, "module": record.module,

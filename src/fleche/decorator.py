@@ -28,11 +28,11 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 from .caches import BaseCache, memory_cache
-from .call import Call, KnownArguments, QueryCall, lookup_key
+from .call import Call, KnownArguments, lookup_key
 from .digest import (
     Digest,
     Indigestible,
@@ -43,7 +43,9 @@ from .digest import (
     digest_as,
     digests_by_name,
 )
+from .digest_arguments import D, by_value
 from .errors import CorruptEntryError, FlecheWarning, LockTimeout, SaveError, SpecError
+from .namespace import FunctionNamespace
 from .spec import CACHE_ENV, open_store
 
 __all__ = [
@@ -80,12 +82,25 @@ class _CacheSetting:
         _ACTIVE.reset(self._token)
 
 
-def cache(c: BaseCache | None) -> _CacheSetting:
-    """Make ``c`` the active cache of the current context (``None`` clears it).
+_ACTIVE_NOW: Any = object()  # cache() called without an argument: a getter
+
+
+@overload
+def cache() -> BaseCache: ...
+@overload
+def cache(c: BaseCache | None) -> _CacheSetting: ...
+
+
+def cache(c: Any = _ACTIVE_NOW) -> Any:
+    """Make ``c`` the active cache of the current context (``None`` clears it); without an
+    argument, return the cache a decorated function without ``cache=`` would use now (see
+    :func:`active_cache`).
 
     Takes effect at once; used as ``with fleche.cache(c): ...`` the previous setting returns
     when the block ends. Other threads are not affected.
     """
+    if c is _ACTIVE_NOW:
+        return active_cache()
     if c is not None and not isinstance(c, BaseCache):
         raise TypeError(f"fleche.cache needs a cache (e.g. fleche.caches.Cache), got {c!r}")
     return _CacheSetting(c, _ACTIVE.set(c))
@@ -358,42 +373,31 @@ class _Cached:
 
 
 def _attach(wrapper: Any, cached: _Cached) -> None:
-    def key(*args: Any, **kwargs: Any) -> Digest:
-        """The lookup key of this call."""
-        return cached.key(cached.bind(args, kwargs))[0]
-
-    def contains(*args: Any, **kwargs: Any) -> bool:
-        """Whether this call's result is stored."""
-        return cached.resolve_cache().contains(key(*args, **kwargs))
-
-    def load(*args: Any, **kwargs: Any) -> Any:
-        """The stored result of this call, without running it; ``KeyError`` if absent."""
-        return cached.resolve_cache().load_result(key(*args, **kwargs))
-
-    def call(*args: Any, **kwargs: Any) -> Call:
-        """The ``Call`` that this call would be looked up as."""
-        return cached.make_call(args, kwargs)
-
-    def query(**arguments: Any) -> Iterator[Call]:
-        """Stored calls of this function whose arguments match the given values."""
-        t = cached.identity()
-        template = QueryCall(
-            name=t.name, module=t.module, version=t.version, code_digest=t.code_digest,
-            arguments=arguments,
-        )
-        return cached.resolve_cache().query(template)
-
-    wrapper.digest = key
-    wrapper.contains = contains
-    wrapper.load = load
-    wrapper.call = call
-    wrapper.query = query
+    namespace = FunctionNamespace(cached)
+    wrapper.fleche = namespace
+    wrapper.digest = namespace.digest
+    wrapper.contains = namespace.contains
+    wrapper.load = namespace.load
+    wrapper.call = namespace.call
+    wrapper.query = namespace.query
+    wrapper.clear = namespace.clear
+    wrapper.refresh = namespace.refresh
     wrapper.__fleche__ = cached
     _DECORATED[wrapper] = cached
 
 
 _DECORATED: weakref.WeakKeyDictionary[Callable[..., Any], _Cached] = weakref.WeakKeyDictionary()
 """Every function ``@fleche`` returned, with what it built around it (see :func:`_cached_of`)."""
+
+
+def namespace_of(func: Callable[..., Any]) -> FunctionNamespace | None:
+    """``func.fleche`` if ``@fleche`` returned ``func``, else ``None`` (for
+    :meth:`~fleche.call.QueryCall.from_call`, which takes plain and decorated functions)."""
+    try:
+        known = _DECORATED.get(func)
+    except TypeError:  # not hashable or not weakly referenceable: not a wrapper of ours
+        return None
+    return None if known is None else FunctionNamespace(known)
 
 
 def _cached_of(func: Callable[..., Any]) -> _Cached:
@@ -453,8 +457,12 @@ def fleche(
     fails in any way runs the call uncached with a ``FlecheWarning`` naming it and the cause,
     exceptions propagate and are not cached, and a result that cannot be stored is returned
     with a warning. The wrapper keeps the function's name, signature and
-    docstring and gains ``.digest``, ``.contains``, ``.load``, ``.call`` (each taking the call's
-    arguments) and ``.query(**arguments)``. Safe to call from many threads and processes at once.
+    docstring and gains ``.fleche``, a :class:`~fleche.namespace.FunctionNamespace` of its cache
+    operations (``cache``, ``digest``, ``contains``, ``load``, ``evict``, ``call``, ``query``,
+    ``clear``, ``refresh``), with the short forms ``.digest``, ``.contains``, ``.load``,
+    ``.call``, ``.query``, ``.clear`` and ``.refresh`` (each taking the call's arguments). An
+    argument given as ``fleche.D(key)`` is replaced by the stored value under that (short) key
+    before the call. Safe to call from many threads and processes at once.
     Two callers that miss the same key at once may both compute it, unless
     ``compute_once=True``: then a caller that misses holds the key's lock (across processes for
     file storages) while it looks again and computes, and the others wait for its result; a
@@ -477,6 +485,8 @@ def fleche(
 
         @functools.wraps(f)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if D in map(type, args) or (kwargs and D in map(type, kwargs.values())):
+                args, kwargs = by_value(cached.resolve_cache, cached.signature, args, kwargs)
             return cached.run(args, kwargs)
 
         _attach(wrapper, cached)

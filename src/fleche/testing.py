@@ -37,6 +37,7 @@ from .call import Call, DigestedCall, QueryCall
 from .decorator import fleche
 from .digest import Digest, digest
 from .errors import CorruptEntryError, FlecheWarning
+from .query import MatchCountError, QueryIterator
 from .storage.base import AmbiguousDigestError, KeyManagement
 from .storage.file import FileStorage
 
@@ -494,6 +495,33 @@ def _sample_result(i: int, big: bool = False) -> Any:
     return "r" * _BIG + str(i) if big else {"x": i, "square": i * i}
 
 
+def _timed_call(i: int, minute: int) -> Call:
+    """A sample call with runtime metadata as the decorator records it, started at ``minute``."""
+    start = f"2026-01-01T10:{minute:02d}:00+00:00"
+    return _sample_call(i).replace(
+        metadata={"runtime": {"start": start, "wall_time": 0.5, "host": "h"}}
+    )
+
+
+def _two_sharing_a_prefix() -> tuple[int, int]:
+    """Two ints whose digests share their first four characters."""
+    by_prefix: dict[str, int] = {}
+    for i in range(100_000):
+        prefix = digest(i)[:4]
+        if prefix in by_prefix:
+            return by_prefix[prefix], i
+        by_prefix[prefix] = i
+    raise AssertionError("no two ints share a digest prefix")
+
+
+def _xs(calls: Any) -> list[Any]:
+    return [c.arguments["x"] for c in calls]
+
+
+def _parity(i: int) -> str:
+    return "odd" if i % 2 else "even"
+
+
 class CacheTests:
     """Contract for caches: every operation that :class:`~fleche.caches.BaseCache` declares.
 
@@ -752,3 +780,216 @@ class CacheTests:
         key = store.save(_sample_call(1))
         cache.close()
         assert cache.load_result(key) == _sample_result(1)
+
+    def test_transfer_overwrite_and_pop(self, store: Cache, cache: BaseCache) -> None:
+        keys = [store.save(_sample_call(i)) for i in range(3)]
+        target = memory_cache()
+        target.save(_sample_call(0).replace(metadata={"runtime": {"host": "old"}}))
+        assert cache.transfer(target, overwrite=True) == 3
+        assert target.load(keys[0]).metadata == {"runtime": {"host": "h0"}}
+        moved = memory_cache()
+        if not self.writable:
+            with self.refused():
+                cache.transfer(moved, pop=True)
+            assert all(store.contains(k) for k in keys) and list(moved.list()) == []
+            return
+        assert cache.transfer(moved, pop=True) == 3
+        assert list(cache.list()) == [] and not any(store.contains(k) for k in keys)
+        assert [moved.load_result(k) for k in keys] == [_sample_result(i) for i in range(3)]
+
+    # -- live queries -----------------------------------------------------------------------
+
+    def test_query_is_live_and_reiterable(self, store: Cache, cache: BaseCache) -> None:
+        query = cache.query(QueryCall(name="sample"))
+        assert isinstance(query, QueryIterator)
+        assert query.empty() and query.count() == 0 and query.keys() == []
+        keys = [store.save(_sample_call(i)) for i in range(3)]
+        assert not query.empty() and query.count() == 3  # asked again: finds what is there now
+        assert sorted(query.keys()) == sorted(keys)
+        assert sorted(_xs(query)) == sorted(_xs(query)) == [0, 1, 2]
+        store.evict(keys[0])
+        assert sorted(_xs(query)) == [1, 2]
+        assert sorted(query.results(), key=str) == [_sample_result(1), _sample_result(2)]
+
+    def test_query_steps(self, store: Cache, cache: BaseCache) -> None:
+        for i in range(6):
+            store.save(_sample_call(i, name=_parity(i)))
+        by_x = cache.query().sorted(lambda c: c.arguments["x"])
+        assert _xs(by_x) == [0, 1, 2, 3, 4, 5]
+        assert _xs(by_x.sorted(lambda c: c.arguments["x"], reverse=True).take(2)) == [5, 4]
+        assert _xs(by_x.skip(4)) == [4, 5] and _xs(by_x.skip(1).take(2)) == [1, 2]
+        assert by_x.take(0).empty() and by_x.skip(6).count() == 0
+        assert _xs(by_x.filter(lambda c: c.name == "odd")) == [1, 3, 5]
+        assert [c.name for c in by_x.unique(lambda c: c.name)] == ["even", "odd"]
+        groups = by_x.groupby(lambda c: c.name)
+        assert list(groups) == ["even", "odd"] and _xs(groups["odd"]) == [1, 3, 5]
+        assert cache.query(x=4).only().result == _sample_result(4)
+        assert cache.query(QueryCall(name="odd")).any().name == "odd"
+        with pytest.raises(MatchCountError, match="exactly one call, found 3") as info:
+            cache.query(QueryCall(name="odd")).only()
+        assert info.value.found == 3
+        for empty in (cache.query(x=99).only, cache.query(x=99).any, by_x.take(0).latest):
+            with pytest.raises(MatchCountError, match="found 0"):
+                empty()
+        with pytest.raises(ValueError, match="count"):
+            by_x.take(-1)
+        store.save(_sample_call(7, name="odd"))
+        assert _xs(groups["odd"]) == [1, 3, 5, 7]  # a group is a live query too
+
+    def test_latest_and_oldest(self, store: Cache, cache: BaseCache) -> None:
+        for i, minute in enumerate([5, 1, 9, 3]):
+            store.save(_timed_call(i, minute))
+        store.save(_sample_call(7))  # recorded without a start time
+        query = cache.query()
+        assert query.latest().arguments["x"] == 2 and query.oldest().arguments["x"] == 1
+        assert _xs(query.sorted()) == [7, 1, 3, 0, 2]  # by start time; none first
+        with pytest.raises(MatchCountError, match="timed"):
+            cache.query(x=7).latest()
+
+    def test_query_evict(self, store: Cache, cache: BaseCache) -> None:
+        keys = [store.save(_sample_call(i, name=_parity(i), big=True)) for i in range(4)]
+        odd = cache.query(QueryCall(name="odd"))
+        if not self.writable:
+            with self.refused():
+                odd.evict()
+            assert all(store.contains(k) for k in keys)
+            return
+        assert odd.evict() == 2 and odd.empty() and odd.evict() == 0
+        assert [store.contains(k) for k in keys] == [True, False, True, False]
+        assert store.values.contains(digest(_sample_result(1, big=True)))  # until gc
+
+    def test_query_transfer(self, store: Cache, cache: BaseCache) -> None:
+        keys = [store.save(_sample_call(i, name=_parity(i))) for i in range(4)]
+        target = memory_cache()
+        target.save(_sample_call(1, name="odd").replace(metadata={"runtime": {"host": "old"}}))
+        odd = cache.query(QueryCall(name="odd"))
+        assert odd.transfer(target) == 1  # the other one was there already
+        assert target.load(keys[1]).metadata == {"runtime": {"host": "old"}}
+        assert odd.transfer(target, overwrite=True) == 2
+        assert target.load(keys[1]).metadata == {"runtime": {"host": "h1"}}
+        assert not target.contains(keys[0]) and target.load_result(keys[3]) == _sample_result(3)
+        moved = memory_cache()
+        if not self.writable:
+            with self.refused():
+                odd.transfer(moved, pop=True)
+            assert list(moved.list()) == [] and store.contains(keys[1])
+            return
+        assert odd.transfer(moved, pop=True) == 2
+        assert odd.empty() and sorted(moved.list()) == sorted([keys[1], keys[3]])
+        assert store.contains(keys[0]) and not store.contains(keys[3])
+
+    def test_query_table(self, store: Cache, cache: BaseCache) -> None:
+        pd = pytest.importorskip("pandas")
+        keys = [store.save(_timed_call(i, minute)) for i, minute in enumerate([5, 1])]
+        table = cache.query().sorted().table()
+        assert list(table.columns) == [
+            "function", "x", "result", "runtime.start", "runtime.stop", "runtime.wall_time",
+            "runtime.host",
+        ]
+        assert table.index.name == "key" and list(table.index) == [
+            cache.shrink(keys[1]), cache.shrink(keys[0])
+        ]
+        assert list(table["x"]) == [1, 0] and list(table["result"]) == [_sample_result(1), _sample_result(0)]
+        assert table["runtime.start"].iloc[0] == pd.Timestamp("2026-01-01T10:01:00Z")
+        assert table["runtime.stop"].iloc[0] == pd.Timestamp("2026-01-01T10:01:00.5Z")
+        assert cache.query(x=99).table().empty
+
+    # -- views and values -------------------------------------------------------------------
+
+    def test_filter_is_a_live_read_only_view(self, store: Cache, cache: BaseCache) -> None:
+        keys = [store.save(_sample_call(i, name=_parity(i))) for i in range(4)]
+        view = cache.filter(QueryCall(name="odd"))
+        assert isinstance(view, BaseCache) and not view.writable
+        assert view.contains(keys[1]) and not view.contains(keys[0])
+        assert view.load_result(keys[3]) == _sample_result(3) and view.load(keys[1][:8]).name == "odd"
+        for hidden in (view.load, view.load_result):
+            with pytest.raises(KeyError):
+                hidden(keys[2])
+        assert sorted(view.list()) == sorted([keys[1], keys[3]])
+        assert view.contains_many(keys) == {keys[1], keys[3]}
+        assert view.expand(keys[1][:10]) == keys[1]
+        assert view.query().count() == 2 and view.query(x=3).only().result == _sample_result(3)
+        assert view.query(QueryCall(name="even")).empty()
+        for write in (lambda: view.save(_sample_call(9, name="odd")), lambda: view.evict(keys[1]),
+                      lambda: view.query().evict(), lambda: view.transfer(memory_cache(), pop=True)):
+            with pytest.raises(ReadOnlyError):
+                write()
+        assert store.contains(keys[1])
+        new = store.save(_sample_call(5, name="odd"))
+        assert view.contains(new)  # what the cache has now
+        target = memory_cache()
+        assert view.transfer(target) == 3 and set(target.list()) == {keys[1], keys[3], new}
+
+    def test_load_value(self, store: Cache, cache: BaseCache) -> None:
+        small = store.calls.load(store.save(_sample_call(1)))  # small values: inline if kept
+        big = store.calls.load(store.save(_sample_call(2, big=True)))
+        for key, value in [(small.arguments["x"], 1), (small.result, _sample_result(1)),
+                           (big.result, _sample_result(2, big=True))]:
+            assert cache.load_value(key) == value and cache.load_value(key[:10]) == value
+            assert cache.expand_value(key[:10]) == key
+        missing = digest("never stored")
+        for absent in (missing, missing[:10]):
+            with pytest.raises(KeyError):
+                cache.load_value(absent)
+        with pytest.raises(KeyError):
+            cache.expand_value(missing[:10])
+        with pytest.raises(ValueError, match="too short"):
+            cache.load_value(missing[:3])
+        a, b = _two_sharing_a_prefix()
+        store.save(_sample_call(a))
+        store.save(_sample_call(b))
+        with pytest.raises(AmbiguousDigestError, match="at least"):
+            cache.load_value(digest(a)[:4])
+        assert cache.load_value(digest(b)) == b
+
+    def test_stash_and_fetch(self, store: Cache, cache: BaseCache) -> None:
+        call = _sample_call(3, big=True)
+        if not self.writable:
+            with self.refused():
+                call.stash(cache)
+            return
+        record = call.stash(cache)
+        assert isinstance(record, DigestedCall) and record == call.digest()
+        assert not cache.contains(record.to_lookup_key())  # the values only, not a cached call
+        for where in (cache, store):
+            fetched = record.fetch(where)
+            assert fetched.to_lookup_key() == call.to_lookup_key() and fetched.name == call.name
+            assert fetched.arguments == {"x": 3} and fetched.result == _sample_result(3, big=True)
+            assert fetched.metadata == call.metadata and fetched == call and call == fetched
+            assert fetched.replace(result=0) == call.replace(result=0)
+        with pytest.raises(TypeError, match="DigestedCall"):
+            cache.stash(record)
+        gone = DigestedCall("sample", {"x": digest("not stored")}, result=digest("nor this"))
+        lazy = gone.fetch(cache)  # nothing is loaded yet
+        assert lazy.name == "sample" and lazy.to_lookup_key() == gone.to_lookup_key()
+        for read in (lambda: lazy.result, lambda: lazy.arguments["x"]):
+            with pytest.raises(KeyError):
+                read()
+
+    def test_redigest(self, store: Cache, cache: BaseCache) -> None:
+        """A record written when its values digested otherwise is moved to today's keys."""
+        old_x, old_result = digest("x as digested before"), digest("result as digested before")
+        big = _sample_result(7, big=True)
+        store.values.save(big, old_result)
+        inline = {old_x: 7} if store.calls.keeps_inline_values else None
+        if inline is None:
+            store.values.save(7, old_x)
+        stale = DigestedCall(
+            "sample", {"x": old_x}, module="fleche.testing", result=old_result, inline=inline,
+            metadata={"runtime": {"host": "h1"}},
+        )
+        old_key = store.calls.save(stale)
+        current = store.save(_sample_call(1))
+        if not self.writable:
+            with self.refused():
+                cache.redigest()
+            assert store.contains(old_key)
+            return
+        assert cache.redigest() == 1
+        new_key = _sample_call(7).to_lookup_key()
+        assert not cache.contains(old_key) and cache.load_result(new_key) == big
+        assert store.calls.load(new_key).arguments == {"x": digest(7)}
+        assert store.load(new_key).arguments["x"] == 7
+        assert store.load(new_key).metadata == {"runtime": {"host": "h1"}}
+        assert cache.load_result(current) == _sample_result(1) and cache.redigest() == 0
+        assert old_result in cache.gc()  # the value under its old key is garbage now
