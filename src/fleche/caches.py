@@ -23,7 +23,7 @@ from typing import Any
 
 from .call import Call, DigestedCall, LazyArguments, QueryCall
 from .digest import Digest
-from .errors import FlecheError, SaveError
+from .errors import CorruptEntryError, FlecheError, LockTimeout, SaveError, SignatureError
 from .storage.base import (
     CallStorage,
     Intent,
@@ -287,10 +287,14 @@ class Cache(BaseCache):
         elif overwrite or not self.values.contains(key):
             try:
                 self.values.save(value, key)
-            except SaveError as e:
+            except LockTimeout:
+                raise
+            except (SaveError, OSError) as e:  # unstorable, or a disk full, read-only, denied
                 kind = type(value)
+                cause = str(e) if isinstance(e, SaveError) else f"{type(e).__name__}: {e}"
                 raise SaveError(
-                    f"the {what} (a {kind.__module__}.{kind.__qualname__}) cannot be stored: {e}"
+                    f"the {what} (a {kind.__module__}.{kind.__qualname__}) cannot be stored: "
+                    f"{cause}"
                 ) from e
 
     @contextlib.contextmanager
