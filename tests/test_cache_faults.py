@@ -16,7 +16,6 @@ import os
 import shutil
 import uuid
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +28,7 @@ from fleche.storage import ValueMemory
 from fleche.storage.locks import stripe_path
 from fleche.testing import flip_a_byte
 from fault_tasks import expected, make
-from faults import UNPRIVILEGED, Child, child_env, fill, read_only_view, tmpfs
+from faults import UNPRIVILEGED, Child, fill, read_only_view, tmpfs
 from tests_support import FaultyCallMemory
 
 

@@ -428,10 +428,21 @@ class CallMixin(CallStorage, StorageBackend):
             return self.put(record, key)
 
     def load(self, key: Digest | str) -> DigestedCall:
-        """Return the record stored under ``key``; ``KeyError`` if absent."""
+        """Return the record stored under ``key``; ``KeyError`` if absent.
+
+        ``CorruptEntryError`` if the entry is damaged, or intact but not a call record (a value
+        written there by a value storage on the same directory, a planted file).
+        """
         key = self._normalize_key(key)
         with self._operation_context(key, intent=Intent.READ):
-            return self.get(key)
+            record = self.get(key)
+        if not isinstance(record, DigestedCall):
+            kind = type(record)
+            raise CorruptEntryError(
+                key, repr(self), f"not a call record: the entry holds a {kind.__module__}."
+                f"{kind.__qualname__} (a value storage writing into this call storage?)",
+            )
+        return record
 
     def query(self, template: QueryCall) -> Iterator[DigestedCall]:
         """Find cached calls that 'match' the template.
