@@ -279,7 +279,7 @@ def install_store(store: BaseCache | str) -> Callable[[], None]:
     worker process of the job, before the worker's first task.
     """
     if isinstance(store, (str, os.PathLike)):
-        spec = str(parse_spec(store))  # a bad spec fails here, on the driver
+        spec = parse_spec(store).reveal()  # a bad spec fails here, on the driver
 
         def fleche_install_store() -> None:
             set_default_cache(open_store(spec))
