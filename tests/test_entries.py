@@ -209,3 +209,17 @@ def test_a_signature_mismatch_is_left_alone_with_compute_once(tmp_path, monkeypa
     h, ran = make(spec)
     assert h(3) == expected(3) and ran == []
     assert json.dumps(sorted(p.key for p in verify(fleche.open(spec)).problems)) == "[]"
+
+
+def test_verify_never_evicts_a_call_for_a_value_signed_with_another_key(tmp_path, monkeypatch):
+    """Values are shared between calls: one signed by another process's key leaves this
+    process's call dangling, but it is a key mismatch, not damage, so nothing is evicted."""
+    values, calls = tmp_path / "store" / "values", tmp_path / "store" / "calls"
+    mixed = Cache(ValuePickleFile(values, secret_key="alpha"), CallPickleFile(calls, secret_key="beta"))
+    key = mixed.save(fleche.call.Call("f", {"x": 1}, result=parts(1)))
+    monkeypatch.setenv("FLECHE_SECRET_KEY", "beta")
+    cache = fleche.open(str(tmp_path / "store"))
+    problems = verify(cache).problems
+    assert problems and not any(p.repairable for p in problems), problems
+    assert repair(cache, problems) == []
+    assert cache.contains(key) and mixed.load_result(key) == parts(1)
