@@ -19,7 +19,12 @@ from fleche import FlecheWarning
 
 
 def make(spec: str, compute_once: bool = False):
-    cache = fleche.open(spec)
+    """``f`` over the store ``spec`` and the list of arguments its body ran with."""
+    return cached(fleche.open(spec), compute_once)
+
+
+def cached(cache, compute_once: bool = False):
+    """``f`` over ``cache`` and the list of arguments its body ran with."""
     ran: list[int] = []
 
     @fleche.fleche(cache=cache, compute_once=compute_once)
@@ -28,6 +33,14 @@ def make(spec: str, compute_once: bool = False):
         return expected(x)
 
     return f, ran
+
+
+def warnings_of(call, *args):
+    """What ``call(*args)`` returned and the FlecheWarning messages it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call(*args)
+    return result, [str(w.message) for w in caught if issubclass(w.category, FlecheWarning)]
 
 
 def expected(x: int) -> str:

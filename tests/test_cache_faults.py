@@ -15,41 +15,19 @@ import logging
 import os
 import shutil
 import uuid
-import warnings
 
 import pytest
 
 import fleche
-from fleche import FlecheWarning
 from fleche._tasks import ComputeAndSave
 from fleche.call import Call
 from fleche.caches import Cache
 from fleche.storage import ValueMemory
 from fleche.storage.locks import stripe_path
 from fleche.testing import flip_a_byte
-from fault_tasks import expected, make
+from fault_tasks import cached, expected, make, warnings_of
 from faults import UNPRIVILEGED, Child, fill, read_only_view, tmpfs
 from tests_support import FaultyCallMemory
-
-
-def cached(cache, compute_once=False):
-    """A cached function over ``cache`` and the list of arguments its body ran with."""
-    ran: list[int] = []
-
-    @fleche.fleche(cache=cache, compute_once=compute_once)
-    def f(x: int) -> str:
-        ran.append(x)
-        return expected(x)
-
-    return f, ran
-
-
-def warnings_of(call, *args):
-    """What ``call(*args)`` returned and the FlecheWarning messages it gave."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = call(*args)
-    return result, [str(w.message) for w in caught if issubclass(w.category, FlecheWarning)]
 
 
 # -- any OSError from a storage ----------------------------------------------------------------

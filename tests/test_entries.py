@@ -11,31 +11,12 @@ import warnings
 import pytest
 
 import fleche
-from fleche import FlecheWarning
 from fleche.caches import Cache, memory_cache
 from fleche.errors import CorruptEntryError
 from fleche.storage import CallPickleFile, PickleFileBackend, ValuePickleFile
 from fleche.verify import repair, verify
-from fault_tasks import expected, make
+from fault_tasks import cached, expected, make, warnings_of
 from faults import Child, child_env
-
-
-def cached(cache):
-    ran: list[int] = []
-
-    @fleche.fleche(cache=cache)
-    def f(x: int) -> str:
-        ran.append(x)
-        return expected(x)
-
-    return f, ran
-
-
-def caught_warnings(call, *args):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = call(*args)
-    return result, [str(w.message) for w in caught if issubclass(w.category, FlecheWarning)]
 
 
 # -- a value where a call record belongs -------------------------------------------------------
@@ -99,7 +80,7 @@ def test_the_decorator_recomputes_and_repairs_a_value_where_a_call_record_belong
     cache = fleche.open(str(tmp_path / "store"))
     f, ran = cached(cache)
     plant(cache, f.digest(2), kind)
-    result, caught = caught_warnings(f, 2)
+    result, caught = warnings_of(f, 2)
     assert result == expected(2) and ran == [2]
     assert any("not a call record" in m for m in caught), caught
     assert cache.load_result(f.digest(2)) == expected(2)  # repaired
@@ -137,16 +118,22 @@ def parts(x: int) -> list[str]:
     return [expected(x), expected(x + 1)]
 
 
-@pytest.mark.parametrize("where", ["memory", "pickle files"])
-def test_a_value_that_lost_a_part_is_recomputed_once_then_a_hit(where, tmp_path):
-    cache = memory_cache() if where == "memory" else fleche.open(str(tmp_path / "store"))
-    ran = []
+def of_parts(cache):
+    """A function over ``cache`` returning a destructured list, and the arguments it ran with."""
+    ran: list[int] = []
 
     @fleche.fleche(cache=cache)
     def g(x):
         ran.append(x)
         return parts(x)
 
+    return g, ran
+
+
+@pytest.mark.parametrize("where", ["memory", "pickle files"])
+def test_a_value_that_lost_a_part_is_recomputed_once_then_a_hit(where, tmp_path):
+    cache = memory_cache() if where == "memory" else fleche.open(str(tmp_path / "store"))
+    g, ran = of_parts(cache)
     g(1)
     lose_a_part(cache, g.digest(1))
     assert g(1) == parts(1) and ran == [1, 1]  # the part is gone: a miss
@@ -156,13 +143,7 @@ def test_a_value_that_lost_a_part_is_recomputed_once_then_a_hit(where, tmp_path)
 
 def test_verify_reports_and_repair_fixes_a_value_that_lost_a_part(tmp_path):
     cache = fleche.open(str(tmp_path / "store"))
-    ran = []
-
-    @fleche.fleche(cache=cache)
-    def g(x):
-        ran.append(x)
-        return parts(x)
-
+    g, ran = of_parts(cache)
     g(1)
     lose_a_part(cache, g.digest(1))
     problems = verify(cache).problems
@@ -203,7 +184,7 @@ def test_a_signature_mismatch_is_left_alone_with_compute_once(tmp_path, monkeypa
     f(3)
     monkeypatch.setenv("FLECHE_SECRET_KEY", "beta")
     g, ran = make(spec, compute_once=True)
-    result, caught = caught_warnings(g, 3)
+    result, caught = warnings_of(g, 3)
     assert result == expected(3) and ran == [3] and any("secret key" in m for m in caught)
     monkeypatch.setenv("FLECHE_SECRET_KEY", "alpha")
     h, ran = make(spec)

@@ -332,8 +332,20 @@ class Cache(BaseCache):
 
     def _complete(self, key: Digest) -> bool:
         """Whether the value ``key`` and every part it refers to, at any depth, are stored and
-        readable (reads the entries of containers, one each)."""
-        pending, seen = [key], set()
+        readable."""
+        try:
+            self._reachable([key], skip_missing=False)
+        except (KeyError, CorruptEntryError):
+            return False
+        return True
+
+    def _reachable(self, roots: Iterable[Digest], *, skip_missing: bool) -> set[Digest]:
+        """The values ``roots`` are or refer to, at any depth (each entry read once).
+
+        A value not stored raises ``KeyError`` unless ``skip_missing``; a damaged one raises
+        ``CorruptEntryError`` (its parts cannot be known).
+        """
+        pending, seen = list(roots), set()
         while pending:
             part = pending.pop()
             if part in seen:
@@ -341,9 +353,10 @@ class Cache(BaseCache):
             seen.add(part)
             try:
                 pending.extend(self.values.child_digests(part))
-            except (KeyError, CorruptEntryError):
-                return False
-        return True
+            except KeyError:
+                if not skip_missing:
+                    raise
+        return seen
 
     @contextlib.contextmanager
     def locked(self, key: Digest | str) -> Iterator[Digest]:
@@ -489,19 +502,11 @@ class Cache(BaseCache):
         O(calls + values).
         """
         candidates = set(self.values.list())
-        reachable: set[Digest] = set()
-        pending = [d for key in list(self.calls.list()) for d in self._record_values(key)]
-        while pending:
-            key = pending.pop()
-            if key in reachable:
-                continue
-            reachable.add(key)
-            try:
-                pending.extend(self.values.child_digests(key))
-            except KeyError:
-                continue
-            except CorruptEntryError as e:
-                raise _stops_gc(e) from e
+        roots = [d for key in list(self.calls.list()) for d in self._record_values(key)]
+        try:
+            reachable = self._reachable(roots, skip_missing=True)
+        except CorruptEntryError as e:
+            raise _stops_gc(e) from e
         garbage = candidates - reachable
         if dry_run:
             return garbage
