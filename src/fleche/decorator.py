@@ -444,8 +444,11 @@ def fleche(
     the bound arguments (defaults applied) except those named in ``ignore``.
 
     Caching never changes what a call does: arguments without a digest run uncached with a
-    ``FlecheWarning``, exceptions propagate and are not cached, and a result that cannot be
-    stored is returned with a warning. The wrapper keeps the function's name, signature and
+    ``FlecheWarning``, exceptions propagate unchanged and are not cached, and a store that
+    fails to look up or to save in any way (a full disk, a read-only mount, a lock that cannot
+    be taken, a database gone, a damaged entry) costs a ``FlecheWarning`` naming the cause,
+    never the call; an entry refused for its signature is left alone (it may be another
+    process's, signed with another key) and the call runs uncached. The wrapper keeps the function's name, signature and
     docstring and gains ``.digest``, ``.contains``, ``.load``, ``.call`` (each taking the call's
     arguments) and ``.query(**arguments)``. Safe to call from many threads and processes at once.
     Two callers that miss the same key at once may both compute it, unless
