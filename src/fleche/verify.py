@@ -1,7 +1,7 @@
 """Checking a store entry by entry, and evicting what cannot be used.
 
 :func:`verify` loads every call record and every stored value of a :class:`~fleche.caches.Cache`
-and reports the problems: *corrupt* entries (torn, bit-flipped, unreadable:
+and reports the problems: *corrupt* entries (torn, bit-flipped, unreadable, not a call record:
 :class:`~fleche.errors.CorruptEntryError`) and *dangling* ones (a call whose result or argument
 value is missing or unusable, a destructured container whose part is). :func:`repair` evicts
 them. A cache then treats the evicted calls as misses and computes them again; values no call
