@@ -202,7 +202,7 @@ def test_plugin_names_are_idempotent_and_reach_workers_that_join_later(tmp_path)
     signed = Cache(ValuePickleFile(root=tmp_path / "v", secret_key="k"),
                    CallPickleFile(root=tmp_path / "c", secret_key="k"))
     with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
         worker_dashboard_address=None,
     ) as cluster, Client(cluster) as client:
         client.register_plugin(FlecheCache(spec))
