@@ -56,7 +56,8 @@ def read_only_view(source: Path, where: Path) -> Iterator[Path]:
     EROFS while ``source`` itself stays as it was."""
     _need_root("a read-only bind mount")
     where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "--bind", str(source), str(where)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "--bind", str(source), str(where)], capture_output=True,
+                          text=True)
     if done.returncode:
         pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
     try:

@@ -196,7 +196,8 @@ def test_verify_never_evicts_a_call_for_a_value_signed_with_another_key(tmp_path
     """Values are shared between calls: one signed by another process's key leaves this
     process's call dangling, but it is a key mismatch, not damage, so nothing is evicted."""
     values, calls = tmp_path / "store" / "values", tmp_path / "store" / "calls"
-    mixed = Cache(ValuePickleFile(values, secret_key="alpha"), CallPickleFile(calls, secret_key="beta"))
+    mixed = Cache(ValuePickleFile(values, secret_key="alpha"),
+                  CallPickleFile(calls, secret_key="beta"))
     key = mixed.save(fleche.call.Call("f", {"x": 1}, result=parts(1)))
     monkeypatch.setenv("FLECHE_SECRET_KEY", "beta")
     cache = fleche.open(str(tmp_path / "store"))

@@ -57,7 +57,8 @@ def test_spec_of_and_reprs_of_caches_and_storages_mask_the_password():
     cache = fleche.open(spec)
     assert PASSWORD not in spec_of(cache)
     assert fleche.open(spec_of(cache, reveal=True)) == cache
-    for shown in (repr(cache), str(cache), repr(cache.calls), repr(fleche.caches.ReadOnlyCache(cache))):
+    read_only = fleche.caches.ReadOnlyCache(cache)
+    for shown in (repr(cache), str(cache), repr(cache.calls), repr(read_only)):
         assert PASSWORD not in shown
 
 

@@ -451,11 +451,11 @@ def fleche(
     process's, signed with another key) and the call runs uncached. The wrapper keeps the
     function's name, signature and docstring and gains ``.digest``, ``.contains``, ``.load``,
     ``.call`` (each taking the call's arguments) and ``.query(**arguments)``. Safe to call from
-    many threads and processes at once. Two callers that miss the same key at once may both compute it, unless
-    ``compute_once=True``: then a caller that misses holds the key's lock (across processes for
-    file storages) while it looks again and computes, and the others wait for its result; a
-    waiter gives up after the storage's ``lock_timeout`` and computes itself rather than hang,
-    so set ``lock_timeout`` above the usual computing time.
+    many threads and processes at once. Two callers that miss the same key at once may both
+    compute it, unless ``compute_once=True``: then a caller that misses holds the key's lock
+    (across processes for file storages) while it looks again and computes, and the others wait
+    for its result; a waiter gives up after the storage's ``lock_timeout`` and computes itself
+    rather than hang, so set ``lock_timeout`` above the usual computing time.
 
     >>> from fleche.caches import memory_cache
     >>> @fleche(cache=memory_cache())

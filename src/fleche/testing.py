@@ -610,7 +610,8 @@ class CacheTests:
     def test_a_save_repairs_a_value_that_lost_a_part(self, store: Cache, cache: BaseCache) -> None:
         """A destructured result whose element is gone reads as a miss; saving the call again
         writes the element back (a call is never recomputed for ever)."""
-        call = _sample_call(8).replace(result=[_sample_result(1, big=True), _sample_result(2, True)])
+        result = [_sample_result(1, big=True), _sample_result(2, big=True)]
+        call = _sample_call(8).replace(result=result)
         key = store.save(call)
         parts = store.values.child_digests(store.calls.load(key).result)
         if not parts:
