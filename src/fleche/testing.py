@@ -38,6 +38,7 @@ from .decorator import fleche
 from .digest import Digest, digest
 from .errors import CorruptEntryError, FlecheWarning
 from .storage.base import AmbiguousDigestError, KeyManagement
+from .storage.envelope import SECRET_KEY_ENV
 from .storage.file import FileStorage
 
 __all__ = [
@@ -708,6 +709,30 @@ class CacheTests:
             with pytest.warns(FlecheWarning, match="corrupt"):
                 assert big(1) == _sample_result(1, big=True)
             assert runs == [1, 1]
+
+    def test_an_entry_signed_with_another_key_is_left_alone(
+        self, store: Cache, cache: BaseCache, monkeypatch: Any
+    ) -> None:
+        """An entry this process cannot verify may be another process's, signed with its key:
+        the call runs uncached with a warning, and the entry is neither evicted nor replaced."""
+        if not isinstance(store.calls, FileStorage):
+            pytest.skip(f"{type(self).__name__}: only entries kept in files are signed")
+        runs: list[int] = []
+
+        @fleche(cache=cache)
+        def big(x: int) -> str:
+            runs.append(x)
+            return _sample_result(x, big=True)
+
+        monkeypatch.setenv(SECRET_KEY_ENV, "theirs")
+        key = store.save(big.call(1).replace(result=_sample_result(1, big=True)))
+        monkeypatch.setenv(SECRET_KEY_ENV, "ours")
+        for _ in range(2):
+            with pytest.warns(FlecheWarning, match="secret key"):
+                assert big(1) == _sample_result(1, big=True)
+        assert runs == [1, 1]
+        monkeypatch.setenv(SECRET_KEY_ENV, "theirs")
+        assert store.load_result(key) == _sample_result(1, big=True)  # as they left it
 
     def test_compute_once_across_threads(self, cache: BaseCache) -> None:
         """Six threads miss one key at once; with compute_once the body runs once."""
