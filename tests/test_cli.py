@@ -337,3 +337,52 @@ def test_verify_accepts_values_kept_inline(tmp_path):
     assert record.inline and record.result in record.inline  # 9 lives in the record
     report = run_json("verify", spec, here=True)
     assert report["problems"] == [] and report["calls"] == 6
+
+
+@pytest.mark.parametrize("planted", ["a value", "a destructured value"])
+def test_every_command_handles_a_value_where_a_call_record_belongs(planted, tmp_path):
+    """An intact entry of the wrong kind in the calls directory is reported as corrupt by every
+    command (never an AttributeError), and verify --repair removes it."""
+    from fleche.storage import PickleFileBackend, ValuePickleFile
+
+    spec = spec_for("pickle", tmp_path)
+    populate(spec)
+    cache = fleche.open(spec)
+    key = tasks.square.digest(99)
+    if planted == "a value":
+        PickleFileBackend(cache.calls.root).put({"not": "a call"}, key)
+    else:
+        ValuePickleFile(cache.calls.root).save(["a", "destructured", "list"], key)
+    info = run_json("info", spec, here=True)
+    assert info["unreadable_calls"] >= 1 and info["functions"]["cli_tasks.square"] == 4
+    assert "unreadable" in run_here("info", spec).stdout
+    listed = run_here("ls", spec)
+    assert "unreadable" in listed.stderr and len(listed.stdout.splitlines()) == 7
+    assert len(run_json("ls", spec, "--where", "x=2", here=True)) == 1
+    shown = run_here("show", spec, key, status=1)
+    assert "not a call record" in shown.stderr and "verify --repair" in shown.stderr
+    run_here("show", spec, tasks.square.digest(2))
+    collected = run_here("gc", spec, status=1)
+    assert "not a call record" in collected.stderr and "verify --repair" in collected.stderr
+    copied = run_here("copy", spec, str(tmp_path / "copy"), status=1)
+    assert "not a call record" in copied.stderr and "verify --repair" in copied.stderr
+    report = run_json("verify", spec, status=1, here=True)
+    assert key in [p["key"] for p in report["problems"] if p["kind"] == "corrupt"]
+    assert "not a call record" in run_here("verify", spec, status=1).stdout
+    run_here("verify", spec, "--repair")
+    run_here("verify", spec)
+    run_here("gc", spec)
+    run_here("copy", spec, str(tmp_path / "copy"))
+    assert run_json("info", spec, here=True)["unreadable_calls"] == 0
+
+
+def test_evict_removes_a_value_where_a_call_record_belongs(tmp_path):
+    from fleche.storage import PickleFileBackend
+
+    spec = spec_for("pickle", tmp_path)
+    populate(spec)
+    key = tasks.square.digest(99)
+    PickleFileBackend(fleche.open(spec).calls.root).put({"not": "a call"}, key)
+    assert run_json("evict", spec, key[:10], here=True) == {"evicted": [key]}
+    assert "evicted" in run_here("evict", spec, tasks.square.digest(1)).stdout
+    run_here("verify", spec)

@@ -192,3 +192,27 @@ def test_a_corrupt_store_is_recomputed_and_repaired_on_the_workers(client, tmp_p
     assert len(tasks.runs(log)) == 8
     stats = FlecheCache.stats(client)
     assert stats["errors"].sum() == 0 and stats["saves"].sum() == 8
+
+
+def test_plugin_names_are_idempotent_and_reach_workers_that_join_later(tmp_path):
+    """Names carry no secret (tests/test_secrets.py) and still make one plugin per store."""
+    import fleche
+
+    spec = str(tmp_path / "store")
+    signed = Cache(ValuePickleFile(root=tmp_path / "v", secret_key="k"),
+                   CallPickleFile(root=tmp_path / "c", secret_key="k"))
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+        worker_dashboard_address=None,
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(FlecheCache(spec))
+        client.register_plugin(FlecheCache(fleche.open(spec)))  # the same store: no second one
+        client.register_plugin(FlecheCache(f"file://{spec}"))
+        client.register_plugin(FlecheCache(signed))
+        client.register_plugin(FlecheCache(pickle.loads(pickle.dumps(signed))))
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        names = plugins(client)
+        assert len(names) == 2
+        expected = sorted([FlecheCache(spec).name, FlecheCache(signed).name])
+        assert all(found == expected for found in names.values())

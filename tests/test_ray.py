@@ -207,3 +207,22 @@ def test_wrong_arguments_are_refused():
         cached_remote(tasks.inc, num_returns=2)
     with pytest.raises(ValueError, match="worker_process_setup_hook"):
         runtime_env(file_cache(pathlib.Path("x")), worker_process_setup_hook="m.f")
+
+
+def test_a_failing_store_never_fails_a_cached_task(hook_store, log):
+    """Lookups on the driver and on the workers and saves on the workers that raise (a disk or
+    a database gone) leave the tasks their results."""
+    import errno
+
+    from fleche.storage import ValueMemory
+    from tests_support import FaultyCallMemory
+
+    broken = Cache(ValueMemory(), FaultyCallMemory())
+    for kind in ("read", "write"):
+        broken.calls.faults[kind] = OSError(errno.EIO, "Input/output error")
+    inc = cached_remote(tasks.inc, broken)
+    with pytest.warns(FlecheWarning, match="Input/output error"):
+        direct = inc.remote(1, log)  # the driver's lookup fails
+    keyed_there = inc.remote(ray.put(2), log)  # keyed and looked up on the worker
+    assert ray.get([direct, keyed_there]) == [2, 3]
+    assert sorted(tasks.runs(log)) == ["inc:1", "inc:2"]

@@ -23,7 +23,7 @@ from fleche.testing import (
 
 @pytest.fixture(autouse=True)
 def _no_env_key(monkeypatch):
-    monkeypatch.delenv(SECRET_KEY_ENV, raising=False)
+    monkeypatch.setenv(SECRET_KEY_ENV, "none")  # no key, on purpose: no UnsignedStoreWarning
 
 
 @pytest.mark.parametrize("serializer", ["pickle", "cloudpickle"])

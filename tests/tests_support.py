@@ -102,3 +102,26 @@ def cache_on(kind: str, tmp_path: Any) -> Cache:
     from fleche.storage import Sql
 
     return Cache(values, Sql(str(tmp_path / "calls.sqlite")))
+
+
+@dataclass(frozen=True)
+class FaultMixin(OperationContext):
+    """Raises the exception ``faults[intent]`` (``"read"`` or ``"write"``), once one is set, on
+    every operation of that kind: a storage that starts failing the way a dead disk or server
+    would, raising a plain ``OSError`` rather than any fleche error."""
+
+    faults: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _operation_context(self, key, *, intent=Intent.WRITE):
+        fault = self.faults.get(str(intent))
+        if fault is not None:
+            raise fault
+        return super()._operation_context(key, intent=intent)
+
+
+@dataclass(frozen=True)
+class FaultyCallMemory(FaultMixin, CallMemory):
+    """A call storage in memory that fails on command (see :class:`FaultMixin`)."""
+
+    __hash__ = CallMemory.__hash__
+    __eq__ = CallMemory.__eq__

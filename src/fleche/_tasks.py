@@ -57,7 +57,8 @@ class ComputeAndSave:
 
     ``call`` is the call as keyed (upstream results may be :class:`Upstream` digests); the
     function itself receives the task's actual arguments. An exception propagates and nothing is
-    saved; a result that cannot be stored is returned with a logged warning.
+    saved; a result that cannot be stored, for whatever reason (a full disk, a read-only
+    mount, a database gone), is returned with a logged warning naming the cause.
     """
 
     def __init__(
@@ -79,9 +80,14 @@ class ComputeAndSave:
         metadata = {"runtime": runtime_metadata(started, wall), **self.metadata}
         try:
             self.store.save(self.call.replace(result=result, metadata=metadata))
-        except (SaveError, Indigestible) as e:
+        except (SaveError, Indigestible) as e:  # names the argument or the result
             logger.warning(
                 "result of %s (type %s) not cached: %s", self.call.name, type(result).__name__, e
+            )
+        except Exception as e:  # noqa: BLE001 - the cache never fails a task (issue 14)
+            logger.warning(
+                "result of %s (type %s) not cached: %s: %s", self.call.name,
+                type(result).__name__, type(e).__name__, e,
             )
         return result
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .call import Call, DigestedCall, LazyArguments, QueryCall
 from .digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, Indigestible, _mk, digest
-from .errors import FlecheError, SaveError
+from .errors import CorruptEntryError, FlecheError, FlecheWarning, LockTimeout, SaveError
 from .query import QueryIterator, copy_calls
 from .storage.base import (
     CallStorage,
@@ -33,6 +35,7 @@ from .storage.base import (
     _check_key_text,
     _unique_match,
 )
+from .storage.file import FileStorage
 from .storage.memory import CallMemory, ValueMemory
 
 __all__ = [
@@ -279,6 +282,11 @@ class BaseCache(OperationContext):
         return template
 
 
+def _ALWAYS() -> bool:
+    """For ``Cache._store_value``: check values already stored for lost parts."""
+    return True
+
+
 def _values_of(record: DigestedCall) -> list[Digest]:
     return [*record.arguments.values(), record.result]
 
@@ -345,46 +353,108 @@ class Cache(BaseCache):
     itself when the call storage supports it (``keeps_inline_values``), so a hit reads one entry
     and a miss writes one; 0 keeps every value in the value storage."""
 
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.values, FileStorage)
+            and isinstance(self.calls, FileStorage)
+            and os.path.realpath(self.values.root) == os.path.realpath(self.calls.root)
+        ):
+            raise ValueError(
+                f"the value storage and the call storage of a Cache cannot share the same "
+                f"directory ({self.calls.root}): each would read the other's entries as its own. "
+                "Give each a directory of its own, e.g. DIR/values and DIR/calls "
+                "(what fleche.open(DIR) does)"
+            )
+
     def save(self, call: Call, *, overwrite: bool = False) -> Digest:
         """Store the values, then the record; return the call's lookup key.
 
         A reader in any thread or process never finds the record without its values. Values
         already stored are not written again (their key is their content) unless ``overwrite``,
-        which rewrites them, e.g. to repair a corrupt entry. If a value cannot be stored, the
-        record is not written and ``SaveError`` names the argument (or the result) it was;
-        values already written stay until :meth:`gc`.
+        which rewrites them, e.g. to repair a corrupt entry. Saving a call whose record is
+        stored already also writes again any value that lost a part (a destructured container
+        whose element is gone), so a call that read as a miss for it is a hit afterwards. If a
+        value cannot be stored, the record is not written and ``SaveError`` names the argument
+        (or the result) it was and the cause; values already written stay until :meth:`gc`.
         """
         record = call.digest()
         key = record.to_lookup_key()
         limit = self.inline_bytes if self.calls.keeps_inline_values else 0
         inline: dict[Digest, Any] = {}
         arguments = call.arguments
+        stored: list[bool] = []
+
+        def stored_again() -> bool:  # asked only for values already stored, at most once
+            if not stored:
+                stored.append(self.calls.contains(key))
+            return stored[0]
+
         with self._operation_context(key):
             for name, value_key in record.arguments.items():
                 self._store_value(
                     f"argument {name!r}", lambda n=name: arguments[n], value_key, limit, inline,
-                    overwrite,
+                    overwrite, stored_again,
                 )
-            self._store_value("result", lambda: call.result, record.result, limit, inline, overwrite)
+            self._store_value(
+                "result", lambda: call.result, record.result, limit, inline, overwrite,
+                stored_again,
+            )
             self.calls.save(record.replace(inline=inline or None) if inline else record)
         return key
 
     def _store_value(
-        self, what: str, get: Any, key: Digest, limit: int, inline: dict, overwrite: bool
+        self, what: str, get: Any, key: Digest, limit: int, inline: dict, overwrite: bool,
+        stored_again: Callable[[], bool],
     ) -> None:
         if key in inline:
             return
         value = get()
         if limit and _fits(value, limit) is not None:
             inline[key] = value
-        elif overwrite or not self.values.contains(key):
+        elif (
+            overwrite
+            or not self.values.contains(key)
+            or (stored_again() and not self._complete(key))
+        ):
             try:
                 self.values.save(value, key)
-            except SaveError as e:
+            except LockTimeout:
+                raise
+            except (SaveError, OSError) as e:  # unstorable, or a disk full, read-only, denied
                 kind = type(value)
+                cause = str(e) if isinstance(e, SaveError) else f"{type(e).__name__}: {e}"
                 raise SaveError(
-                    f"the {what} (a {kind.__module__}.{kind.__qualname__}) cannot be stored: {e}"
+                    f"the {what} (a {kind.__module__}.{kind.__qualname__}) cannot be stored: "
+                    f"{cause}"
                 ) from e
+
+    def _complete(self, key: Digest) -> bool:
+        """Whether the value ``key`` and every part it refers to, at any depth, are stored and
+        readable."""
+        try:
+            self._reachable([key], skip_missing=False)
+        except (KeyError, CorruptEntryError):
+            return False
+        return True
+
+    def _reachable(self, roots: Iterable[Digest], *, skip_missing: bool) -> set[Digest]:
+        """The values ``roots`` are or refer to, at any depth (each entry read once).
+
+        A value not stored raises ``KeyError`` unless ``skip_missing``; a damaged one raises
+        ``CorruptEntryError`` (its parts cannot be known).
+        """
+        pending, seen = list(roots), set()
+        while pending:
+            part = pending.pop()
+            if part in seen:
+                continue
+            seen.add(part)
+            try:
+                pending.extend(self.values.child_digests(part))
+            except KeyError:
+                if not skip_missing:
+                    raise
+        return seen
 
     @contextlib.contextmanager
     def locked(self, key: Digest | str) -> Iterator[Digest]:
@@ -465,12 +535,56 @@ class Cache(BaseCache):
 
     def find(self, template: QueryCall) -> Iterator[Call]:
         """Stored calls matching the template, arguments loaded lazily. O(n) for storages that
-        cannot filter themselves; calls saved or evicted meanwhile may or may not appear."""
-        for record in self.calls.query(template):
+        cannot filter themselves; calls saved or evicted meanwhile may or may not appear.
+
+        A call whose record or result cannot be read (damaged, not a call record) is skipped
+        with a ``FlecheWarning`` naming it; ``fleche verify --repair`` removes it.
+        """
+        for key, record in self.records(template):
             try:
+                if isinstance(record, CorruptEntryError):
+                    raise record
                 yield self._loaded(record)
             except KeyError:
                 continue  # result value gone (evicted or gc'd concurrently)
+            except CorruptEntryError as e:
+                warnings.warn(
+                    f"query skipped the call {key}, which cannot be read: {e} (run: fleche "
+                    "verify --repair)", FlecheWarning, stacklevel=2,
+                )
+
+    def records(
+        self, template: QueryCall | None = None
+    ) -> Iterator[tuple[Digest, DigestedCall | CorruptEntryError]]:
+        """``(key, record)`` of every stored call record matching ``template`` (values not
+        loaded); in place of a record that cannot be read, the ``CorruptEntryError`` saying why.
+
+        Asks the call storage's ``query`` (in the database, for ``Sql``) and, past a damaged
+        entry, goes on record by record, so one bad entry hides no other. A snapshot, like
+        :meth:`query`.
+        """
+        template = template or QueryCall()
+        seen: set[Digest] = set()
+        try:
+            for record in self.calls.query(template):
+                key = record.to_lookup_key()
+                seen.add(key)
+                yield key, record
+            return
+        except CorruptEntryError:
+            pass
+        for key in list(self.calls.list()):
+            if key in seen:
+                continue
+            try:
+                record = self.calls.load(key)
+            except KeyError:
+                continue  # evicted since listed
+            except CorruptEntryError as e:
+                yield key, e
+                continue
+            if template.matches(record):
+                yield key, record
 
     def expand_value(self, key: Digest | str) -> Digest:
         """The full key of a stored value (see :meth:`BaseCache.expand_value`), from the value
@@ -521,9 +635,10 @@ class Cache(BaseCache):
         with self._operation_context(record.to_lookup_key()):
             for name, value_key in record.arguments.items():
                 self._store_value(
-                    f"argument {name!r}", lambda n=name: arguments[n], value_key, 0, {}, False
+                    f"argument {name!r}", lambda n=name: arguments[n], value_key, 0, {}, False,
+                    _ALWAYS,
                 )
-            self._store_value("result", lambda: call.result, record.result, 0, {}, False)
+            self._store_value("result", lambda: call.result, record.result, 0, {}, False, _ALWAYS)
         return record
 
     def redigest(self) -> int:
@@ -569,19 +684,16 @@ class Cache(BaseCache):
         than an hour). Lists the values first and the calls after, so a value is kept if any
         call stored before gc finished reading the calls needs it. A call being saved while gc
         runs may lose a value it just wrote; it then reads as a miss and is recomputed. A
-        damaged value raises ``CorruptEntryError`` (its parts cannot be known): run
-        ``fleche verify --repair`` first. O(calls + values).
+        damaged call record or value raises ``CorruptEntryError`` before anything is removed
+        (which values it needs cannot be known): run ``fleche verify --repair`` first.
+        O(calls + values).
         """
         candidates = set(self.values.list())
-        reachable: set[Digest] = set()
-        pending = [d for key in list(self.calls.list()) for d in self._record_values(key)]
-        while pending:
-            key = pending.pop()
-            if key in reachable:
-                continue
-            reachable.add(key)
-            with contextlib.suppress(KeyError):
-                pending.extend(self.values.child_digests(key))
+        roots = [d for key in list(self.calls.list()) for d in self._record_values(key)]
+        try:
+            reachable = self._reachable(roots, skip_missing=True)
+        except CorruptEntryError as e:
+            raise _stops_gc(e) from e
         garbage = candidates - reachable
         if dry_run:
             return garbage
@@ -601,11 +713,21 @@ class Cache(BaseCache):
             return _values_of(self.calls.load(key))
         except KeyError:
             return []
+        except CorruptEntryError as e:
+            raise _stops_gc(e) from e
 
     def close(self) -> None:
         """Close both storages (see ``KeyManagement.close``); the cache stays usable."""
         self.values.close()
         self.calls.close()
+
+
+def _stops_gc(e: CorruptEntryError) -> CorruptEntryError:
+    """``e``, of the same class, saying that gc removed nothing because of it."""
+    return type(e)(
+        e.key, e.location, f"{e.reason}; gc removed nothing, since it cannot tell which values "
+        "this entry needs: run fleche verify --repair first",
+    )
 
 
 def memory_cache() -> Cache:

@@ -26,7 +26,7 @@ import math
 import os
 import reprlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -116,34 +116,7 @@ def _disk_size(spec: StoreSpec) -> int | None:
     return total
 
 
-# -- reading call records ----------------------------------------------------------------------
-
-
-def _records(calls: Any, template: QueryCall) -> Iterator[tuple[Digest, DigestedCall | None]]:
-    """``(key, record)`` of every call matching ``template``; ``record`` is ``None`` for an
-    unreadable one. Queries in bulk (in the database, for ``Sql``) and falls back to loading
-    record by record past a corrupt entry."""
-    seen: set[Digest] = set()
-    try:
-        for record in calls.query(template):
-            key = record.to_lookup_key()
-            seen.add(key)
-            yield key, record
-        return
-    except CorruptEntryError:
-        pass
-    for key in list(calls.list()):
-        if key in seen:
-            continue
-        try:
-            record = calls.load(key)
-        except KeyError:
-            continue
-        except CorruptEntryError:
-            yield key, None
-            continue
-        if template.matches(record):
-            yield key, record
+# -- showing call records -----------------------------------------------------------------------
 
 
 def _function(record: DigestedCall) -> str:
@@ -223,8 +196,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     spec, cache = _open(args.spec)
     functions: dict[str, int] = {}
     unreadable = 0
-    for _, record in _records(cache.calls, QueryCall()):
-        if record is None:
+    for _, record in cache.records():
+        if isinstance(record, CorruptEntryError):
             unreadable += 1
             continue
         name = _function(record)
@@ -280,8 +253,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     _, cache = _open(args.spec)
     template = QueryCall(arguments=_where(args.where) or None)
     found, unreadable = [], 0
-    for key, record in _records(cache.calls, template):
-        if record is None:
+    for key, record in cache.records(template):
+        if isinstance(record, CorruptEntryError):
             unreadable += 1
         elif _name_matches(record, args.name):
             found.append((key, record))

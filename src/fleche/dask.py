@@ -19,8 +19,10 @@ settings and coordinate through the same files or database in every worker.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
+import secrets
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +40,7 @@ from .caches import BaseCache
 from .call import Call
 from .decorator import active_cache, get_default_cache, set_default_cache
 from .digest import Digest, Indigestible, digest
-from .spec import as_cache
+from .spec import as_cache, spec_of
 from .spec import parse as parse_spec
 from .stats import StatsCache
 
@@ -47,15 +49,30 @@ __all__ = ["CachingOptimizer", "FlecheCache", "cached", "rewrite_graph"]
 logger = logging.getLogger("fleche.dask")
 
 
-def _store_name(store: Any) -> str:
-    return "fleche-" + hashlib.sha256(cloudpickle.dumps(store)).hexdigest()[:16]
+_SALT = secrets.token_bytes(32)
+"""Salts the plugin names of caches no spec can name; random per process, never sent anywhere."""
+
+
+def _plugin_name(store: BaseCache | str) -> str:
+    """A plugin name that tells stores apart and carries nothing of their secrets.
+
+    A store a spec names is named after its spec with the password masked: its identity, the
+    same in every process, whatever the password. Any other cache (which may hold secret keys
+    or passwords in its settings) is named by an HMAC of its pickled settings under a salt
+    that never leaves this process, so the name cannot be attacked offline.
+    """
+    spec = str(parse_spec(store)) if isinstance(store, str) else spec_of(store)
+    if spec is not None:
+        return "fleche-" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return "fleche-" + hmac.new(_SALT, cloudpickle.dumps(store), hashlib.sha256).hexdigest()[:16]
 
 
 class FlecheCache(WorkerPlugin):
     """Worker plugin making ``store`` the default cache of every worker process.
 
-    ``name`` derives from the store's settings, and ``idempotent`` is true, so registering the
-    same store again changes nothing while a different store gets a plugin of its own. Each
+    ``name`` derives from the store's identity, and ``idempotent`` is true, so registering the
+    same store again changes nothing while a different store gets a plugin of its own; the name
+    carries nothing of a password or secret key (see :func:`_plugin_name`). Each
     worker counts hits, misses, saves, bytes written and the time spent loading and saving;
     :meth:`stats` gathers the counts.
 
@@ -71,10 +88,10 @@ class FlecheCache(WorkerPlugin):
 
     def __init__(self, store: BaseCache | str | os.PathLike[str]) -> None:
         if isinstance(store, (str, os.PathLike)):
-            store = str(parse_spec(store))  # a bad spec fails here, on the client
-            self.name = "fleche-" + hashlib.sha256(store.encode()).hexdigest()[:16]
+            store = parse_spec(store).reveal()  # a bad spec fails here, on the client
+            self.name = _plugin_name(store)
         elif isinstance(store, BaseCache):
-            self.name = _store_name(store)
+            self.name = _plugin_name(store)
         else:
             raise TypeError(
                 f"FlecheCache needs a cache (fleche.caches.Cache) or a store spec, got {store!r}"
@@ -82,6 +99,10 @@ class FlecheCache(WorkerPlugin):
         self.store: BaseCache | str = store
         self.cache: StatsCache | None = None
         self._previous: BaseCache | None = None
+
+    def __repr__(self) -> str:
+        shown = str(parse_spec(self.store)) if isinstance(self.store, str) else repr(self.store)
+        return f"{type(self).__name__}({shown}, name={self.name!r})"
 
     def setup(self, worker: Any) -> None:
         """Install the store as this worker process's default cache.

@@ -44,8 +44,16 @@ from .digest import (
     digests_by_name,
 )
 from .digest_arguments import D, by_value
-from .errors import CorruptEntryError, FlecheWarning, LockTimeout, SaveError, SpecError
+from .errors import (
+    CorruptEntryError,
+    FlecheWarning,
+    LockTimeout,
+    SaveError,
+    SignatureError,
+    SpecError,
+)
 from .namespace import FunctionNamespace
+from .storage.envelope import SECRET_KEY_ENV
 from .spec import CACHE_ENV, open_store
 
 __all__ = [
@@ -312,19 +320,44 @@ class _Cached:
             _warn(f"{self.name} ran uncached: {e}")
             return self.func(*args, **kwargs)
         call = template.replace(arguments=KnownArguments(arguments, digests))
-        overwrite = False
-        try:
-            return cache.load_result(key)
-        except KeyError:
-            pass
-        except CorruptEntryError as e:
-            _warn(f"{self.name}: recomputing over a corrupt cache entry ({e})")
-            if cache.writable:
-                cache.discard(e.key)
-            overwrite = True
+        found, overwrite = self._lookup(cache, key)
+        if found is not _MISS:
+            return found
+        if overwrite is None:  # refused for its signature: another key's entry, left alone
+            return self.func(*args, **kwargs)
         if self.compute_once and cache.writable:
             return self._compute_once(cache, key, args, kwargs, call, overwrite)
         return self._compute(cache, args, kwargs, call, overwrite)
+
+    def _lookup(self, cache: BaseCache, key: Digest) -> tuple[Any, bool | None]:
+        """The stored result (``_MISS`` if there is none to use) and whether a save must
+        overwrite a damaged entry (``None``: do not save at all).
+
+        Whatever the store raises (``OSError``, a database gone, a corrupt entry) makes a miss
+        with a warning naming the cause; only ``KeyboardInterrupt`` and the like propagate.
+        """
+        name = self.name
+        try:
+            return cache.load_result(key), False
+        except KeyError:
+            return _MISS, False
+        except SignatureError as e:
+            # Another process may sign with another key: its entry is valid to it, so neither
+            # evict it nor overwrite it (which would make it evict ours in turn).
+            _warn(f"{name} ran uncached: the stored entry is signed with another secret key, or "
+                  f"unsigned, and is left alone (check {SECRET_KEY_ENV} in every process): {e}")
+            return _MISS, None
+        except CorruptEntryError as e:
+            _warn(f"{name}: recomputing over a corrupt cache entry ({e})")
+            if cache.writable:
+                try:
+                    cache.discard(e.key)
+                except Exception as d:  # noqa: BLE001 - the save that follows may still work
+                    _warn(f"{name}: cannot remove the corrupt entry: {_cause(d)}")
+            return _MISS, True
+        except Exception as e:  # noqa: BLE001 - the cache never fails a call (issue 14)
+            _warn(f"{name}: cache lookup failed, computing: {_cause(e)}")
+            return _MISS, False
 
     def _compute(
         self, cache: BaseCache, args: tuple, kwargs: dict, call: Call, overwrite: bool
@@ -342,34 +375,54 @@ class _Cached:
         overwrite: bool,
     ) -> Any:
         # Single flight: hold the key's lock (across processes for file storages), look again,
-        # and compute only if still missing. A waiter that times out computes itself.
+        # and compute only if still missing. A waiter that times out computes itself, and so
+        # does a caller whose lock cannot be taken at all (an unusable lock file or directory).
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(cache.locked(key))
             except LockTimeout as e:
                 _warn(f"{self.name}: computing without waiting longer ({e})")
                 return self._compute(cache, args, kwargs, call, overwrite)
+            except Exception as e:  # noqa: BLE001 - the cache never fails a call
+                _warn(f"{self.name}: computing without the key's lock: {_cause(e)}")
+                return self._compute(cache, args, kwargs, call, overwrite)
             if not overwrite:
-                try:
-                    return cache.load_result(key)
-                except (KeyError, CorruptEntryError):
-                    pass
+                found, again = self._lookup(cache, key)
+                if found is not _MISS:
+                    return found
+                if again is None:
+                    return self.func(*args, **kwargs)
+                overwrite = again
             return self._compute(cache, args, kwargs, call, overwrite)
 
     def store(
         self, cache: BaseCache, call: Call, result: Any, started: float, wall: float,
         overwrite: bool = False,
     ) -> None:
+        """Save the call with its result; a failure of any kind is a warning naming the cause
+        (the result is returned all the same), never an exception."""
         metadata = {"runtime": runtime_metadata(started, wall), "function": self.info}
         call = call.replace(result=result, metadata=metadata)
+        name = self.name
         try:
             cache.save(call, overwrite=overwrite)
         except Indigestible as e:  # the arguments were digested already: it is the result
-            _warn(f"{self.name}: result not cached, it has no digest: {e}")
+            _warn(f"{name}: result not cached, it has no digest: {e}")
         except LockTimeout as e:
-            _warn(f"{self.name}: result not cached, its key stayed locked: {e}")
+            _warn(f"{name}: result not cached, its key stayed locked: {e}")
         except SaveError as e:  # says which argument or the result could not be stored
-            _warn(f"{self.name}: call not cached: {e}")
+            _warn(f"{name}: call not cached: {e}")
+        except Exception as e:  # noqa: BLE001 - a full disk, a read-only mount, a database gone
+            _warn(f"{name}: call not cached: {_cause(e)}")
+
+
+_MISS = object()
+"""What :meth:`_Cached._lookup` returns when there is no stored result to use."""
+
+
+def _cause(e: BaseException) -> str:
+    """An exception as a warning names it: its type and its message."""
+    return f"{type(e).__name__}: {e}"
 
 
 def _attach(wrapper: Any, cached: _Cached) -> None:
@@ -455,8 +508,11 @@ def fleche(
 
     Caching never changes what a call does: an argument (or a captured value) whose digest
     fails in any way runs the call uncached with a ``FlecheWarning`` naming it and the cause,
-    exceptions propagate and are not cached, and a result that cannot be stored is returned
-    with a warning. The wrapper keeps the function's name, signature and
+    exceptions propagate unchanged and are not cached, and a store that fails to look up or to
+    save in any way (a full disk, a read-only mount, a lock that cannot be taken, a database
+    gone, a damaged entry) costs a ``FlecheWarning`` naming the cause, never the call; an entry
+    refused for its signature is left alone (it may be another process's, signed with another
+    key) and the call runs uncached. The wrapper keeps the function's name, signature and
     docstring and gains ``.fleche``, a :class:`~fleche.namespace.FunctionNamespace` of its cache
     operations (``cache``, ``digest``, ``contains``, ``load``, ``evict``, ``call``, ``query``,
     ``clear``, ``refresh``), with the short forms ``.digest``, ``.contains``, ``.load``,

@@ -16,6 +16,7 @@ __all__ = [
     "SignatureError",
     "SpecError",
     "WriteError",
+    "UnsignedStoreWarning",
 ]
 
 
@@ -156,6 +157,16 @@ class SchemaVersionError(DatabaseError):
 
     def __reduce__(self):
         return (type(self), (self.url, self.found, self.expected))
+
+
+class UnsignedStoreWarning(UserWarning):
+    """Pickle entries of a shared store are read or written without a secret key: whoever can
+    write to the store can run code in every process that loads from it.
+
+    Given once per process. Set ``FLECHE_SECRET_KEY`` (the same in every process) to sign and
+    check entries, or ``FLECHE_SECRET_KEY=none`` to use unsigned stores without the warning
+    (or filter it: ``warnings.filterwarnings("ignore", category=UnsignedStoreWarning)``).
+    """
 
 
 class NetworkFilesystemWarning(UserWarning):

@@ -39,7 +39,7 @@ from ._tasks import ComputeAndSave, Upstream, map_nested
 from .caches import BaseCache
 from .decorator import _Cached, _cached_of, active_cache, set_default_cache
 from .digest import Digest, Indigestible
-from .errors import CorruptEntryError, FlecheWarning
+from .errors import FlecheWarning
 from .spec import as_cache, open_store
 from .spec import parse as parse_spec
 
@@ -105,12 +105,29 @@ def _run(run: ComputeAndSave, *args: Any, **kwargs: Any) -> Any:
     return run(*args, **kwargs)
 
 
+_MISS = object()
+
+
+def _stored_result(store: BaseCache, key: Digest, name: str, expected: bool) -> Any:
+    """The stored result under ``key``, or ``_MISS``: a store that fails (a corrupt entry, a
+    disk or database gone) is logged, never the task's failure. A miss is logged only where
+    the driver ``expected`` a hit."""
+    try:
+        return store.load_result(key)
+    except KeyError as e:
+        if expected:
+            logger.warning("%s: stored result %s unusable (%s), computing it", name, key, e)
+    except Exception as e:  # noqa: BLE001 - only errors of the function fail a task (issue 14)
+        logger.warning("%s: stored result %s unusable (%s: %s), computing it", name, key,
+                       type(e).__name__, e)
+    return _MISS
+
+
 def _load_or_run(run: ComputeAndSave, key: Digest, packed: tuple[tuple, dict]) -> Any:
     # The arguments come packed, so Ray fetches no upstream value for a hit.
-    try:
-        return run.store.load_result(key)
-    except (KeyError, CorruptEntryError) as e:
-        logger.warning("%s: stored result %s unusable (%s), computing it", run.call.name, key, e)
+    found = _stored_result(run.store, key, run.call.name, expected=True)
+    if found is not _MISS:
+        return found
     args, kwargs = _fetch_top_level(*packed)
     return run(*args, **kwargs)
 
@@ -126,10 +143,9 @@ def _key_and_run(
         logger.warning("%s ran uncached: %s", cached.func.__qualname__, e)
         args, kwargs = _fetch_top_level(*packed)
         return cached.func(*args, **kwargs)
-    try:
-        return store.load_result(key)
-    except (KeyError, CorruptEntryError):
-        pass
+    found = _stored_result(store, key, cached.func.__qualname__, expected=False)
+    if found is not _MISS:
+        return found
     args, kwargs = _fetch_top_level(*packed)
     return ComputeAndSave(store, call, cached.func, {"function": cached.info})(*args, **kwargs)
 
@@ -224,7 +240,13 @@ class CachedRemote:
             warnings.warn(f"{self.__qualname__} ran uncached: {e}", FlecheWarning, stacklevel=2)
             return self._submit("_plain", cached.func, *args, **kwargs)
         run = ComputeAndSave(store, call, cached.func, {"function": cached.info})
-        if store.contains(key):
+        try:
+            stored = store.contains(key)
+        except Exception as e:  # noqa: BLE001 - the cache never fails a call (issue 14)
+            warnings.warn(f"{self.__qualname__}: cache lookup failed, computing: "
+                          f"{type(e).__name__}: {e}", FlecheWarning, stacklevel=2)
+            stored = False
+        if stored:
             ref = self._submit("_load_or_run", run, key, (args, kwargs))
         else:
             ref = self._submit("_run", run, *args, **kwargs)
@@ -279,7 +301,7 @@ def install_store(store: BaseCache | str) -> Callable[[], None]:
     worker process of the job, before the worker's first task.
     """
     if isinstance(store, (str, os.PathLike)):
-        spec = str(parse_spec(store))  # a bad spec fails here, on the driver
+        spec = parse_spec(store).reveal()  # a bad spec fails here, on the driver
 
         def fleche_install_store() -> None:
             set_default_cache(open_store(spec))

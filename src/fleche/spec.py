@@ -41,6 +41,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -68,6 +69,7 @@ _OPTIONS = ("values", "format", "lock_timeout", "durable")
 _SQL_BACKENDS = {"sqlite": None, "postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/@:?]*:)[^/@?]*@")
+_PASSWORD_OPTION = re.compile(r"([?&](?:password|passwd)=)[^&]*", re.IGNORECASE)
 _DEFAULT_LOCK_TIMEOUT = 1.0
 
 _memory: dict[str, Cache] = {}
@@ -75,8 +77,9 @@ _memory_lock = threading.Lock()
 
 
 def mask(spec: str) -> str:
-    """``spec`` with the password of its URL, if any, replaced by ``***`` (for printing)."""
-    return _PASSWORD.sub(r"\1***@", spec)
+    """``spec`` with the password of its URL and any ``password=`` option replaced by ``***``:
+    how fleche prints, logs and names a spec."""
+    return _PASSWORD_OPTION.sub(r"\1***", _PASSWORD.sub(r"\1***@", spec))
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class StoreSpec:
     ``kind`` is ``"directory"``, ``"sql"`` or ``"memory"``; ``calls`` is the directory, the
     database URL or the memory name; ``values`` the values directory (``None`` for memory).
     Building it touches nothing; :meth:`open` creates no file and opens no connection either
-    (storages do that on first use).
+    (storages do that on first use). ``str`` and ``repr`` mask the database password (see
+    :func:`mask`); :meth:`reveal` gives the spec with it, to open the store elsewhere.
     """
 
     kind: str
@@ -98,7 +102,19 @@ class StoreSpec:
     url_query: tuple[tuple[str, str], ...] = field(default=())
 
     def __str__(self) -> str:
-        """The canonical spec: absolute paths, default options left out."""
+        """The canonical spec with its password masked: what fleche prints and logs."""
+        return mask(self.reveal())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+            if f.name not in ("calls", "url_query")
+        )
+        return f"StoreSpec({mask(self.reveal())!r}, {shown})"
+
+    def reveal(self) -> str:
+        """The canonical spec (absolute paths, default options left out), password included:
+        for handing to another process that opens the store, never for printing."""
         options: dict[str, str] = {}
         if self.kind == "memory":
             return f"memory://{self.calls}"
@@ -336,11 +352,12 @@ def as_cache(store: BaseCache | str | os.PathLike[str]) -> BaseCache:
     raise TypeError(f"expected a cache (fleche.caches.Cache) or a store spec, got {store!r}")
 
 
-def spec_of(cache: BaseCache) -> str | None:
-    """A spec that opens a cache equal to ``cache``, or ``None`` if no spec can say it.
+def spec_of(cache: BaseCache, *, reveal: bool = False) -> str | None:
+    """The spec of a store equal to ``cache``, or ``None`` if no spec can say it.
 
-    Works for caches built by hand as well as by :func:`open_store`, also after pickling.
-    Contains the database password, if any; print ``mask(spec_of(cache))``.
+    Works for caches built by hand as well as by :func:`open_store`, also after pickling. The
+    database password, if any, is masked (``***``), so the spec is safe to print and names the
+    store without its secret; ``reveal=True`` keeps it, for a spec that opens the store.
     """
     parsed = _spec_from_storages(cache)
     if parsed is None:
@@ -349,7 +366,9 @@ def spec_of(cache: BaseCache) -> str | None:
         equal = parsed.open() == cache
     except Exception:  # noqa: BLE001 - an extra not installed here, an odd storage
         return None
-    return str(parsed) if equal else None
+    if not equal:
+        return None
+    return parsed.reveal() if reveal else str(parsed)
 
 
 def _instance_of(storage: Any, module: str, name: str) -> bool:

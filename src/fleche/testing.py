@@ -39,6 +39,7 @@ from .digest import Digest, digest
 from .errors import CorruptEntryError, FlecheWarning
 from .query import MatchCountError, QueryIterator
 from .storage.base import AmbiguousDigestError, KeyManagement
+from .storage.envelope import SECRET_KEY_ENV
 from .storage.file import FileStorage
 
 __all__ = [
@@ -612,6 +613,12 @@ class CacheTests:
         assert [c.result for c in cache.query(QueryCall(name="odd"), x=5)] == [_sample_result(5)]
         assert list(cache.query(QueryCall(name="odd"), x=4)) == []
 
+    def test_query_skips_a_record_it_cannot_read(self, store: Cache, cache: BaseCache) -> None:
+        keys = [store.save(_sample_call(i)) for i in range(3)]
+        self.damage(store, keys[1])
+        with pytest.warns(FlecheWarning, match=keys[1]):
+            assert sorted(c.arguments["x"] for c in cache.query()) == [0, 2]
+
     # -- writes -----------------------------------------------------------------------------
 
     def test_save(self, store: Cache, cache: BaseCache) -> None:
@@ -628,6 +635,25 @@ class CacheTests:
         assert cache.load_result(key) == store.load_result(key) == _sample_result(3)
         assert cache.save(call.replace(metadata={"run": {"n": 2}}), overwrite=True) == key
         assert store.load(key).metadata == {"run": {"n": 2}}
+
+    def test_a_save_repairs_a_value_that_lost_a_part(self, store: Cache, cache: BaseCache) -> None:
+        """A destructured result whose element is gone reads as a miss; saving the call again
+        writes the element back (a call is never recomputed for ever)."""
+        result = [_sample_result(1, big=True), _sample_result(2, big=True)]
+        call = _sample_call(8).replace(result=result)
+        key = store.save(call)
+        parts = store.values.child_digests(store.calls.load(key).result)
+        if not parts:
+            pytest.skip(f"{type(store.values).__name__} keeps values whole")
+        store.values.evict(sorted(parts)[0])
+        with pytest.raises(KeyError):
+            cache.load_result(key)
+        if not self.writable:
+            with self.refused():
+                cache.save(call)
+            return
+        assert cache.save(call) == key
+        assert cache.load_result(key) == store.load_result(key) == call.result
 
     def test_evict(self, store: Cache, cache: BaseCache) -> None:
         key = store.save(_sample_call(4))
@@ -711,6 +737,30 @@ class CacheTests:
             with pytest.warns(FlecheWarning, match="corrupt"):
                 assert big(1) == _sample_result(1, big=True)
             assert runs == [1, 1]
+
+    def test_an_entry_signed_with_another_key_is_left_alone(
+        self, store: Cache, cache: BaseCache, monkeypatch: Any
+    ) -> None:
+        """An entry this process cannot verify may be another process's, signed with its key:
+        the call runs uncached with a warning, and the entry is neither evicted nor replaced."""
+        if not isinstance(store.calls, FileStorage):
+            pytest.skip(f"{type(self).__name__}: only entries kept in files are signed")
+        runs: list[int] = []
+
+        @fleche(cache=cache)
+        def big(x: int) -> str:
+            runs.append(x)
+            return _sample_result(x, big=True)
+
+        monkeypatch.setenv(SECRET_KEY_ENV, "theirs")
+        key = store.save(big.call(1).replace(result=_sample_result(1, big=True)))
+        monkeypatch.setenv(SECRET_KEY_ENV, "ours")
+        for _ in range(2):
+            with pytest.warns(FlecheWarning, match="secret key"):
+                assert big(1) == _sample_result(1, big=True)
+        assert runs == [1, 1]
+        monkeypatch.setenv(SECRET_KEY_ENV, "theirs")
+        assert store.load_result(key) == _sample_result(1, big=True)  # as they left it
 
     def test_compute_once_across_threads(self, cache: BaseCache) -> None:
         """Six threads miss one key at once; with compute_once the body runs once."""

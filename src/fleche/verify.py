@@ -1,7 +1,7 @@
 """Checking a store entry by entry, and evicting what cannot be used.
 
 :func:`verify` loads every call record and every stored value of a :class:`~fleche.caches.Cache`
-and reports the problems: *corrupt* entries (torn, bit-flipped, unreadable:
+and reports the problems: *corrupt* entries (torn, bit-flipped, unreadable, not a call record:
 :class:`~fleche.errors.CorruptEntryError`) and *dangling* ones (a call whose result or argument
 value is missing or unusable, a destructured container whose part is). :func:`repair` evicts
 them. A cache then treats the evicted calls as misses and computes them again; values no call
@@ -53,7 +53,8 @@ _OK = ("ok", "")
 
 class _ValueChecker:
     """Loads each value entry once (raw, parts not followed) and remembers its state:
-    ``ok``, ``missing``, ``corrupt`` or ``broken`` (a part is not ``ok``)."""
+    ``ok``, ``missing``, ``corrupt`` or ``broken`` (a part is not ``ok``); ``signature`` holds
+    the keys refused for their signature and the containers broken only by such a part."""
 
     def __init__(self, values: ValueStorage) -> None:
         self.values = values
@@ -79,6 +80,8 @@ class _ValueChecker:
                 part_state, _ = self(part)
                 if part_state != "ok":
                     state = ("broken", f"its part {part[:12]} is {part_state}")
+                    if part in self.signature:
+                        self.signature.add(key)
                     break
         self.state[key] = state
         return state
@@ -121,9 +124,12 @@ def verify(cache: Cache, progress: Callable[[int, int], None] | None = None) -> 
                     continue  # kept in the record itself, which loaded whole
                 state, _ = check(d)
                 if state != "ok":
-                    report.problems.append(
-                        Problem("dangling", "call", key, f"its {what} value {d[:12]} is {state}")
-                    )
+                    # A value refused for its signature may be another key's valid entry: the
+                    # call is not evicted for it either.
+                    report.problems.append(Problem(
+                        "dangling", "call", key, f"its {what} value {d[:12]} is {state}",
+                        d not in check.signature,
+                    ))
                     break
         done += 1
         if progress is not None:
@@ -135,7 +141,9 @@ def verify(cache: Cache, progress: Callable[[int, int], None] | None = None) -> 
                 Problem("corrupt", "value", key, reason, key not in check.signature)
             )
         elif state == "broken":
-            report.problems.append(Problem("dangling", "value", key, reason))
+            report.problems.append(
+                Problem("dangling", "value", key, reason, key not in check.signature)
+            )
         done += 1
         if progress is not None:
             progress(done, total)

@@ -304,6 +304,12 @@ class StorageBackend(KeyManagement):
     def get(self, key: Digest) -> Any:
         """Return the value stored under ``key``; raise ``KeyError`` if there is none."""
 
+    def _location(self, key: Digest) -> str:
+        """Where the entry ``key`` lives, as errors name it (a file storage: its path).
+
+        Note for implementers: this default names the storage itself."""
+        return repr(self)
+
     def _contains(self, key: Digest) -> bool:
         """Note for implementers: this default reads the whole entry; override it with a cheap
         existence check."""
@@ -428,10 +434,17 @@ class CallMixin(CallStorage, StorageBackend):
             return self.put(record, key)
 
     def load(self, key: Digest | str) -> DigestedCall:
-        """Return the record stored under ``key``; ``KeyError`` if absent."""
+        """Return the record stored under ``key``; ``KeyError`` if absent.
+
+        ``CorruptEntryError`` if the entry is damaged, or intact but not a call record (a value
+        written there by a value storage on the same directory, a planted file).
+        """
         key = self._normalize_key(key)
         with self._operation_context(key, intent=Intent.READ):
-            return self.get(key)
+            record = self.get(key)
+        if not isinstance(record, DigestedCall):
+            raise _not_a_call_record(record, key, self._location(key))
+        return record
 
     def query(self, template: QueryCall) -> Iterator[DigestedCall]:
         """Find cached calls that 'match' the template.
@@ -448,3 +461,14 @@ class CallMixin(CallStorage, StorageBackend):
                 continue
             if template.matches(call):
                 yield call
+
+
+def _not_a_call_record(value: Any, key: str, location: str) -> CorruptEntryError:
+    """The error for an intact entry that holds something other than a call record (a value
+    written there by a value storage on the same directory, a planted file)."""
+    from .destructuring import Digested  # builds on this module
+
+    kind = value.kind if isinstance(value, Digested) else type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return CorruptEntryError(key, location, f"holds {article} {name}, not a call record")

@@ -14,7 +14,9 @@ entry of one kind is never read as another.
 
 Secret keys come from a storage's ``secret_key`` setting or from ``FLECHE_SECRET_KEY``
 (comma-separated): entries are signed with the first key and accepted with any, so keys can be
-rotated.
+rotated. ``FLECHE_SECRET_KEY=none`` says that this process uses unsigned stores on purpose;
+otherwise the first unsigned entry a process reads or writes gives an
+:class:`~fleche.errors.UnsignedStoreWarning`, once per process.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import CorruptEntryError, SignatureError
+from ..errors import CorruptEntryError, SignatureError, UnsignedStoreWarning
 
 __all__ = [
     "SECRET_KEY_ENV",
+    "NO_KEY",
     "SIGNED",
     "Envelope",
     "as_secrets",
@@ -38,7 +43,11 @@ __all__ = [
 ]
 
 SECRET_KEY_ENV = "FLECHE_SECRET_KEY"
-"""Environment variable with comma-separated secret keys, used where ``secret_key`` is not set."""
+"""Environment variable with comma-separated secret keys, used where ``secret_key`` is not set;
+``none`` means no key, on purpose (no :class:`~fleche.errors.UnsignedStoreWarning`)."""
+
+NO_KEY = "none"
+"""The value of ``FLECHE_SECRET_KEY`` that opts out of signing without a warning."""
 
 SIGNED = 0x01
 """Flag bit: the entry carries an HMAC. Other bits are the backend's own (see ``Envelope``)."""
@@ -65,13 +74,39 @@ def as_secrets(value: bytes | str | Sequence[bytes | str] | None) -> tuple[bytes
 
 @functools.lru_cache(maxsize=8)
 def _parse_environment(text: str) -> tuple[bytes, ...]:
+    if text.strip().lower() == NO_KEY:
+        return ()
     return tuple(part.strip().encode("utf-8") for part in text.split(",") if part.strip())
 
 
 def environment_secrets() -> tuple[bytes, ...]:
-    """The keys ``FLECHE_SECRET_KEY`` holds now (empty when unset)."""
+    """The keys ``FLECHE_SECRET_KEY`` holds now (empty when unset or ``none``)."""
     text = os.environ.get(SECRET_KEY_ENV)
     return _parse_environment(text) if text else ()
+
+
+_warned_unsigned = False
+_warned_lock = threading.Lock()
+
+
+def _unsigned(what: str, where: str) -> None:
+    """Warn, the first time in this process, that ``what`` is read or written unsigned at
+    ``where``, unless ``FLECHE_SECRET_KEY=none`` says so on purpose."""
+    global _warned_unsigned
+    if _warned_unsigned:
+        return
+    text = os.environ.get(SECRET_KEY_ENV, "")
+    with _warned_lock:
+        if _warned_unsigned or text.strip().lower() == NO_KEY:
+            return
+        _warned_unsigned = True
+    warnings.warn(
+        f"unsigned entries are read and written in this process (first: a {what} at {where}): "
+        "whoever can write to the store can run code in every process that loads from it. Set "
+        f"{SECRET_KEY_ENV} to the same secret in every process to sign and check entries, or "
+        f"{SECRET_KEY_ENV}={NO_KEY} to use unsigned stores without this warning",
+        UnsignedStoreWarning, stacklevel=4,
+    )
 
 
 def _checksum(prefix: bytes, mac: bytes | memoryview, payload: bytes | memoryview) -> bytes:
@@ -93,8 +128,9 @@ class Envelope:
     """The envelope format of one kind of entry, named by its 4-byte ``magic``.
 
     ``flags`` bits other than :data:`SIGNED` are the backend's (say, which serializer wrote the
-    payload); the envelope carries and checks them but gives them no meaning. Pure functions of
-    their inputs: thread- and process-safe.
+    payload); the envelope carries and checks them but gives them no meaning. Thread- and
+    process-safe; sealing or checking without ``secrets`` warns once per process (see
+    :class:`~fleche.errors.UnsignedStoreWarning`).
     """
 
     magic: bytes
@@ -112,6 +148,8 @@ class Envelope:
         """The header (and HMAC, signed with ``secrets[0]`` if any) that goes before
         ``payload``; for backends that keep the header apart from the payload."""
         flags = (flags & ~SIGNED) | (SIGNED if secrets else 0)
+        if not secrets:
+            _unsigned(self.what, f"the entry {key}")
         prefix = _HEADER.pack(self.magic, self.version, flags, 0, len(payload), b"")[:_PREFIX]
         mac = _mac(secrets[0], key, prefix, payload) if secrets else b""
         return b"".join((prefix, _checksum(prefix, mac, payload), mac))
@@ -183,16 +221,17 @@ class Envelope:
         prefix, mac = header[:_PREFIX], header[_HEADER.size:mac_end]
         if not hmac.compare_digest(_checksum(prefix, mac, payload), checksum):
             raise CorruptEntryError(key, location, "checksum mismatch: the entry is torn or bit-flipped")
-        if secrets:
-            if not flags & SIGNED:
-                raise SignatureError(
-                    key, location, "unsigned entry refused: this storage has a secret key"
-                )
-            if not any(hmac.compare_digest(_mac(s, key, prefix, payload), mac) for s in secrets):
-                raise SignatureError(
-                    key, location,
-                    f"signature matches none of the storage's {len(secrets)} secret key(s): "
-                    "tampered, moved from another key, or signed with another key",
-                )
+        if not secrets:
+            _unsigned(self.what, location)
+        elif not flags & SIGNED:
+            raise SignatureError(
+                key, location, "unsigned entry refused: this storage has a secret key"
+            )
+        elif not any(hmac.compare_digest(_mac(s, key, prefix, payload), mac) for s in secrets):
+            raise SignatureError(
+                key, location,
+                f"signature matches none of the storage's {len(secrets)} secret key(s): "
+                "tampered, moved from another key, or signed with another key",
+            )
         return flags
 

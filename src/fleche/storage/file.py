@@ -28,14 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..call import DigestedCall
 from ..counters import BYTES_WRITTEN
 from ..digest import Digest, _mk
 from ..errors import CorruptEntryError, WriteError
 from .base import StorageBackend
-from .destructuring import Digested
 
-__all__ = ["FileStorage", "expect_call_record"]
+__all__ = ["FileStorage"]
 
 _FAN_OUT = re.compile(r"[0-9a-f]{2}")
 _ENTRY = re.compile(r"[0-9a-f]{64}")
@@ -125,6 +123,9 @@ class FileStorage(StorageBackend):
 
     def _path(self, key: Digest) -> str:
         return f"{self._real_root}/{key[:2]}/{key}{self._entry_suffix}"
+
+    def _location(self, key: Digest) -> str:
+        return self._path(key)
 
     def _lock_directory(self) -> str:
         """Where the inter-process lock files of this store live."""
@@ -363,14 +364,3 @@ def _read_all(fd: int) -> bytes:
             parts.append(chunk)
         data = b"".join(parts)
     return data
-
-
-def expect_call_record(value: Any, key: str, location: str) -> DigestedCall:
-    """``value`` if it is a call record, else :class:`~fleche.errors.CorruptEntryError` saying
-    what the intact entry holds instead (a value stored where a call record belongs)."""
-    if isinstance(value, DigestedCall):
-        return value
-    kind = value.kind if isinstance(value, Digested) else type(value)  # a destructured value
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    article = "an" if name[:1].lower() in "aeiou" else "a"
-    raise CorruptEntryError(key, location, f"holds {article} {name}, not a call record")

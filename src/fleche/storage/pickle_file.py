@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..call import DigestedCall
 from ..digest import Digest
 from ..errors import CorruptEntryError, SaveError
 from .base import CallMixin, ValueMixin
 from .destructuring import DestructuringMixin
 from .envelope import SECRET_KEY_ENV, Envelope, as_secrets, environment_secrets
 from .envelope import _checksum  # noqa: F401 - tests forge entries with it
-from .file import FileStorage, expect_call_record
+from .file import FileStorage
 from .locks import InterProcessLockMixin
 from .thread_safe import PerKeyLockMixin
 
@@ -119,5 +118,3 @@ class CallPickleFile(PerKeyLockMixin, InterProcessLockMixin, CallMixin, PickleFi
 
     keeps_inline_values = True
 
-    def get(self, key: Digest) -> DigestedCall:
-        return expect_call_record(super().get(key), key, self._path(key))
