@@ -691,3 +691,15 @@ def test_a_hash_code_function_pickles_by_its_settings_after_a_call():
     copy = pickle.loads(pickle.dumps(cached))
     assert copy.func is reads_a_guard and copy.hash_code
     assert copy.make_call((1,), {}).to_lookup_key() == cached.make_call((1,), {}).to_lookup_key()
+
+
+def test_a_closure_is_keyed_by_what_it_captured_when_decorated():
+    """The key of a closure is taken at decoration, so changing a captured value in place
+    before (or while threads race) the first call does not give each caller another key."""
+    cache = memory_cache()
+    log = []
+    first = fleche(cache=cache)(lambda x: (log.append(x), x * 2)[1])
+    second = fleche(cache=cache)(lambda x: (log.append(x), x * 2)[1])
+    log.append("changed in place before the first call")
+    assert first(1) == 2 and second(1) == 2
+    assert log == ["changed in place before the first call", 1]  # the second call was a hit

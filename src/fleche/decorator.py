@@ -231,6 +231,11 @@ class _Cached:
         self._simple = tuple(p.name for p in params) if plain else None
         self._positional = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
         self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        if not self._by_name:
+            # Taken now rather than at the first call, so threads racing the first call, while
+            # one of them changes a captured value in place, all get the same key.
+            with contextlib.suppress(Indigestible):
+                self.identity()
 
     def __getstate__(self) -> dict[str, Any]:
         # What the identity read stays behind (another process digests it anew): it may hold
