@@ -57,7 +57,8 @@ class ComputeAndSave:
 
     ``call`` is the call as keyed (upstream results may be :class:`Upstream` digests); the
     function itself receives the task's actual arguments. An exception propagates and nothing is
-    saved; a result that cannot be stored is returned with a logged warning.
+    saved; a result that cannot be stored is returned with a logged warning. A result computed
+    in less than ``min_seconds`` is returned without being saved (0 saves every result).
     """
 
     def __init__(
@@ -66,16 +67,20 @@ class ComputeAndSave:
         call: Call,
         func: Callable[..., Any],
         metadata: Mapping[str, Any] | None = None,
+        min_seconds: float = 0.0,
     ) -> None:
         self.store = store
         self.call = call
         self.func = func
         self.metadata = dict(metadata or {})
+        self.min_seconds = min_seconds
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started, t0 = time.time(), time.perf_counter()
         result = self.func(*args, **kwargs)
         wall = time.perf_counter() - t0
+        if wall < self.min_seconds:
+            return result
         metadata = {"runtime": runtime_metadata(started, wall), **self.metadata}
         try:
             self.store.save(self.call.replace(result=result, metadata=metadata))

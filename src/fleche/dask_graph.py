@@ -1,0 +1,206 @@
+"""A Dask graph rewritten to compute through a store, and collections rebuilt on it.
+
+:func:`rewrite_graph` keys every task by content (:mod:`fleche.dask_keys`), asks the store in
+one batch which keys it has, turns those tasks into loads, culls everything only they needed,
+and wraps the tasks worth keeping so that they save their results where they run.
+
+Which results are saved (:class:`StoreRule`): a task's result is saved when the task computes
+one of the requested keys (an *output*), or when the time it saves reaches ``min_seconds``:
+the task's runtime times the number of tasks that use its result. Cheap tasks (getitem,
+rechunk splits, aliases, data) therefore never become entries of their own. ``select(key,
+task)`` overrides the rule per task: ``True`` saves, ``False`` never saves, ``None`` leaves it
+to the rule. Whatever the rule, a result already stored is loaded rather than computed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dask._task_spec as ts
+from dask.base import optimization_function
+from dask.core import flatten
+from dask.utils import ensure_dict, key_split
+
+from ._tasks import ComputeAndSave, load_result
+from .caches import BaseCache
+from .dask_keys import GraphKeys, SourceState
+
+__all__ = ["CollectionGraph", "StoreRule", "cache_collections", "collection_graph", "rewrite_graph"]
+
+Key = Hashable
+Select = Callable[[Key, ts.Task], "bool | None"]
+
+
+@dataclass(frozen=True)
+class StoreRule:
+    """Which task results are saved; see the module docstring.
+
+    ``min_seconds=None`` saves only outputs (and what ``select`` picks); ``0`` saves every task
+    with a content key.
+    """
+
+    min_seconds: float | None = 0.1
+    select: Select | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_seconds is not None and not (
+            isinstance(self.min_seconds, (int, float)) and self.min_seconds >= 0
+        ):
+            raise ValueError(f"min_seconds must be a number >= 0 or None, got {self.min_seconds!r}")
+        if self.select is not None and not callable(self.select):
+            raise TypeError(f"select must be a callable (key, task) -> bool | None, got {self.select!r}")
+
+    def threshold(self, key: Key, task: ts.Task, output: bool, uses: int) -> float | None:
+        """The runtime from which ``task``'s result is saved; ``None`` never saves it."""
+        if self.select is not None:
+            choice = self.select(key, task)
+            if choice is not None:
+                return 0.0 if choice else None
+        if output:
+            return 0.0
+        if self.min_seconds is None:
+            return None
+        return self.min_seconds / max(uses, 1)
+
+
+def rewrite_graph(
+    dsk: Mapping[Key, Any],
+    keys: Iterable[Key],
+    store: BaseCache,
+    *,
+    rule: StoreRule = StoreRule(),
+    source_state: SourceState | None = None,
+) -> dict[Key, ts.GraphNode]:
+    """The graph ``dsk`` computing ``keys`` through ``store``.
+
+    Tasks the store has become loads; everything only they needed is culled; the tasks ``rule``
+    picks save their results on the worker that runs them. Tasks without a content key (see
+    :mod:`fleche.dask_keys`) and everything downstream of them run as they are. Asks the store
+    once (``contains_many``), on the calling thread; a result evicted after that makes its load
+    fail with a ``KeyError`` that says so. Rewriting a rewritten graph changes nothing but turns
+    tasks stored meanwhile into loads.
+    """
+    graph = ts.convert_legacy_graph(ensure_dict(dsk))
+    keys = list(keys)
+    content = GraphKeys(graph, source_state=source_state)
+    lookup = content.lookup_keys()
+    stored = store.contains_many(set(lookup.values())) if lookup else set()
+    outputs = _outputs(graph, keys)
+    uses = _uses(graph)
+    new: dict[Key, ts.GraphNode] = {}
+    for key, node in graph.items():
+        d = lookup.get(key)
+        if d is None:
+            new[key] = node
+        elif d in stored:
+            new[key] = ts.Task(key, load_result, store, d, _data_producer=True)
+        elif isinstance(node.func, ComputeAndSave):
+            new[key] = node
+        else:
+            threshold = rule.threshold(key, node, key in outputs, uses[key])
+            if threshold is None:
+                new[key] = node
+                continue
+            run = ComputeAndSave(
+                store, content.calls[key], node.func, {"dask": {"task": key_split(key)}}, threshold
+            )
+            new[key] = ts.Task(
+                key, run, *node.args, _data_producer=node.data_producer, **node.kwargs
+            )
+    return ts.cull(new, keys)
+
+
+def _target(graph: Mapping[Key, ts.GraphNode], key: Key) -> Key:
+    seen = set()
+    while isinstance(graph.get(key), ts.Alias) and key not in seen:
+        seen.add(key)
+        key = graph[key].target
+    return key
+
+
+def _outputs(graph: Mapping[Key, ts.GraphNode], keys: Iterable[Key]) -> set[Key]:
+    """The requested keys and the tasks their aliases point to."""
+    out = set()
+    for key in keys:
+        out.add(key)
+        out.add(_target(graph, key))
+    return out
+
+
+def _uses(graph: Mapping[Key, ts.GraphNode]) -> Counter:
+    """How many nodes use each key's result, counted at the end of alias chains."""
+    uses: Counter = Counter()
+    for node in graph.values():
+        if isinstance(node, ts.Alias):
+            continue
+        for dep in node.dependencies:
+            uses[_target(graph, dep)] += 1
+    return uses
+
+
+# -- collections ------------------------------------------------------------------------------
+
+
+@dataclass
+class CollectionGraph:
+    """A collection's (optimized) graph, its output keys, and how to rebuild it on a new graph."""
+
+    graph: Mapping[Key, Any]
+    keys: list[Key]
+    rebuild: Callable[[dict[Key, ts.GraphNode]], Any]
+
+
+def collection_graph(collection: Any, optimize_graph: bool = True) -> CollectionGraph:
+    """The graph ``collection`` computes, optimized as ``compute`` would, with its rebuild.
+
+    Dask DataFrame collections are expressions: they are optimized as expressions, lowered to
+    a graph, and rebuilt with ``from_graph`` (their ``__dask_postpersist__`` takes the output
+    keys from the mapping it gets, so it cannot take a whole graph). Every other collection is
+    optimized by its ``__dask_optimize__`` and rebuilt by its ``__dask_postpersist__``.
+    """
+    frames = sys.modules.get("dask.dataframe.dask_expr._collection")
+    if frames is not None and isinstance(collection, frames.FrameBase):
+        return _frame_graph(frames, collection, optimize_graph)
+    keys = list(flatten(collection.__dask_keys__()))
+    graph = collection.__dask_graph__()
+    if optimize_graph:
+        graph = optimization_function(collection)(graph, keys)
+    rebuild, extra = collection.__dask_postpersist__()
+    return CollectionGraph(ensure_dict(graph), keys, lambda dsk: rebuild(dsk, *extra))
+
+
+def _frame_graph(frames: Any, frame: Any, optimize_graph: bool) -> CollectionGraph:
+    if optimize_graph:
+        frame = frame.optimize()
+    keys = list(flatten(frame.__dask_keys__()))
+    graph = frame.__dask_graph__()
+    meta, divisions, prefix = frame._meta, frame.divisions, key_split(frame._name)
+    return CollectionGraph(
+        graph, keys, lambda dsk: frames.from_graph(dsk, meta, divisions, keys, prefix)
+    )
+
+
+def cache_collections(
+    collections: Iterable[Any],
+    store: BaseCache,
+    *,
+    rule: StoreRule = StoreRule(),
+    source_state: SourceState | None = None,
+    optimize_graph: bool = True,
+) -> list[Any]:
+    """``collections`` rebuilt on one graph rewritten through ``store`` (see :func:`rewrite_graph`).
+
+    The collections' graphs are merged first, so tasks they share are keyed, looked up and run
+    once; each collection is then rebuilt on the part of the rewritten graph it needs.
+    """
+    parts = [collection_graph(c, optimize_graph) for c in collections]
+    merged: dict[Key, Any] = {}
+    for part in parts:
+        merged.update(part.graph)
+    keys = [key for part in parts for key in part.keys]
+    new = rewrite_graph(merged, keys, store, rule=rule, source_state=source_state)
+    return [part.rebuild(ts.cull(new, part.keys)) for part in parts]
