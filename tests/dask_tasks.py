@@ -80,3 +80,111 @@ class GatedCache(CacheWrapper):
         if not Event(self.release).wait(60):
             raise TimeoutError("the test never released the save")
         return self.cache.save(call)
+
+
+# -- whole-graph caching: pipelines of every collection type -----------------------------------
+# Each stage records its runs in ``log``; ``build(kind, log, **changes)`` builds the same
+# pipeline in any process, with new names where dask makes them random.
+
+
+def scale_block(block, factor, log):
+    record_run(log, f"scale:{factor}")
+    return block * factor
+
+
+def offset_block(block, offset, log):
+    record_run(log, f"offset:{offset}")
+    return block + offset
+
+
+def fail_block(block, bad, log):
+    record_run(log, f"fail:{bad}")
+    if (block == bad).any():
+        raise ValueError(f"bad value {bad} in a block")
+    return block
+
+
+def scale_partition(frame, factor, log):
+    record_run(log, f"scale:{factor}")
+    return frame.assign(x=frame.x * factor)
+
+
+def offset_partition(frame, offset, log):
+    record_run(log, f"offset:{offset}")
+    return frame.assign(y=frame.x + offset)
+
+
+def scale_item(x, factor, log):
+    record_run(log, f"scale:{factor}")
+    return x * factor
+
+
+def offset_item(x, offset, log):
+    record_run(log, f"offset:{offset}")
+    return x + offset
+
+
+def input_array():
+    return np.arange(64, dtype=np.int64).reshape(8, 8)
+
+
+def input_frame():
+    import pandas as pd
+
+    return pd.DataFrame(
+        {"x": np.arange(24, dtype=np.int64), "key": [i % 3 for i in range(24)],
+         "name": [f"n{i}" for i in range(24)]},
+        index=pd.RangeIndex(24, name="i"),
+    )
+
+
+def build(kind, log, factor=2, offset=1):
+    """Two logged stages (scale, then offset) and a reduction, as one collection of ``kind``."""
+    if kind == "array":
+        import dask.array as da
+
+        x = da.from_array(input_array(), chunks=4)  # embedded input, 4 chunks
+        meta = np.empty((0, 0), dtype=np.int64)
+        a = x.map_blocks(scale_block, factor, log, meta=meta)
+        b = a.map_blocks(offset_block, offset, log, meta=meta)
+        return (b @ b.T).sum(axis=0)  # integer matmul: exact on every scheduler
+    if kind == "frame":
+        import dask.dataframe as dd
+
+        frame = dd.from_pandas(input_frame(), npartitions=3)
+        meta = input_frame().head(0)
+        a = frame.map_partitions(scale_partition, factor, log, meta=meta)
+        b = a.map_partitions(offset_partition, offset, log, meta=meta.assign(y=meta.x))
+        return b.groupby("key").y.sum()
+    if kind == "bag":
+        import dask.bag as db
+
+        items = db.from_sequence(range(12), npartitions=3)
+        return items.map(scale_item, factor, log).map(offset_item, offset, log).sum()
+    if kind == "delayed":
+        from dask import delayed
+
+        parts = [delayed(offset_item)(delayed(scale_item)(i, factor, log), offset, log)
+                 for i in range(4)]
+        return delayed(sum)(parts)
+    raise ValueError(kind)
+
+
+def compute_in_fresh_process(kind, log, store_root, scheduler, out):
+    """What a test's fresh Python process runs: build, compute through the store, pickle."""
+    import pickle
+
+    import dask
+
+    from fleche.dask import cached
+
+    if scheduler == "threads":
+        with dask.config.set(scheduler="threads"):
+            result = cached(build(kind, log), store=store_root).compute()
+    else:
+        from distributed import Client
+
+        with Client(scheduler):
+            result = cached(build(kind, log), store=store_root).compute()
+    with open(out, "wb") as f:
+        pickle.dump(result, f)

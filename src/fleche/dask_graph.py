@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask._task_spec as ts
-from dask.base import optimization_function
 from dask.core import flatten
 from dask.utils import ensure_dict, key_split
 
@@ -155,22 +154,23 @@ class CollectionGraph:
 
 
 def collection_graph(collection: Any, optimize_graph: bool = True) -> CollectionGraph:
-    """The graph ``collection`` computes, optimized as ``compute`` would, with its rebuild.
+    """The graph ``collection`` computes, with its output keys and its rebuild.
 
-    Dask DataFrame collections are expressions: they are optimized as expressions, lowered to
-    a graph, and rebuilt with ``from_graph`` (their ``__dask_postpersist__`` takes the output
-    keys from the mapping it gets, so it cannot take a whole graph). Every other collection is
-    optimized by its ``__dask_optimize__`` and rebuilt by its ``__dask_postpersist__``.
+    Dask DataFrame collections are expressions: they are optimized as expressions (when
+    ``optimize_graph``), lowered to a graph, and rebuilt with ``from_graph``, since their
+    ``__dask_postpersist__`` takes the output keys from the mapping it gets and so cannot take a
+    whole graph. Every other collection gives its graph as it is and is rebuilt by its
+    ``__dask_postpersist__``; the compute that follows optimizes the rewritten graph, once
+    (optimizing a ``dask.array`` graph twice can duplicate its tasks).
     """
     frames = sys.modules.get("dask.dataframe.dask_expr._collection")
     if frames is not None and isinstance(collection, frames.FrameBase):
         return _frame_graph(frames, collection, optimize_graph)
     keys = list(flatten(collection.__dask_keys__()))
-    graph = collection.__dask_graph__()
-    if optimize_graph:
-        graph = optimization_function(collection)(graph, keys)
     rebuild, extra = collection.__dask_postpersist__()
-    return CollectionGraph(ensure_dict(graph), keys, lambda dsk: rebuild(dsk, *extra))
+    return CollectionGraph(
+        ensure_dict(collection.__dask_graph__()), keys, lambda dsk: rebuild(dsk, *extra)
+    )
 
 
 def _frame_graph(frames: Any, frame: Any, optimize_graph: bool) -> CollectionGraph:
