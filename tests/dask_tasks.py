@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,10 +99,37 @@ def offset_block(block, offset, log):
 
 
 def fail_block(block, bad, log):
-    record_run(log, f"fail:{bad}")
     if (block == bad).any():
+        record_run(log, "fail:raised")
         raise ValueError(f"bad value {bad} in a block")
+    record_run(log, "fail:passed")
     return block
+
+
+def busy_inc(x, seconds, log):
+    """``x + 1`` after at least ``seconds`` of work: a task worth storing."""
+    record_run(log, f"busy:{x}")
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return x + 1
+
+
+class CountedPayload:
+    """An input whose digests are counted (in this process): fleche digests it on the client."""
+
+    digests = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def __digest__(self):
+        CountedPayload.digests += 1
+        return self.value
+
+
+def payload_size(payload, i):
+    return len(payload.value) + i
 
 
 def scale_partition(frame, factor, log):
@@ -170,21 +198,33 @@ def build(kind, log, factor=2, offset=1):
     raise ValueError(kind)
 
 
-def compute_in_fresh_process(kind, log, store_root, scheduler, out):
-    """What a test's fresh Python process runs: build, compute through the store, pickle."""
+def compute_in_fresh_process(kinds, log, store_root, scheduler, out):
+    """What a test's fresh Python process runs: build each pipeline of ``kinds`` (comma
+    separated), compute it through the store, pickle the results by kind into ``out``."""
     import pickle
 
     import dask
 
     from fleche.dask import cached
 
+    def compute_all():
+        return {kind: cached(build(kind, log), store=store_root).compute()
+                for kind in kinds.split(",")}
+
     if scheduler == "threads":
         with dask.config.set(scheduler="threads"):
-            result = cached(build(kind, log), store=store_root).compute()
+            results = compute_all()
     else:
         from distributed import Client
 
         with Client(scheduler):
-            result = cached(build(kind, log), store=store_root).compute()
+            results = compute_all()
     with open(out, "wb") as f:
-        pickle.dump(result, f)
+        pickle.dump(results, f)
+
+
+def locked_identity(x, lock, log):
+    """A task with an argument fleche cannot key (a lock)."""
+    record_run(log, "identity")
+    with lock:
+        return x

@@ -175,7 +175,7 @@ def collection_graph(collection: Any, optimize_graph: bool = True) -> Collection
 
 def _frame_graph(frames: Any, frame: Any, optimize_graph: bool) -> CollectionGraph:
     if optimize_graph:
-        frame = frame.optimize()
+        frame = frame.optimize(fuse=False)  # as compute does: each stage stays a task
     keys = list(flatten(frame.__dask_keys__()))
     graph = frame.__dask_graph__()
     meta, divisions, prefix = frame._meta, frame.divisions, key_split(frame._name)
