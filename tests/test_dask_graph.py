@@ -348,3 +348,25 @@ def test_tasks_without_a_content_key_run_uncached(tmp_path):
             assert cached(pipeline(), store=store, min_seconds=0).compute() == 3
     # The task with the lock and everything downstream ran twice; upstream was stored.
     assert tasks.runs(log) == ["inc:1", "add:2+0", "identity", "inc:2", "identity", "inc:2"]
+
+
+def test_hash_code_recomputes_what_an_edited_function_computed(tmp_path, monkeypatch):
+    import importlib
+
+    module = tmp_path / "edited_stage.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    by_name, by_code = file_cache(tmp_path / "name"), file_cache(tmp_path / "code")
+
+    def results():
+        stage = importlib.import_module("edited_stage")
+        importlib.reload(stage)
+        items = db.from_sequence([1, 2], npartitions=1).map(stage.step)  # passed to bag's map
+        both = delayed(stage.step)(10), items.sum()  # and a task's own function
+        with dask.config.set(scheduler="threads"):
+            return (dask.compute(*cached(*both, store=by_name)),
+                    dask.compute(*cached(*both, store=by_code, hash_code=True)))
+
+    module.write_text("def step(x):\n    return x + 1\n")
+    assert results() == ((11, 5), (11, 5))
+    module.write_text("def step(x):\n    return x + 100\n")
+    assert results() == ((11, 5), (110, 203))  # keyed by name only, the old results stay

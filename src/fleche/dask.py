@@ -34,7 +34,7 @@ from distributed import Client, WorkerPlugin
 
 from .caches import BaseCache
 from .dask_graph import Select, StoreRule, cache_collections, rewrite_graph
-from .dask_keys import SourceState, file_state
+from .dask_keys import Keying, SourceState, file_state
 from .dask_switch import caching, resolve_store
 from .decorator import active_cache, get_default_cache, set_default_cache
 from .spec import as_cache
@@ -44,6 +44,7 @@ from .stats import StatsCache
 __all__ = [
     "CachingOptimizer",
     "FlecheCache",
+    "Keying",
     "StoreRule",
     "cached",
     "caching",
@@ -141,6 +142,7 @@ def cached(
     min_seconds: float | None = 0.1,
     select: Select | None = None,
     source_state: SourceState | None = None,
+    hash_code: bool = False,
     optimize_graph: bool = True,
 ) -> Any:
     """Collections that compute like ``collections`` but through ``store``.
@@ -156,10 +158,13 @@ def cached(
     intermediate results whose runtime times their number of uses reaches ``min_seconds``;
     ``select(key, task)`` decides per task instead where it returns ``True`` or ``False``
     (:class:`StoreRule`). ``source_state(task)`` adds to the keys of tasks that read inputs,
-    e.g. :func:`file_state` (see :mod:`fleche.dask_keys`).
+    e.g. :func:`file_state`; ``hash_code=True`` adds the code of the Python functions (see
+    :mod:`fleche.dask_keys`).
 
     The graphs are keyed and looked up here, on the calling thread, with one batch question to
-    the store; loads and saves run on the workers.
+    the store; loads and saves run on the workers. Thread-safe; collections rebuilt by
+    different processes share entries, and two of them computing the same task at once may
+    both compute and save it (the same content under the same key).
 
     >>> total = cached(delayed(sum)(parts), store=store)  # doctest: +SKIP
     >>> total.compute()  # doctest: +SKIP
@@ -169,7 +174,7 @@ def cached(
         collections,
         store,
         rule=StoreRule(min_seconds, select),
-        source_state=source_state,
+        keying=Keying(source_state, hash_code),
         optimize_graph=optimize_graph,
     )
     return out[0] if len(out) == 1 else tuple(out)
@@ -182,7 +187,8 @@ class CachingOptimizer:
     ``array_optimize``, ``bag_optimize``; it replaces dask's own optimizer there). Optimizers
     run where the graph is materialized, on the scheduler with distributed, so the store must be
     reachable there too; ``client.submit`` and ``optimize_graph=False`` bypass optimizers, and
-    dataframes have none: :func:`caching` covers every collection.
+    dataframes have none: :func:`caching` covers every collection. The options are those of
+    :func:`cached`.
     """
 
     def __init__(
@@ -192,13 +198,12 @@ class CachingOptimizer:
         min_seconds: float | None = 0.1,
         select: Select | None = None,
         source_state: SourceState | None = None,
+        hash_code: bool = False,
     ) -> None:
         self.store = resolve_store(store)
         self.rule = StoreRule(min_seconds, select)
-        self.source_state = source_state
+        self.keying = Keying(source_state, hash_code)
 
     def __call__(self, dsk: Mapping[Hashable, Any], keys: Any, **kwargs: Any) -> dict:
         keys = list(flatten(keys)) if isinstance(keys, list) else [keys]
-        return rewrite_graph(
-            dsk, keys, self.store, rule=self.rule, source_state=self.source_state
-        )
+        return rewrite_graph(dsk, keys, self.store, rule=self.rule, keying=self.keying)

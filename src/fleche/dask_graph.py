@@ -26,7 +26,7 @@ from dask.utils import ensure_dict, key_split
 
 from ._tasks import ComputeAndSave, load_result
 from .caches import BaseCache
-from .dask_keys import GraphKeys, SourceState
+from .dask_keys import GraphKeys, Keying
 
 __all__ = ["CollectionGraph", "StoreRule", "cache_collections", "collection_graph", "rewrite_graph"]
 
@@ -72,12 +72,13 @@ def rewrite_graph(
     store: BaseCache,
     *,
     rule: StoreRule = StoreRule(),
-    source_state: SourceState | None = None,
+    keying: Keying = Keying(),
 ) -> dict[Key, ts.GraphNode]:
     """The graph ``dsk`` computing ``keys`` through ``store``.
 
-    Tasks the store has become loads; everything only they needed is culled; the tasks ``rule``
-    picks save their results on the worker that runs them. Tasks without a content key (see
+    Tasks are keyed as ``keying`` says (:mod:`fleche.dask_keys`). Tasks the store has become
+    loads; everything only they needed is culled; the tasks ``rule`` picks save their results
+    on the worker that runs them. Tasks without a content key (see
     :mod:`fleche.dask_keys`) and everything downstream of them run as they are. Asks the store
     once (``contains_many``), on the calling thread; a result evicted after that makes its load
     fail with a ``KeyError`` that says so. Rewriting a rewritten graph changes nothing but turns
@@ -85,7 +86,7 @@ def rewrite_graph(
     """
     graph = ts.convert_legacy_graph(ensure_dict(dsk))
     keys = list(keys)
-    content = GraphKeys(graph, source_state=source_state)
+    content = GraphKeys(graph, keying)
     lookup = content.lookup_keys()
     stored = store.contains_many(set(lookup.values())) if lookup else set()
     outputs = _outputs(graph, keys)
@@ -189,7 +190,7 @@ def cache_collections(
     store: BaseCache,
     *,
     rule: StoreRule = StoreRule(),
-    source_state: SourceState | None = None,
+    keying: Keying = Keying(),
     optimize_graph: bool = True,
 ) -> list[Any]:
     """``collections`` rebuilt on one graph rewritten through ``store`` (see :func:`rewrite_graph`).
@@ -202,5 +203,5 @@ def cache_collections(
     for part in parts:
         merged.update(part.graph)
     keys = [key for part in parts for key in part.keys]
-    new = rewrite_graph(merged, keys, store, rule=rule, source_state=source_state)
+    new = rewrite_graph(merged, keys, store, rule=rule, keying=keying)
     return [part.rebuild(ts.cull(new, part.keys)) for part in parts]

@@ -16,6 +16,10 @@ key names, and a graph built again in another process gets the same keys.
   versions (then results are computed again, never mixed up).
 - A task with a value that has neither has no key: it runs uncached, and so does everything
   downstream of it.
+- Functions are identified as :func:`fleche.digest.digest` identifies them (a module-level
+  function by its module and name); with ``hash_code=True`` the code of every Python function
+  in a task, its own or one passed to it (``bag.map(f)``, ``map_partitions(f)``), is part of the
+  key too, so editing a function recomputes what it computed.
 - ``source_state(task)``, if given, is called for every source task (one that depends on no
   other task: the readers of ``dd.read_parquet``, ``dd.read_csv``...). What it returns, unless
   ``None``, becomes part of the task's key and so of every key downstream: a version, or the
@@ -24,7 +28,9 @@ key names, and a graph built again in another process gets the same keys.
 
 from __future__ import annotations
 
+import functools
 import os
+import types
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +41,9 @@ from dask.utils import funcname
 
 from ._tasks import ComputeAndSave, Upstream, load_result
 from .call import Call
-from .digest import Digest, Indigestible, digest
+from .digest import Digest, Indigestible, code_digest, digest
 
-__all__ = ["GraphKeys", "InlineTask", "SliceValue", "file_state"]
+__all__ = ["GraphKeys", "InlineTask", "Keying", "SliceValue", "file_state"]
 
 Key = Hashable
 SourceState = Callable[[ts.Task], Any]
@@ -46,6 +52,20 @@ TASK_VERSION = "fleche.dask.task"
 """The ``version`` of every task's call record: tells task records from ``@fleche`` ones."""
 
 _PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+@dataclass(frozen=True)
+class Keying:
+    """How tasks are keyed beyond their functions and arguments (see the module docstring)."""
+
+    source_state: SourceState | None = None
+    hash_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source_state is not None and not callable(self.source_state):
+            raise TypeError(
+                f"source_state must be a callable (task) -> value, got {self.source_state!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -86,13 +106,13 @@ class GraphKeys:
     def __init__(
         self,
         graph: Mapping[Key, ts.GraphNode],
+        keying: Keying = Keying(),
         *,
-        source_state: SourceState | None = None,
         known: Mapping[Key, Any] | None = None,
         memo: dict[int, tuple[Digest, Any]] | None = None,
     ) -> None:
         self.graph = graph
-        self.source_state = source_state
+        self.keying = keying
         self.standins: dict[Key, Any] = dict(known or {})
         self.calls: dict[Key, Call] = {}
         self._memo = memo if memo is not None else {}
@@ -134,8 +154,9 @@ class GraphKeys:
             "args": tuple(self._structure(a) for a in node.args),
             "kwargs": {k: self._structure(v) for k, v in node.kwargs.items()},
         }
-        if self.source_state is not None and self._is_source(node):
-            state = self.source_state(node)
+        source_state = self.keying.source_state
+        if source_state is not None and self._is_source(node):
+            state = source_state(node)
             if state is not None:
                 arguments["source"] = self._structure(state)
         return Call(
@@ -149,7 +170,7 @@ class GraphKeys:
         """The call of a fused subgraph's output task, keyed as if nothing had been fused."""
         inner, outkey, inkeys, *refs = node.args
         known = {inkey: self._structure(ref) for inkey, ref in zip(inkeys, refs)}
-        keys = GraphKeys(inner, source_state=self.source_state, known=known, memo=self._memo)
+        keys = GraphKeys(inner, self.keying, known=known, memo=self._memo)
         call = keys.calls.get(outkey)
         if call is None:
             raise _Uncacheable(outkey)
@@ -207,7 +228,21 @@ class GraphKeys:
             d = digest(obj)
         except Indigestible:
             d = _token_digest(obj)
+        if self.keying.hash_code:
+            d = _with_code(d, obj)
         self._memo[id(obj)] = (d, obj)
+        return d
+
+
+def _with_code(d: Digest, obj: Any) -> Digest:
+    """``d`` combined with the code digest of the Python function ``obj`` is or wraps."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if not isinstance(obj, (types.FunctionType, types.MethodType)):
+        return d
+    try:
+        return digest(("fleche.dask.code", d, code_digest(obj)))
+    except Indigestible:
         return d
 
 

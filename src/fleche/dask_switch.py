@@ -15,8 +15,8 @@ Settings (``dask.config`` keys; :func:`caching` sets them for a block):
 - ``fleche.dask.store``: a cache or a store spec (see :mod:`fleche.spec`);
 - ``fleche.dask.min-seconds`` (default 0.1) and ``fleche.dask.select``: which results are saved
   (:class:`~fleche.dask_graph.StoreRule`);
-- ``fleche.dask.source-state``: extra key material for source tasks (see
-  :mod:`fleche.dask_keys`, e.g. :func:`~fleche.dask_keys.file_state`).
+- ``fleche.dask.source-state`` and ``fleche.dask.hash-code``: how tasks are keyed
+  (:class:`~fleche.dask_keys.Keying`, e.g. :func:`~fleche.dask_keys.file_state`).
 
 ``dask.config`` is process-wide: the switch holds in every thread of the process while it is
 set, and not in other processes (worker processes only run the rewritten tasks).
@@ -35,7 +35,7 @@ import distributed.client
 
 from .caches import BaseCache
 from .dask_graph import Select, StoreRule, cache_collections
-from .dask_keys import SourceState
+from .dask_keys import Keying, SourceState
 from .spec import as_cache
 from .spec import parse as parse_spec
 
@@ -45,6 +45,7 @@ STORE = "fleche.dask.store"
 MIN_SECONDS = "fleche.dask.min-seconds"
 SELECT = "fleche.dask.select"
 SOURCE_STATE = "fleche.dask.source-state"
+HASH_CODE = "fleche.dask.hash-code"
 
 _opened: dict[str, BaseCache] = {}
 _opened_lock = threading.Lock()
@@ -69,34 +70,37 @@ def caching(
     min_seconds: float | None = 0.1,
     select: Select | None = None,
     source_state: SourceState | None = None,
+    hash_code: bool = False,
 ) -> Any:
     """Send every Dask computation in this process through ``store`` until the block ends.
 
-    Returns the ``dask.config.set`` of the settings, in effect at once; as a context manager
-    the previous settings come back on exit. A bad spec or option fails here.
+    The options are those of :func:`fleche.dask.cached`. Returns the ``dask.config.set`` of
+    the settings, in effect at once; as a context manager the previous settings come back on
+    exit. A bad spec or option fails here.
 
     >>> with fleche.dask.caching("/shared/store"):  # doctest: +SKIP
     ...     total = (x @ x.T).sum().compute()
     """
-    StoreRule(min_seconds, select)  # validates both
-    if source_state is not None and not callable(source_state):
-        raise TypeError(f"source_state must be a callable (task) -> value, got {source_state!r}")
+    StoreRule(min_seconds, select)  # validates the options
+    Keying(source_state, hash_code)
     return dask.config.set(
         {
             STORE: resolve_store(store),
             MIN_SECONDS: min_seconds,
             SELECT: select,
             SOURCE_STATE: source_state,
+            HASH_CODE: hash_code,
         }
     )
 
 
-def _settings() -> tuple[BaseCache, StoreRule, SourceState | None] | None:
+def _settings() -> tuple[BaseCache, StoreRule, Keying] | None:
     store = dask.config.get(STORE, None)
     if store is None:
         return None
     rule = StoreRule(dask.config.get(MIN_SECONDS, 0.1), dask.config.get(SELECT, None))
-    return resolve_store(store), rule, dask.config.get(SOURCE_STATE, None)
+    keying = Keying(dask.config.get(SOURCE_STATE, None), bool(dask.config.get(HASH_CODE, False)))
+    return resolve_store(store), rule, keying
 
 
 _original_collections_to_expr: Callable[..., Any] = dask.base.collections_to_expr
@@ -107,11 +111,11 @@ def collections_to_expr(collections: Any, optimize_graph: bool = True, *args: An
     store, or on the collections as they are while none is configured."""
     settings = _settings()
     if settings is not None:
-        store, rule, source_state = settings
+        store, rule, keying = settings
         many = isinstance(collections, (tuple, list, set))
         items = list(collections) if many else [collections]
         rebuilt = cache_collections(
-            items, store, rule=rule, source_state=source_state, optimize_graph=optimize_graph
+            items, store, rule=rule, keying=keying, optimize_graph=optimize_graph
         )
         collections = rebuilt if many else rebuilt[0]
     return _original_collections_to_expr(collections, optimize_graph, *args, **kwargs)
