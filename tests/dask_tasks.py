@@ -88,14 +88,15 @@ class GatedCache(CacheWrapper):
 # pipeline in any process, with new names where dask makes them random.
 
 
-def scale_block(block, factor, log):
+def scale(x, factor, log):
+    """A logged stage for array blocks and bag items alike."""
     record_run(log, f"scale:{factor}")
-    return block * factor
+    return x * factor
 
 
-def offset_block(block, offset, log):
-    record_run(log, f"offset:{offset}")
-    return block + offset
+def add_offset(x, amount, log):
+    record_run(log, f"offset:{amount}")
+    return x + amount
 
 
 def fail_block(block, bad, log):
@@ -142,16 +143,6 @@ def offset_partition(frame, offset, log):
     return frame.assign(y=frame.x + offset)
 
 
-def scale_item(x, factor, log):
-    record_run(log, f"scale:{factor}")
-    return x * factor
-
-
-def offset_item(x, offset, log):
-    record_run(log, f"offset:{offset}")
-    return x + offset
-
-
 def input_array():
     return np.arange(64, dtype=np.int64).reshape(8, 8)
 
@@ -173,8 +164,8 @@ def build(kind, log, factor=2, offset=1):
 
         x = da.from_array(input_array(), chunks=4)  # embedded input, 4 chunks
         meta = np.empty((0, 0), dtype=np.int64)
-        a = x.map_blocks(scale_block, factor, log, meta=meta)
-        b = a.map_blocks(offset_block, offset, log, meta=meta)
+        a = x.map_blocks(scale, factor, log, meta=meta)
+        b = a.map_blocks(add_offset, offset, log, meta=meta)
         return (b @ b.T).sum(axis=0)  # integer matmul: exact on every scheduler
     if kind == "frame":
         import dask.dataframe as dd
@@ -188,11 +179,11 @@ def build(kind, log, factor=2, offset=1):
         import dask.bag as db
 
         items = db.from_sequence(range(12), npartitions=3)
-        return items.map(scale_item, factor, log).map(offset_item, offset, log).sum()
+        return items.map(scale, factor, log).map(add_offset, offset, log).sum()
     if kind == "delayed":
         from dask import delayed
 
-        parts = [delayed(offset_item)(delayed(scale_item)(i, factor, log), offset, log)
+        parts = [delayed(add_offset)(delayed(scale)(i, factor, log), offset, log)
                  for i in range(4)]
         return delayed(sum)(parts)
     raise ValueError(kind)

@@ -8,21 +8,12 @@ import pytest
 from dask import delayed
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
-from distributed import Client, Event, LocalCluster  # noqa: E402
+from distributed import Client, Event  # noqa: E402
 
 import dask_tasks as tasks  # noqa: E402
 from fleche.caches import Cache  # noqa: E402
 from fleche.dask import CachingOptimizer, FlecheCache, cached  # noqa: E402
 from fleche.storage import CallPickleFile, ValuePickleFile  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None,
-        worker_dashboard_address=None,
-    ) as cluster:
-        yield cluster
 
 
 @pytest.fixture

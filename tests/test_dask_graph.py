@@ -17,7 +17,7 @@ pytest.importorskip("pyarrow", reason="dask.dataframe needs pyarrow (the dask ex
 import dask.array as da  # noqa: E402
 import dask.bag as db  # noqa: E402
 import dask.dataframe as dd  # noqa: E402
-from distributed import Client, LocalCluster  # noqa: E402
+from distributed import Client  # noqa: E402
 
 import dask_tasks as tasks  # noqa: E402
 from fleche.caches import Cache  # noqa: E402
@@ -27,15 +27,6 @@ from fleche.storage import CallPickleFile, ValuePickleFile  # noqa: E402
 KINDS = ["array", "frame", "bag", "delayed"]
 TESTS = Path(__file__).parent
 FRESH_PROCESS = "import sys, dask_tasks; dask_tasks.compute_in_fresh_process(*sys.argv[1:])"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None,
-        worker_dashboard_address=None,
-    ) as cluster:
-        yield cluster
 
 
 @pytest.fixture(params=["distributed", "threads"])
@@ -130,7 +121,7 @@ def test_a_changed_input_recomputes_only_the_chunks_it_reaches(scheduler, tmp_pa
 
     def pipeline(values):  # keyed by content: each build embeds a new array object
         x = da.from_array(values, chunks=4)
-        return x.map_blocks(tasks.scale_block, 2, log, meta=meta).sum(axis=1)
+        return x.map_blocks(tasks.scale, 2, log, meta=meta).sum(axis=1)
 
     values = tasks.input_array()
     first = cached(pipeline(values.copy()), store=store, min_seconds=0).compute()
@@ -172,15 +163,15 @@ def test_which_results_are_stored(tmp_path):
     assert entries("outputs", min_seconds=None) == ["sum-aggregate"] * 2
     assert sorted(entries("default")) == ["sum-aggregate"] * 2  # no task here takes 0.1 s
     chosen = entries("select", select=lambda key, task: True if "offset" in str(key) else None)
-    assert sorted(chosen) == ["offset_block"] * 4 + ["sum-aggregate"] * 2
+    assert sorted(chosen) == ["add_offset"] * 4 + ["sum-aggregate"] * 2
     vetoed = entries("veto", select=lambda key, task: False)
     assert vetoed == []
     everything = entries("all", min_seconds=0)
     assert sorted(set(everything)) == [
-        "chunk_sum", "chunk_sum-aggregate", "matmul", "offset_block", "scale_block", "sum",
+        "add_offset", "chunk_sum", "chunk_sum-aggregate", "matmul", "scale", "sum",
         "sum-aggregate", "transpose",
     ]  # tasks only: the data nodes and aliases of the graph never become entries
-    assert everything.count("scale_block") == 4
+    assert everything.count("scale") == 4
 
 
 def flatten_keys(collection):
@@ -308,7 +299,7 @@ def test_mixed_collections_keep_their_types(tmp_path):
     store, log = file_cache(tmp_path / "store"), str(tmp_path / "runs.log")
     array = tasks.build("array", log)
     frame = dd.from_pandas(tasks.input_frame(), npartitions=2)
-    items = db.from_sequence(range(6), npartitions=2).map(tasks.scale_item, 3, log)
+    items = db.from_sequence(range(6), npartitions=2).map(tasks.scale, 3, log)
     of_array = delayed(np.max)(array)  # a delayed task on an array
     collections = (array, frame, items, of_array)
     with dask.config.set(scheduler="threads"):
