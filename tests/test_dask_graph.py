@@ -1,4 +1,4 @@
-"""Whole-graph caching of every Dask collection, on a real LocalCluster and the threaded scheduler."""
+"""Whole-graph caching of every Dask collection, on a real LocalCluster and on threads."""
 
 import os
 import pickle

@@ -38,6 +38,9 @@ class Upstream:
     def __digest__(self) -> Digest:
         return self.key
 
+    def __reduce__(self) -> tuple[type, tuple[Digest]]:
+        return (Upstream, (self.key,))  # graphs carry thousands: the shortest pickle
+
 
 def map_nested(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     """``obj`` with ``leaf`` applied to everything inside lists, tuples, sets and dict values.

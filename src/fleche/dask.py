@@ -33,7 +33,7 @@ from dask.core import flatten
 from distributed import Client, WorkerPlugin
 
 from .caches import BaseCache
-from .dask_graph import Select, StoreRule, cache_collections, rewrite_graph
+from .dask_graph import MIN_SECONDS, Select, StoreRule, cache_collections, rewrite_graph
 from .dask_keys import Keying, SourceState, file_state
 from .dask_switch import caching, resolve_store
 from .decorator import active_cache, get_default_cache, set_default_cache
@@ -139,7 +139,7 @@ def _collect_stats(dask_worker: Any) -> dict[str, dict[str, float]]:
 def cached(
     *collections: Any,
     store: BaseCache | str | os.PathLike[str] | None = None,
-    min_seconds: float | None = 0.1,
+    min_seconds: float | None = MIN_SECONDS,
     select: Select | None = None,
     source_state: SourceState | None = None,
     hash_code: bool = False,
@@ -195,7 +195,7 @@ class CachingOptimizer:
         self,
         store: BaseCache | str | os.PathLike[str],
         *,
-        min_seconds: float | None = 0.1,
+        min_seconds: float | None = MIN_SECONDS,
         select: Select | None = None,
         source_state: SourceState | None = None,
         hash_code: bool = False,

@@ -14,23 +14,37 @@ to the rule. Whatever the rule, a result already stored is loaded rather than co
 
 from __future__ import annotations
 
+import functools
+import pickle
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
 import dask._task_spec as ts
 from dask.core import flatten
 from dask.utils import ensure_dict, key_split
 
 from ._tasks import ComputeAndSave, load_result
-from .caches import BaseCache
+from .caches import BaseCache, CacheWrapper
 from .dask_keys import GraphKeys, Keying
 
-__all__ = ["CollectionGraph", "StoreRule", "cache_collections", "collection_graph", "rewrite_graph"]
+__all__ = [
+    "MIN_SECONDS",
+    "CollectionGraph",
+    "ShippedStore",
+    "StoreRule",
+    "cache_collections",
+    "collection_graph",
+    "rewrite_graph",
+]
 
 Key = Hashable
+MIN_SECONDS = 0.1
+"""The default of ``min_seconds``: a result that saves a tenth of a second is worth an entry."""
 Select = Callable[[Key, ts.Task], "bool | None"]
 
 
@@ -42,7 +56,7 @@ class StoreRule:
     with a content key.
     """
 
-    min_seconds: float | None = 0.1
+    min_seconds: float | None = MIN_SECONDS
     select: Select | None = None
 
     def __post_init__(self) -> None:
@@ -51,7 +65,9 @@ class StoreRule:
         ):
             raise ValueError(f"min_seconds must be a number >= 0 or None, got {self.min_seconds!r}")
         if self.select is not None and not callable(self.select):
-            raise TypeError(f"select must be a callable (key, task) -> bool | None, got {self.select!r}")
+            raise TypeError(
+                f"select must be a callable (key, task) -> bool | None, got {self.select!r}"
+            )
 
     def threshold(self, key: Key, task: ts.Task, output: bool, uses: int) -> float | None:
         """The runtime from which ``task``'s result is saved; ``None`` never saves it."""
@@ -64,6 +80,39 @@ class StoreRule:
         if self.min_seconds is None:
             return None
         return self.min_seconds / max(uses, 1)
+
+
+@dataclass(frozen=True)
+class ShippedStore(CacheWrapper):
+    """``cache`` as the tasks of a rewritten graph carry it: pickled once, unpickled once.
+
+    distributed pickles every task on its own, so each task would carry, and each worker
+    rebuild, its own copy of the store (about 0.1 ms per task). This wrapper pickles as the
+    bytes of ``cache``, made once per graph, and unpickles to one wrapper per process and store;
+    it forwards every operation, and caches are safe to share between threads.
+    """
+
+    @functools.cached_property
+    def _blob(self) -> bytes:
+        return cloudpickle.dumps(self.cache)
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return (_unship, (self._blob,))
+
+
+_shipped: dict[bytes, ShippedStore] = {}
+_shipped_lock = threading.Lock()
+
+
+def _unship(blob: bytes) -> ShippedStore:
+    known = _shipped.get(blob)
+    if known is not None:
+        return known
+    store = ShippedStore(pickle.loads(blob))
+    with _shipped_lock:
+        if len(_shipped) > 256:  # many stores in one process: start over rather than grow
+            _shipped.clear()
+        return _shipped.setdefault(blob, store)
 
 
 def rewrite_graph(
@@ -86,6 +135,7 @@ def rewrite_graph(
     """
     graph = ts.convert_legacy_graph(ensure_dict(dsk))
     keys = list(keys)
+    shipped = store if isinstance(store, ShippedStore) else ShippedStore(store)
     content = GraphKeys(graph, keying)
     lookup = content.lookup_keys()
     stored = store.contains_many(set(lookup.values())) if lookup else set()
@@ -97,7 +147,7 @@ def rewrite_graph(
         if d is None:
             new[key] = node
         elif d in stored:
-            new[key] = ts.Task(key, load_result, store, d, _data_producer=True)
+            new[key] = ts.Task(key, load_result, shipped, d, _data_producer=True)
         elif isinstance(node.func, ComputeAndSave):
             new[key] = node
         else:
@@ -106,7 +156,7 @@ def rewrite_graph(
                 new[key] = node
                 continue
             run = ComputeAndSave(
-                store, content.calls[key], node.func, {"dask": {"task": key_split(key)}}, threshold
+                shipped, content.calls[key], node.func, {"dask": {"task": key_split(key)}}, threshold
             )
             new[key] = ts.Task(
                 key, run, *node.args, _data_producer=node.data_producer, **node.kwargs

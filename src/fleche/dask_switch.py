@@ -34,18 +34,18 @@ import dask.base
 import distributed.client
 
 from .caches import BaseCache
-from .dask_graph import Select, StoreRule, cache_collections
+from .dask_graph import MIN_SECONDS, Select, StoreRule, cache_collections
 from .dask_keys import Keying, SourceState
 from .spec import as_cache
 from .spec import parse as parse_spec
 
 __all__ = ["caching", "resolve_store"]
 
-STORE = "fleche.dask.store"
-MIN_SECONDS = "fleche.dask.min-seconds"
-SELECT = "fleche.dask.select"
-SOURCE_STATE = "fleche.dask.source-state"
-HASH_CODE = "fleche.dask.hash-code"
+CONFIG_STORE = "fleche.dask.store"
+CONFIG_MIN_SECONDS = "fleche.dask.min-seconds"
+CONFIG_SELECT = "fleche.dask.select"
+CONFIG_SOURCE_STATE = "fleche.dask.source-state"
+CONFIG_HASH_CODE = "fleche.dask.hash-code"
 
 _opened: dict[str, BaseCache] = {}
 _opened_lock = threading.Lock()
@@ -67,7 +67,7 @@ def resolve_store(store: BaseCache | str | os.PathLike[str]) -> BaseCache:
 def caching(
     store: BaseCache | str | os.PathLike[str],
     *,
-    min_seconds: float | None = 0.1,
+    min_seconds: float | None = MIN_SECONDS,
     select: Select | None = None,
     source_state: SourceState | None = None,
     hash_code: bool = False,
@@ -85,28 +85,31 @@ def caching(
     Keying(source_state, hash_code)
     return dask.config.set(
         {
-            STORE: resolve_store(store),
-            MIN_SECONDS: min_seconds,
-            SELECT: select,
-            SOURCE_STATE: source_state,
-            HASH_CODE: hash_code,
+            CONFIG_STORE: resolve_store(store),
+            CONFIG_MIN_SECONDS: min_seconds,
+            CONFIG_SELECT: select,
+            CONFIG_SOURCE_STATE: source_state,
+            CONFIG_HASH_CODE: hash_code,
         }
     )
 
 
 def _settings() -> tuple[BaseCache, StoreRule, Keying] | None:
-    store = dask.config.get(STORE, None)
+    get = dask.config.get
+    store = get(CONFIG_STORE, None)
     if store is None:
         return None
-    rule = StoreRule(dask.config.get(MIN_SECONDS, 0.1), dask.config.get(SELECT, None))
-    keying = Keying(dask.config.get(SOURCE_STATE, None), bool(dask.config.get(HASH_CODE, False)))
+    rule = StoreRule(get(CONFIG_MIN_SECONDS, MIN_SECONDS), get(CONFIG_SELECT, None))
+    keying = Keying(get(CONFIG_SOURCE_STATE, None), bool(get(CONFIG_HASH_CODE, False)))
     return resolve_store(store), rule, keying
 
 
 _original_collections_to_expr: Callable[..., Any] = dask.base.collections_to_expr
 
 
-def collections_to_expr(collections: Any, optimize_graph: bool = True, *args: Any, **kwargs: Any) -> Any:
+def collections_to_expr(
+    collections: Any, optimize_graph: bool = True, *args: Any, **kwargs: Any
+) -> Any:
     """``dask.base.collections_to_expr`` on the collections rewritten through the configured
     store, or on the collections as they are while none is configured."""
     settings = _settings()
