@@ -63,7 +63,9 @@ class StoreRule:
         if self.min_seconds is not None and not (
             isinstance(self.min_seconds, (int, float)) and self.min_seconds >= 0
         ):
-            raise ValueError(f"min_seconds must be a number >= 0 or None, got {self.min_seconds!r}")
+            raise ValueError(
+                f"min_seconds must be a number >= 0 or None, got {self.min_seconds!r}"
+            )
         if self.select is not None and not callable(self.select):
             raise TypeError(
                 f"select must be a callable (key, task) -> bool | None, got {self.select!r}"
@@ -155,9 +157,8 @@ def rewrite_graph(
             if threshold is None:
                 new[key] = node
                 continue
-            run = ComputeAndSave(
-                shipped, content.calls[key], node.func, {"dask": {"task": key_split(key)}}, threshold
-            )
+            metadata = {"dask": {"task": key_split(key)}}
+            run = ComputeAndSave(shipped, content.calls[key], node.func, metadata, threshold)
             new[key] = ts.Task(
                 key, run, *node.args, _data_producer=node.data_producer, **node.kwargs
             )
@@ -197,7 +198,7 @@ def _uses(graph: Mapping[Key, ts.GraphNode]) -> Counter:
 
 @dataclass
 class CollectionGraph:
-    """A collection's (optimized) graph, its output keys, and how to rebuild it on a new graph."""
+    """A collection's graph, its output keys, and how to rebuild it on a new graph."""
 
     graph: Mapping[Key, Any]
     keys: list[Key]
@@ -214,9 +215,9 @@ def collection_graph(collection: Any, optimize_graph: bool = True) -> Collection
     ``__dask_postpersist__``; the compute that follows optimizes the rewritten graph, once
     (optimizing a ``dask.array`` graph twice can duplicate its tasks).
     """
-    frames = sys.modules.get("dask.dataframe.dask_expr._collection")
-    if frames is not None and isinstance(collection, frames.FrameBase):
-        return _frame_graph(frames, collection, optimize_graph)
+    dd = sys.modules.get("dask.dataframe")  # imported by whoever made a dataframe collection
+    if dd is not None and isinstance(collection, (dd.DataFrame, dd.Series, dd.Index, dd.Scalar)):
+        return _frame_graph(dd, collection, optimize_graph)
     keys = list(flatten(collection.__dask_keys__()))
     rebuild, extra = collection.__dask_postpersist__()
     return CollectionGraph(
@@ -224,14 +225,14 @@ def collection_graph(collection: Any, optimize_graph: bool = True) -> Collection
     )
 
 
-def _frame_graph(frames: Any, frame: Any, optimize_graph: bool) -> CollectionGraph:
+def _frame_graph(dd: Any, frame: Any, optimize_graph: bool) -> CollectionGraph:
     if optimize_graph:
         frame = frame.optimize(fuse=False)  # as compute does: each stage stays a task
     keys = list(flatten(frame.__dask_keys__()))
     graph = frame.__dask_graph__()
     meta, divisions, prefix = frame._meta, frame.divisions, key_split(frame._name)
     return CollectionGraph(
-        graph, keys, lambda dsk: frames.from_graph(dsk, meta, divisions, keys, prefix)
+        graph, keys, lambda dsk: dd.from_graph(dsk, meta, divisions, keys, prefix)
     )
 
 
@@ -243,7 +244,7 @@ def cache_collections(
     keying: Keying = Keying(),
     optimize_graph: bool = True,
 ) -> list[Any]:
-    """``collections`` rebuilt on one graph rewritten through ``store`` (see :func:`rewrite_graph`).
+    """``collections`` rebuilt on one graph rewritten through ``store`` (:func:`rewrite_graph`).
 
     The collections' graphs are merged first, so tasks they share are keyed, looked up and run
     once; each collection is then rebuilt on the part of the rewritten graph it needs.
