@@ -361,3 +361,47 @@ def test_hash_code_recomputes_what_an_edited_function_computed(tmp_path, monkeyp
     assert results() == ((11, 5), (11, 5))
     module.write_text("def step(x):\n    return x + 100\n")
     assert results() == ((11, 5), (110, 203))  # keyed by name only, the old results stay
+
+
+SQL_URLS = {"postgresql": "FLECHE_TEST_POSTGRES_URL", "mariadb": "FLECHE_TEST_MARIADB_URL"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_sql_stores_answer_in_one_batch_the_same(kind, tmp_path):
+    pytest.importorskip("sqlalchemy", reason="the sql extra is not installed")
+    if kind == "sqlite":
+        spec = f"sqlite:///{tmp_path / 'calls.db'}"
+    elif os.environ.get(SQL_URLS[kind]):
+        spec = f"{os.environ[SQL_URLS[kind]]}?values={tmp_path / 'values'}"
+    else:
+        pytest.skip(f"no {kind} database to test with")
+    import fleche
+    from fleche.storage._sql_schema import schema
+
+    log = str(tmp_path / "runs.log")
+    try:
+        with dask.config.set(scheduler="threads"):
+            first = cached(tasks.build("bag", log), store=spec, min_seconds=0).compute()
+            runs = len(tasks.runs(log))
+            assert cached(tasks.build("bag", log), store=spec, min_seconds=0).compute() == first
+        assert len(tasks.runs(log)) == runs
+    finally:
+        calls = fleche.open(spec).calls
+        calls.list()  # connects
+        schema.drop_all(calls.engine)
+        calls.engine.dispose()
+
+
+def test_bad_options_are_named(tmp_path):
+    from fleche.dask import caching
+
+    collection = tasks.build("delayed", str(tmp_path / "runs.log"))
+    with pytest.raises(TypeError, match="cache or a store spec"):
+        cached(collection, store=42)
+    with pytest.raises(ValueError, match="min_seconds must be a number >= 0"):
+        cached(collection, store=str(tmp_path), min_seconds=-1)
+    with pytest.raises(TypeError, match="select must be a callable"):
+        caching(str(tmp_path), select="outputs")
+    with pytest.raises(TypeError, match="source_state must be a callable"):
+        caching(str(tmp_path), source_state="v1")
+    assert dask.config.get("fleche.dask.store", None) is None  # nothing was switched on

@@ -163,7 +163,7 @@ class GraphKeys:
             name=funcname(func),
             arguments=arguments,
             version=TASK_VERSION,
-            code_digest=self._value(func),
+            code_digest=str(self._value(func)),  # a plain str: what every call storage takes
         )
 
     def _fused_call(self, node: ts.Task) -> Call:
