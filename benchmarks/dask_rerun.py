@@ -4,8 +4,9 @@ Two workloads, each run uncached, then cold (an empty store: compute and save) a
 same pipeline built again, with new task names: load what is stored):
 
 - a sweep of ``--tasks`` small tasks of ``--work-ms`` busy time each: through the
-  ``FlecheCache`` plugin (``@fleche`` functions), through ``fleche.dask.cached`` with the default
-  storing rule (the output is saved, the 5 ms tasks are not), and with ``min_seconds=0`` (every
+  ``FlecheCache`` plugin (``@fleche`` functions, against uncached ``client.map``), and as a
+  ``delayed`` graph through ``fleche.dask.cached`` (against the uncached graph) with the default
+  storing rule (the output is saved, the 5 ms tasks are not) and with ``min_seconds=0`` (every
   task saved, so a sweep with one changed point recomputes only that point);
 - a ``dask.array`` pipeline: an ``--size`` x ``--size`` random matrix in 8 x 8 chunks, ``x @
   x.T`` and three reductions of it, through ``cached`` and through the ``caching`` switch.
@@ -52,38 +53,45 @@ def file_store(root: Path) -> Cache:
 
 
 class Table:
+    """Times runs and prints each with its ratio to a baseline run of the same workload."""
+
     def __init__(self) -> None:
         self.rows: list[dict] = []
-        self.base = 0.0
+        self.seconds: dict[tuple[str, str], float] = {}
 
-    def time(self, workload: str, label: str, run) -> object:
+    def time(self, workload: str, label: str, run, baseline: str | None = None) -> object:
         start = time.perf_counter()
         value = run()
         seconds = time.perf_counter() - start
-        if label == "uncached":
-            self.base = seconds
-        ratio = seconds / self.base
-        print(f"{workload:<6} {label:<44} {seconds:7.2f} s {ratio:6.2f}x uncached", flush=True)
-        self.rows.append({"workload": workload, "run": label, "seconds": seconds, "ratio": ratio})
+        self.seconds[workload, label] = seconds
+        row = {"workload": workload, "run": label, "seconds": seconds}
+        text = ""
+        if baseline is not None:
+            row["baseline"] = baseline
+            row["ratio"] = seconds / self.seconds[workload, baseline]
+            text = f"{row['ratio']:6.2f}x {baseline}"
+        print(f"{workload:<6} {label:<40} {seconds:7.2f} s   {text}", flush=True)
+        self.rows.append(row)
         return value
 
 
 def sweep_runs(table: Table, client: Client, root: Path, n: int, work: float) -> None:
-    table.time("sweep", "uncached", lambda: client.gather(
-        client.map(task, range(n), work=work, pure=False)))
-    client.register_plugin(FlecheCache(file_store(root / "plugin")))
-    for phase in ("cold", "warm"):
-        table.time("sweep", f"FlecheCache plugin, {phase}", lambda: client.gather(
-            client.map(cached_task, range(n), work=work, pure=False)))
-
     def sweep():  # built anew each time: fresh random delayed keys
         return delayed(list)([delayed(task)(i, work) for i in range(n)])
 
+    mapped, graph = "uncached client.map", "uncached delayed"
+    table.time("sweep", mapped, lambda: client.gather(
+        client.map(task, range(n), work=work, pure=False)))
+    table.time("sweep", graph, lambda: sweep().compute())
+    client.register_plugin(FlecheCache(file_store(root / "plugin")))
+    for phase in ("cold", "warm"):
+        table.time("sweep", f"FlecheCache plugin, {phase}", lambda: client.gather(
+            client.map(cached_task, range(n), work=work, pure=False)), mapped)
     for label, options in (("cached()", {}), ("cached(min_seconds=0)", {"min_seconds": 0})):
         store = file_store(root / label)
         for phase in ("cold", "warm"):
             table.time("sweep", f"{label}, {phase}",
-                       lambda: cached(sweep(), store=store, **options).compute())
+                       lambda: cached(sweep(), store=store, **options).compute(), graph)
         print(f"       {label}: {len(list(store.list()))} entries")
 
 
@@ -99,22 +107,20 @@ def array_runs(table: Table, root: Path, size: int) -> None:
         return all((np.array_equal if exact else np.allclose)(x, y) for x, y in zip(a, b))
 
     plain = table.time("array", "uncached", lambda: dask.compute(*pipeline()))
-    for label, store in (("cached()", file_store(root / "array")),
-                         ("caching() switch", file_store(root / "switch"))):
-        results = []
-        for phase in ("cold", "warm"):
-            if label == "cached()":
-                run = lambda: dask.compute(*cached(*pipeline(), store=store))  # noqa: E731
-            else:
-                run = lambda: _under(caching(store), lambda: dask.compute(*pipeline()))  # noqa: E731
-            results.append(table.time("array", f"{label}, {phase}", run))
-        assert same(results[0], plain, exact=False) and same(results[1], results[0], exact=True)
+    table.time("array", "uncached again", lambda: dask.compute(*pipeline()), "uncached")
+    def through_cached(store: Cache) -> tuple:
+        return dask.compute(*cached(*pipeline(), store=store))
+
+    def through_switch(store: Cache) -> tuple:
+        with caching(store):
+            return dask.compute(*pipeline())
+
+    for label, run in (("cached()", through_cached), ("caching() switch", through_switch)):
+        store = file_store(root / label)
+        cold, warm = (table.time("array", f"{label}, {phase}", lambda: run(store), "uncached")
+                      for phase in ("cold", "warm"))
+        assert same(cold, plain, exact=False) and same(warm, cold, exact=True)
         print(f"       {label}: {len(list(store.list()))} entries")
-
-
-def _under(setting, run):
-    with setting:
-        return run()
 
 
 def main() -> None:
@@ -131,7 +137,8 @@ def main() -> None:
     table = Table()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
-        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                          worker_dashboard_address=None) as cluster:
             with Client(cluster) as client:
                 client.submit(task, -1, 0).result()  # workers warm
                 if args.skip != "sweep":
