@@ -405,3 +405,19 @@ def test_bad_options_are_named(tmp_path):
     with pytest.raises(TypeError, match="source_state must be a callable"):
         caching(str(tmp_path), source_state="v1")
     assert dask.config.get("fleche.dask.store", None) is None  # nothing was switched on
+
+
+def test_a_large_partition_is_one_stored_value(tmp_path):
+    store, log = file_cache(tmp_path / "store"), str(tmp_path / "runs.log")
+
+    def pipeline():
+        return db.from_sequence(range(2000), npartitions=2).map(tasks.scale, 2, log)
+
+    with dask.config.set(scheduler="threads"):
+        first = cached(pipeline(), store=store).compute()
+        assert cached(pipeline(), store=store).compute() == first == [2 * i for i in range(2000)]
+    assert len(list(store.list())) == 2  # the two partitions
+    # Not one value per item (the value storage destructures lists): one per partition, and
+    # one for the arguments of each partition's task.
+    assert len(list(store.values.list())) <= 4
+    assert tasks.runs(log).count("scale:2") == 2000

@@ -9,7 +9,9 @@ one of the requested keys (an *output*), or when the time it saves reaches ``min
 the task's runtime times the number of tasks that use its result. Cheap tasks (getitem,
 rechunk splits, aliases, data) therefore never become entries of their own. ``select(key,
 task)`` overrides the rule per task: ``True`` saves, ``False`` never saves, ``None`` leaves it
-to the rule. Whatever the rule, a result already stored is loaded rather than computed.
+to the rule. Whatever the rule, a result already stored is loaded rather than computed. A
+result that is a container of many elements (a bag partition) is stored as one value
+(:class:`~fleche._tasks.Whole`), not one entry per element.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import dask._task_spec as ts
 from dask.core import flatten
 from dask.utils import ensure_dict, key_split
 
-from ._tasks import ComputeAndSave, load_result
+from ._tasks import ComputeAndSave, load_result, whole
 from .caches import BaseCache, CacheWrapper
 from .dask_keys import GraphKeys, Keying
 
@@ -158,7 +160,9 @@ def rewrite_graph(
                 new[key] = node
                 continue
             metadata = {"dask": {"task": key_split(key)}}
-            run = ComputeAndSave(shipped, content.calls[key], node.func, metadata, threshold)
+            run = ComputeAndSave(
+                shipped, content.calls[key], node.func, metadata, threshold, pack=whole
+            )
             new[key] = ts.Task(
                 key, run, *node.args, _data_producer=node.data_producer, **node.kwargs
             )

@@ -39,7 +39,7 @@ import dask._task_spec as ts
 from dask.tokenize import tokenize
 from dask.utils import funcname
 
-from ._tasks import ComputeAndSave, Upstream, load_result
+from ._tasks import ComputeAndSave, Upstream, Whole, load_result
 from .call import Call
 from .digest import Digest, Indigestible, code_digest, digest
 
@@ -151,8 +151,8 @@ class GraphKeys:
         if func is ts._execute_subgraph:
             return self._fused_call(node)
         arguments: dict[str, Any] = {
-            "args": tuple(self._structure(a) for a in node.args),
-            "kwargs": {k: self._structure(v) for k, v in node.kwargs.items()},
+            "args": _stored(tuple(self._structure(a) for a in node.args)),
+            "kwargs": _stored({k: self._structure(v) for k, v in node.kwargs.items()}),
         }
         source_state = self.keying.source_state
         if source_state is not None and self._is_source(node):
@@ -244,6 +244,28 @@ def _with_code(d: Digest, obj: Any) -> Digest:
         return digest(("fleche.dask.code", d, code_digest(obj)))
     except Indigestible:
         return d
+
+
+def _stored(arguments: Any) -> Any:
+    """Task arguments as the record keeps them: a few plain values as they are (inline in the
+    record), anything else as one :class:`Whole` value. Value storages would otherwise store
+    each element apart and take the digest inside an :class:`Upstream` for a reference."""
+    budget, pending = 16, [arguments]
+    while pending:
+        obj = pending.pop()
+        t = type(obj)
+        if t in (list, tuple, set, frozenset):
+            budget -= len(obj)
+            pending.extend(obj)
+        elif t is dict:
+            budget -= len(obj)
+            pending.extend(obj.keys())
+            pending.extend(obj.values())
+        elif t not in _PLAIN:
+            return Whole(arguments)
+        if budget < 0:
+            return Whole(arguments)
+    return arguments
 
 
 def _token_digest(obj: Any) -> Digest:
