@@ -98,8 +98,11 @@ def new_runs(log, since):
 def test_a_changed_stage_recomputes_only_its_part(kind, cluster, tmp_path):
     store, log = file_cache(tmp_path / "store"), str(tmp_path / "runs.log")
 
-    def run(**changes):  # min_seconds=0: every task is stored, not only the outputs
-        return cached(tasks.build(kind, log, **changes), store=store, min_seconds=0).compute()
+    def run(**changes):
+        # min_seconds=0: every task is stored, not only the outputs; optimize_graph=False:
+        # every stage is a task of its own (dask would fuse the array and bag stages).
+        collection = tasks.build(kind, log, **changes)
+        return cached(collection, store=store, min_seconds=0, optimize_graph=False).compute()
 
     with Client(cluster):
         run()
@@ -166,12 +169,17 @@ def test_which_results_are_stored(tmp_path):
     assert sorted(chosen) == ["add_offset"] * 4 + ["sum-aggregate"] * 2
     vetoed = entries("veto", select=lambda key, task: False)
     assert vetoed == []
+    # Tasks only: the data nodes and aliases of the graph never become entries. Stages dask
+    # fuses into one task (scale into add_offset, matmul and transpose into chunk_sum) are one
+    # entry, unless optimize_graph=False keeps every stage a task.
     everything = entries("all", min_seconds=0)
     assert sorted(set(everything)) == [
-        "add_offset", "chunk_sum", "chunk_sum-aggregate", "matmul", "scale", "sum",
-        "sum-aggregate", "transpose",
-    ]  # tasks only: the data nodes and aliases of the graph never become entries
-    assert everything.count("scale") == 4
+        "add_offset", "chunk_sum", "chunk_sum-aggregate", "sum", "sum-aggregate"
+    ]
+    assert everything.count("add_offset") == 4
+    unfused = entries("unfused", min_seconds=0, optimize_graph=False)
+    assert sorted(set(unfused)) == sorted(set(everything) | {"matmul", "scale", "transpose"})
+    assert unfused.count("scale") == 4
 
 
 def flatten_keys(collection):
@@ -421,3 +429,14 @@ def test_a_large_partition_is_one_stored_value(tmp_path):
     # one for the arguments of each partition's task.
     assert len(list(store.values.list())) <= 4
     assert tasks.runs(log).count("scale:2") == 2000
+
+
+def test_fused_and_unfused_graphs_share_results(tmp_path):
+    store, log = file_cache(tmp_path / "store"), str(tmp_path / "runs.log")
+    with dask.config.set(scheduler="threads"):
+        unfused = cached(tasks.build("array", log), store=store, min_seconds=0,
+                         optimize_graph=False).compute()
+        entries, runs = len(list(store.list())), len(tasks.runs(log))
+        fused = cached(tasks.build("array", log), store=store, min_seconds=0).compute()
+    assert_same(fused, unfused)
+    assert (len(list(store.list())), len(tasks.runs(log))) == (entries, runs)

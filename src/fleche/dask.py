@@ -159,7 +159,10 @@ def cached(
     ``select(key, task)`` decides per task instead where it returns ``True`` or ``False``
     (:class:`StoreRule`). ``source_state(task)`` adds to the keys of tasks that read inputs,
     e.g. :func:`file_state`; ``hash_code=True`` adds the code of the Python functions (see
-    :mod:`fleche.dask_keys`).
+    :mod:`fleche.dask_keys`). The tasks are those ``compute`` runs: stages dask fuses into one
+    task (chains of elementwise array operations, bag maps) are stored and recomputed together;
+    ``optimize_graph=False`` keeps every stage a task of its own, for finer reuse at the price
+    of a slower computation.
 
     The graphs are keyed and looked up here, on the calling thread, with one batch question to
     the store; loads and saves run on the workers. Thread-safe; collections rebuilt by

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
+import dask
 import dask._task_spec as ts
+from dask.base import optimization_function
 from dask.core import flatten
 from dask.utils import ensure_dict, key_split
 
@@ -212,21 +214,29 @@ class CollectionGraph:
 def collection_graph(collection: Any, optimize_graph: bool = True) -> CollectionGraph:
     """The graph ``collection`` computes, with its output keys and its rebuild.
 
-    Dask DataFrame collections are expressions: they are optimized as expressions (when
-    ``optimize_graph``), lowered to a graph, and rebuilt with ``from_graph``, since their
-    ``__dask_postpersist__`` takes the output keys from the mapping it gets and so cannot take a
-    whole graph. Every other collection gives its graph as it is and is rebuilt by its
-    ``__dask_postpersist__``; the compute that follows optimizes the rewritten graph, once
-    (optimizing a ``dask.array`` graph twice can duplicate its tasks).
+    With ``optimize_graph``, the graph is shaped as ``compute`` shapes it, so its tasks are the
+    ones that run: dataframes are optimized as expressions (stages stay tasks of their own),
+    other collections by dask's high-level optimizations (culling, blockwise fusion: a chain of
+    elementwise array operations or bag maps becomes one task). The low-level fusion is left
+    to the compute that follows, which optimizes the rewritten graph once (optimizing a
+    ``dask.array`` graph twice can duplicate its tasks). Without it, every stage is a task.
+
+    Dask DataFrame collections are rebuilt with ``dd.from_graph``, since their
+    ``__dask_postpersist__`` takes the output keys from the mapping it gets and so cannot take
+    a whole graph; every other collection by its ``__dask_postpersist__``.
     """
     dd = sys.modules.get("dask.dataframe")  # imported by whoever made a dataframe collection
     if dd is not None and isinstance(collection, (dd.DataFrame, dd.Series, dd.Index, dd.Scalar)):
         return _frame_graph(dd, collection, optimize_graph)
     keys = list(flatten(collection.__dask_keys__()))
+    graph = collection.__dask_graph__()
+    if optimize_graph:
+        # Dask's high-level optimizations only (blockwise fusion, culling): low-level fusion
+        # is left to the compute that follows.
+        with dask.config.set({"optimization.fuse.active": False}):
+            graph = optimization_function(collection)(graph, keys)
     rebuild, extra = collection.__dask_postpersist__()
-    return CollectionGraph(
-        ensure_dict(collection.__dask_graph__()), keys, lambda dsk: rebuild(dsk, *extra)
-    )
+    return CollectionGraph(ensure_dict(graph), keys, lambda dsk: rebuild(dsk, *extra))
 
 
 def _frame_graph(dd: Any, frame: Any, optimize_graph: bool) -> CollectionGraph:
