@@ -17,15 +17,6 @@ from fleche.storage import CallPickleFile, ValuePickleFile  # noqa: E402
 from fleche.testing import flip_a_byte  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None,
-        worker_dashboard_address=None,
-    ) as cluster:
-        yield cluster
-
-
 @pytest.fixture
 def client(cluster):
     with Client(cluster) as client:
@@ -117,10 +108,11 @@ def test_cached_graph_is_culled_in_a_new_session(cluster, tmp_path):
     with Client(cluster):
         assert build().compute() == 14
         uncached_runs = len(tasks.runs(log))
-        assert cached(build(), store=store).compute() == 14
+        # min_seconds=0: every task is stored, not only the output (the default rule).
+        assert cached(build(), store=store, min_seconds=0).compute() == 14
         assert len(tasks.runs(log)) == 2 * uncached_runs
     with Client(cluster):  # a new session: fresh delayed keys
-        again = cached(build(), store=store)
+        again = cached(build(), store=store, min_seconds=0)
         graph = dict(again.__dask_graph__())
         assert len(graph) == 1  # only the load of the final result is left
         assert again.compute() == 14
@@ -128,7 +120,7 @@ def test_cached_graph_is_culled_in_a_new_session(cluster, tmp_path):
         # A changed input reuses the unchanged branch and recomputes the rest.
         changed = delayed(tasks.plain_add)(delayed(tasks.plain_inc)(delayed(tasks.plain_inc)(1, log), log),
                                            delayed(tasks.plain_inc)(20, log), log)
-        assert cached(changed, store=store).compute() == 24
+        assert cached(changed, store=store, min_seconds=0).compute() == 24
         assert sorted(tasks.runs(log)[2 * uncached_runs:]) == ["add:3+21", "inc:20"]
 
 

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -326,9 +327,10 @@ def _fits(value: Any, budget: int) -> int | None:
                 return None
             total += ks + vs
         return total if total < budget else None
-    nbytes = getattr(value, "nbytes", None)  # numpy arrays and scalars
-    if type(nbytes) is int and nbytes < budget and getattr(value, "dtype", None) is not None:
-        return None if value.dtype.hasobject else nbytes + 128
+    # numpy arrays and scalars only: pandas objects have nbytes too, but not always numpy dtypes
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, (np.ndarray, np.generic)):
+        return None if value.dtype.hasobject or value.nbytes >= budget else value.nbytes + 128
     return None
 
 

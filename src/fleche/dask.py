@@ -6,11 +6,15 @@ Two ways in, usable together:
   ``store`` the process-wide default cache of every worker (also of workers that join later),
   so every ``@fleche`` function run in a task, however it was submitted, reads and writes
   through it.
-- :func:`cached`, whole-graph caching for plain functions. It gives every task a content digest
-  (a Merkle chain of function identity and argument digests, an upstream task standing for its
-  own digest rather than its random key), replaces tasks the store already has by loads, culls
-  everything upstream of them, and makes the remaining tasks save their results on the worker.
-  :class:`CachingOptimizer` does the same as a ``dask.config`` optimizer.
+- :func:`cached`, whole-graph caching for every collection (``dask.array``, ``dask.bag``,
+  ``dask.dataframe``, ``delayed`` and mixtures) and plain functions. It gives every task a
+  content key (a Merkle chain of function identity and argument digests, an upstream task
+  standing for its own key rather than its random name; :mod:`fleche.dask_keys`), turns tasks
+  the store already has into loads, culls everything upstream of them, and makes the tasks worth
+  keeping save their results on the worker (:mod:`fleche.dask_graph` says which).
+  :func:`caching` does the same for every computation of the process without wrapping
+  collections (:mod:`fleche.dask_switch`); :class:`CachingOptimizer` does it as a
+  ``dask.config`` graph optimizer.
 
 Storages and caches can also be passed to tasks as plain arguments: they pickle as their
 settings and coordinate through the same files or database in every worker.
@@ -23,28 +27,32 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import cloudpickle
-import dask._task_spec as ts
 from dask.core import flatten
-from dask.utils import ensure_dict
 from distributed import Client, WorkerPlugin
 
-from ._tasks import ComputeAndSave as _ComputeAndSave
-from ._tasks import Upstream
-from ._tasks import load_result as _load_result
 from .caches import BaseCache
-from .call import Call
+from .dask_graph import MIN_SECONDS, Select, StoreRule, cache_collections, rewrite_graph
+from .dask_keys import Keying, SourceState, file_state
+from .dask_switch import caching, resolve_store
 from .decorator import active_cache, get_default_cache, set_default_cache
-from .digest import Digest, Indigestible, digest
 from .spec import as_cache, spec_of
 from .spec import parse as parse_spec
 from .stats import StatsCache
 
-__all__ = ["CachingOptimizer", "FlecheCache", "cached", "rewrite_graph"]
+__all__ = [
+    "CachingOptimizer",
+    "FlecheCache",
+    "Keying",
+    "StoreRule",
+    "cached",
+    "caching",
+    "file_state",
+    "rewrite_graph",
+]
 
 logger = logging.getLogger("fleche.dask")
 
@@ -149,163 +157,77 @@ def _collect_stats(dask_worker: Any) -> dict[str, dict[str, float]]:
 # -- whole-graph caching ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class InlineTask:
-    """A task nested in another task's arguments, kept as its function and arguments."""
-
-    func: Any
-    args: tuple
-    kwargs: dict
-
-    def __digest__(self) -> tuple:
-        return (self.func, self.args, self.kwargs)
-
-
-class _Uncacheable(Exception):
-    pass
-
-
-def _structure(obj: Any, digests: Mapping[Hashable, Digest | None]) -> Any:
-    """A task argument as a digestible value, upstream tasks replaced by their digests."""
-    if isinstance(obj, ts.TaskRef):
-        d = digests.get(obj.key)
-        if d is None:
-            raise _Uncacheable(obj.key)
-        return Upstream(d)
-    if isinstance(obj, ts.DataNode):
-        return _structure(obj.value, digests)
-    if isinstance(obj, ts.Alias):
-        return _structure(ts.TaskRef(obj.target.key), digests)
-    if isinstance(obj, ts.NestedContainer):
-        items = [_structure(a, digests) for a in obj.args]
-        if obj.klass is dict:
-            return dict(zip(items[::2], items[1::2]))
-        return obj.klass(items)
-    if isinstance(obj, ts.Task):
-        return InlineTask(
-            obj.func,
-            tuple(_structure(a, digests) for a in obj.args),
-            {k: _structure(v, digests) for k, v in obj.kwargs.items()},
-        )
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return type(obj)(_structure(a, digests) for a in obj)
-    if isinstance(obj, dict):
-        return {k: _structure(v, digests) for k, v in obj.items()}
-    return obj
-
-
-def _task_call(node: ts.Task, digests: Mapping[Hashable, Digest | None]) -> Call:
-    func = node.func
-    return Call(
-        name=getattr(func, "__qualname__", type(func).__qualname__),
-        module=getattr(func, "__module__", None),
-        arguments={
-            "args": tuple(_structure(a, digests) for a in node.args),
-            "kwargs": {k: _structure(v, digests) for k, v in node.kwargs.items()},
-        },
-        version="fleche.dask.task",
-        code_digest=digest(func),  # identifies partials, lambdas and local functions too
-    )
-
-
-def _topological(dsk: Mapping[Hashable, ts.GraphNode]) -> list[Hashable]:
-    order: list[Hashable] = []
-    state: dict[Hashable, int] = {}
-    for root in dsk:
-        stack = [(root, False)]
-        while stack:
-            key, done = stack.pop()
-            if done:
-                state[key] = 2
-                order.append(key)
-                continue
-            if state.get(key) or key not in dsk:
-                continue
-            state[key] = 1
-            stack.append((key, True))
-            stack.extend((dep, False) for dep in dsk[key].dependencies if not state.get(dep))
-    return order
-
-
-def _digests(dsk: Mapping[Hashable, ts.GraphNode]) -> tuple[dict, dict]:
-    """Content digest of every node (None where it has none) and the call of every task."""
-    digests: dict[Hashable, Digest | None] = {}
-    calls: dict[Hashable, Call] = {}
-    for key in _topological(dsk):
-        node = dsk[key]
-        try:
-            if isinstance(node, ts.Alias):
-                digests[key] = digests.get(node.target.key)
-            elif isinstance(node, ts.DataNode):
-                digests[key] = digest(node.value)
-            elif isinstance(node, ts.NestedContainer):
-                digests[key] = digest(_structure(node, digests))
-            elif isinstance(node, ts.Task):
-                calls[key] = _task_call(node, digests)
-                digests[key] = calls[key].to_lookup_key()
-            else:
-                digests[key] = None
-        except (_Uncacheable, Indigestible):
-            digests[key] = None
-    return digests, calls
-
-
-def rewrite_graph(
-    dsk: Mapping[Hashable, Any], keys: Iterable[Hashable], store: BaseCache
-) -> dict[Hashable, ts.GraphNode]:
-    """The graph ``dsk`` computing ``keys`` through ``store``.
-
-    Tasks the store has become loads; everything only they needed is culled; the other tasks
-    save their results when they run. Tasks without a content digest (an argument or function
-    that cannot be digested, a dependency outside the graph) and everything downstream of them
-    run as they are. Checks the store once per task.
-    """
-    graph = ts.convert_legacy_graph(ensure_dict(dsk))
-    digests, calls = _digests(graph)
-    new: dict[Hashable, ts.GraphNode] = {}
-    for key, node in graph.items():
-        call = calls.get(key)
-        d = digests.get(key)
-        if call is None or d is None:
-            new[key] = node
-        elif store.contains(d):
-            new[key] = ts.Task(key, _load_result, store, d)
-        else:
-            new[key] = ts.Task(key, _ComputeAndSave(store, call, node.func), *node.args, **node.kwargs)
-    return ts.cull(new, list(keys))
-
-
-def cached(*collections: Any, store: BaseCache | None = None) -> Any:
+def cached(
+    *collections: Any,
+    store: BaseCache | str | os.PathLike[str] | None = None,
+    min_seconds: float | None = MIN_SECONDS,
+    select: Select | None = None,
+    source_state: SourceState | None = None,
+    hash_code: bool = False,
+    optimize_graph: bool = True,
+) -> Any:
     """Collections that compute like ``collections`` but through ``store``.
 
-    ``store`` defaults to the active cache (which must be shared with the workers, e.g. files
-    or a database, for results to survive). Returns one collection for one argument, else a
-    tuple. Results are identical to an uncached compute; the same graph built again, even in a
-    new session with fresh ``delayed`` keys, is served from the store.
+    Takes any Dask collections (arrays, bags, dataframes, delayed, mixed) and returns
+    collections of the same types, one for one argument, else a tuple; they compute to the same
+    results, bit for bit. ``store`` is a cache or a store spec, by default the active cache; it
+    must be shared with the workers (files, a database) for results to outlive them.
+
+    Every task is keyed by content, so the same pipeline built again, in a new process with new
+    random or tokenized names, is served from the store, and a pipeline with one stage changed
+    computes that stage and what depends on it and loads the rest. Outputs are saved, and
+    intermediate results whose runtime times their number of uses reaches ``min_seconds``;
+    ``select(key, task)`` decides per task instead where it returns ``True`` or ``False``
+    (:class:`StoreRule`). ``source_state(task)`` adds to the keys of tasks that read inputs,
+    e.g. :func:`file_state`; ``hash_code=True`` adds the code of the Python functions (see
+    :mod:`fleche.dask_keys`). The tasks are those ``compute`` runs: stages dask fuses into one
+    task (chains of elementwise array operations, bag maps) are stored and recomputed together;
+    ``optimize_graph=False`` keeps every stage a task of its own, for finer reuse at the price
+    of a slower computation.
+
+    The graphs are keyed and looked up here, on the calling thread, with one batch question to
+    the store; loads and saves run on the workers. Thread-safe; collections rebuilt by
+    different processes share entries, and two of them computing the same task at once may
+    both compute and save it (the same content under the same key).
 
     >>> total = cached(delayed(sum)(parts), store=store)  # doctest: +SKIP
     >>> total.compute()  # doctest: +SKIP
     """
-    store = store if store is not None else active_cache()
-    out = []
-    for collection in collections:
-        keys = list(flatten(collection.__dask_keys__()))
-        graph = rewrite_graph(collection.__dask_graph__(), keys, store)
-        rebuild, extra = collection.__dask_postpersist__()
-        out.append(rebuild(graph, *extra))
+    store = resolve_store(store) if store is not None else active_cache()
+    out = cache_collections(
+        collections,
+        store,
+        rule=StoreRule(min_seconds, select),
+        keying=Keying(source_state, hash_code),
+        optimize_graph=optimize_graph,
+    )
     return out[0] if len(out) == 1 else tuple(out)
 
 
 class CachingOptimizer:
-    """A graph optimizer that rewrites every graph through ``store`` (see :func:`cached`).
+    """A graph optimizer that rewrites every graph through ``store`` (see :func:`rewrite_graph`).
 
-    Opt in with ``dask.config.set(delayed_optimize=CachingOptimizer(store))``. Optimizers run
-    where the graph is optimized, on the scheduler with distributed, so the store must be
-    reachable there too; ``client.submit`` and ``optimize_graph=False`` bypass optimizers.
+    Opt in with ``dask.config.set(delayed_optimize=CachingOptimizer(store))`` (or
+    ``array_optimize``, ``bag_optimize``; it replaces dask's own optimizer there). Optimizers
+    run where the graph is materialized, on the scheduler with distributed, so the store must be
+    reachable there too; ``client.submit`` and ``optimize_graph=False`` bypass optimizers, and
+    dataframes have none: :func:`caching` covers every collection. The options are those of
+    :func:`cached`.
     """
 
-    def __init__(self, store: BaseCache) -> None:
-        self.store = store
+    def __init__(
+        self,
+        store: BaseCache | str | os.PathLike[str],
+        *,
+        min_seconds: float | None = MIN_SECONDS,
+        select: Select | None = None,
+        source_state: SourceState | None = None,
+        hash_code: bool = False,
+    ) -> None:
+        self.store = resolve_store(store)
+        self.rule = StoreRule(min_seconds, select)
+        self.keying = Keying(source_state, hash_code)
 
     def __call__(self, dsk: Mapping[Hashable, Any], keys: Any, **kwargs: Any) -> dict:
-        return rewrite_graph(dsk, flatten(keys) if isinstance(keys, list) else [keys], self.store)
+        keys = list(flatten(keys)) if isinstance(keys, list) else [keys]
+        return rewrite_graph(dsk, keys, self.store, rule=self.rule, keying=self.keying)
