@@ -28,10 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import dask._task_spec as ts
-from dask.core import flatten
-from dask.utils import ensure_dict
-from distributed import Client, WorkerPlugin
+
+from .extras import needs_extra
+
+with needs_extra("dask", "fleche.dask"):
+    import dask._task_spec as ts
+    from dask.core import flatten
+    from dask.utils import ensure_dict
+    from distributed import Client, WorkerPlugin
 
 from ._tasks import ComputeAndSave as _ComputeAndSave
 from ._tasks import Upstream
@@ -129,7 +133,8 @@ class FlecheCache(WorkerPlugin):
         One row per worker and plugin: ``hits``, ``misses``, ``saves``, ``errors``,
         ``bytes_written``, ``load_seconds``, ``save_seconds``.
         """
-        import pandas as pd
+        with needs_extra("pandas", "FlecheCache.stats"):
+            import pandas as pd
 
         rows = []
         for worker, plugins in client.run(_collect_stats).items():
