@@ -68,11 +68,15 @@ def _open(text: str, must_exist: bool = True) -> tuple[StoreSpec, Cache]:
 
 def _default_store() -> tuple[str, str]:
     """The spec of the store a decorated function without a cache uses in a process started
-    like this one, and where that choice comes from."""
+    like this one, and where that choice comes from (``FLECHE_CACHE`` or ``default``)."""
     named = os.environ.get(CACHE_ENV)
-    if named:
-        return named, f"the environment variable {CACHE_ENV}"
-    return default_spec(), f"the default store in the user cache directory ({CACHE_ENV} is not set)"
+    return (named, CACHE_ENV) if named else (default_spec(), "default")
+
+
+_SOURCES = {
+    CACHE_ENV: f"the environment variable {CACHE_ENV}",
+    "default": f"the default store in the user cache directory ({CACHE_ENV} is not set)",
+}
 
 
 def _describe(spec: StoreSpec) -> dict[str, str]:
@@ -236,7 +240,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines = [("store", mask(str(spec)))]
     if source is not None:
         made = "" if spec.exists() else "; nothing stored yet, made on the first save"
-        lines.append(("from", source + made))
+        lines.append(("from", _SOURCES[source] + made))
     lines += [
         ("calls", f"{n_calls} in {where['calls']}"),
         ("values", f"{n_values} in {where['values']}"),
