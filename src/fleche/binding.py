@@ -74,7 +74,9 @@ def bind(cache: BaseCache | str | os.PathLike[str], func: Callable[..., Any], /)
 def bind(cache: Any, func: Any = None, /) -> Any:
     """``func`` bound to ``cache`` (a cache or a store spec); without ``func``, a decorator
     that binds the function it is given. ``TypeError`` for something that is neither a cache
-    nor a spec, or a ``func`` that is not callable; ``SpecError`` for a bad spec."""
+    nor a spec, or a ``func`` that is not callable; ``SpecError`` for a bad spec. The bound
+    function may be called from any thread and process: each call activates the cache in the
+    calling context only."""
     store = as_cache(cache)
     if func is None:
         return functools.partial(_bind_to, store)

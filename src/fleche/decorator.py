@@ -528,7 +528,7 @@ class _Cached:
 
         try:
             try:
-                await in_held(stack.enter_context, cache.locked(key))
+                await in_held(lambda: stack.enter_context(cache.locked(key)))
             except LockTimeout as e:
                 _warn(f"{self.name}: computing without waiting longer ({e})")
                 return await self._compute_async(cache, args, kwargs, call, overwrite, asyncio.to_thread)

@@ -38,7 +38,8 @@ RESERVED = frozenset({"runtime", "function"})
 
 def providers(meta: Mapping[str, Provider] | Iterable[Provider] | None) -> dict[str, Provider]:
     """``meta=`` as a dict of section name to provider (a sequence of providers is named after
-    each one's ``__name__``); ``TypeError`` or ``ValueError`` naming what is wrong."""
+    each one's ``__name__``); ``TypeError`` or ``ValueError`` naming what is wrong. Checked
+    once, when decorating."""
     if meta is None:
         return {}
     if isinstance(meta, Mapping):
@@ -48,7 +49,13 @@ def providers(meta: Mapping[str, Provider] | Iterable[Provider] | None) -> dict[
         for provider in meta:
             if not callable(provider):
                 raise TypeError(f"meta= takes callables, got {provider!r}")
-            named[getattr(provider, "__name__", type(provider).__name__)] = provider
+            try:
+                named[provider.__name__] = provider
+            except AttributeError:
+                raise TypeError(
+                    f"meta= provider {provider!r} has no __name__ to name its section: "
+                    "give it one with meta={'section': provider}"
+                ) from None
     else:
         raise TypeError(
             f"meta= takes a dict of section name to provider, or a list of providers; got {meta!r}"
@@ -65,7 +72,8 @@ def providers(meta: Mapping[str, Provider] | Iterable[Provider] | None) -> dict[
 
 def collect(named: Mapping[str, Provider], call: Call, function: str) -> dict[str, Any]:
     """The sections the providers give for ``call``; each failure is a warning naming the
-    function, the section and the cause, and leaves that section out."""
+    function, the section and the cause, and leaves that section out. Runs in the calling
+    thread; providers called from several threads at once must be thread-safe themselves."""
     sections: dict[str, Any] = {}
     for section, provider in named.items():
         try:

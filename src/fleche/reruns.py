@@ -6,7 +6,7 @@
         fit(data)
     fit.rerun(data)                # this call, with every decorated call inside it
 
-Each call is recomputed once per block and cache: calling it again inside the same block loads
+Each call is recomputed once per block and cache object: calling it again inside the same block loads
 the entry just written, so a diamond of dependencies still computes each node once. A call
 that raises, or whose result could not be saved (a read-only cache, a store error), is not
 counted, so it is recomputed if called again. Only calls that actually happen are recomputed:
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .threads import follow
@@ -39,22 +39,25 @@ class Rerun:
 
     def __init__(self, functions: frozenset[_Cached] | None) -> None:
         self.functions = functions
-        self._done: set[tuple[Hashable, str]] = set()
+        self._done: set[tuple[int, str]] = set()  # (id of the cache, call key)
+        self._caches: dict[int, object] = {}  # keeps those caches alive, so ids stay theirs
         self._lock = threading.Lock()
         self._tokens: list[contextvars.Token] = []
 
-    def applies(self, cached: _Cached, cache: Hashable, key: str) -> bool:
+    def applies(self, cached: _Cached, cache: object, key: str) -> bool:
         """Whether this call must be recomputed: one of the block's functions, not yet
-        recomputed in this block for this cache."""
+        recomputed in this block for this cache. Thread-safe."""
         if self.functions is not None and cached not in self.functions:
             return False
         with self._lock:
-            return (cache, key) not in self._done
+            return (id(cache), key) not in self._done
 
-    def recomputed(self, cache: Hashable, key: str) -> None:
-        """Record that the call was recomputed and its entry replaced."""
+    def recomputed(self, cache: object, key: str) -> None:
+        """Record that the call was recomputed and its entry replaced in ``cache``.
+        Thread-safe."""
         with self._lock:
-            self._done.add((cache, key))
+            self._caches[id(cache)] = cache
+            self._done.add((id(cache), key))
 
     def __enter__(self) -> Rerun:
         follow(_RERUN)
