@@ -19,7 +19,8 @@ Every method takes the function's arguments as a call would (a :class:`~fleche.D
 and works on the cache the function uses now (:attr:`FunctionNamespace.cache`). The wrapper
 itself keeps the short forms ``f.digest``, ``f.contains``, ``f.load``, ``f.call``, ``f.query``,
 ``f.clear``, ``f.refresh`` and ``f.rerun``. For an ``async def`` function, ``refresh`` and
-``rerun`` return coroutines to await, like a call.
+``rerun`` return coroutines to await, like a call; the other operations stay plain calls that
+do their I/O in the calling thread.
 """
 
 from __future__ import annotations
