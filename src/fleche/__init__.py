@@ -9,7 +9,9 @@ storages that many threads and processes can share safely::
     def simulate(temperature, steps=100):
         ...
 
-``fleche.open(spec)`` opens a store named by one string (``"/shared/store"``,
+Without a cache of their own, decorated functions use the default store in the user's cache
+directory (``~/.cache/fleche`` on Linux), so a script's results outlive it; ``fleche info``
+shows it. ``fleche.open(spec)`` opens a store named by one string (``"/shared/store"``,
 ``"sqlite:///calls.db"``, ``"postgresql://host/db?values=/shared/values"``; see
 :mod:`fleche.spec`), and the environment variable ``FLECHE_CACHE`` makes one the default of
 every process it is set in. The ``fleche`` command (:mod:`fleche.cli`) looks inside stores.
@@ -19,6 +21,7 @@ import types
 from typing import Any
 
 from . import digest
+from .binding import bind
 from .caches import BaseCache, Cache, CacheStack, ReadOnlyCache, memory_cache
 from .call import Call, DigestedCall, QueryCall
 from .decorator import active_cache, cache, fleche, get_default_cache, set_default_cache
@@ -26,6 +29,7 @@ from .digest import Digest, Indigestible, register_digest_hook
 from .digest_arguments import D
 from .errors import FlecheError, FlecheWarning
 from .query import MatchCountError, QueryIterator
+from .reruns import rerun
 from .spec import open_store as open  # noqa: A004,F401 - fleche.open(spec); not in __all__ on purpose
 
 
@@ -62,11 +66,13 @@ __all__ = [
     "QueryIterator",
     "ReadOnlyCache",
     "active_cache",
+    "bind",
     "cache",
     "digest",
     "fleche",
     "get_default_cache",
     "memory_cache",
     "register_digest_hook",
+    "rerun",
     "set_default_cache",
 ]

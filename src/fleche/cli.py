@@ -2,7 +2,8 @@
 
 Every command takes a store spec (see :mod:`fleche.spec`)::
 
-    fleche info SPEC                      where it is, counts, size, functions
+    fleche info [SPEC]                    where it is, counts, size, functions (no SPEC: the
+                                          default store, FLECHE_CACHE's or the user cache's)
     fleche ls SPEC [--name NAME] [--where ARG=VALUE ...] [--limit N]
     fleche show SPEC KEY                  one call in full (short keys work)
     fleche evict SPEC KEY...              remove calls (their values stay until gc)
@@ -35,7 +36,7 @@ from .call import DigestedCall, QueryCall
 from .caches import Cache
 from .digest import Digest
 from .errors import AmbiguousDigestError, CorruptEntryError, FlecheError, SpecError
-from .spec import StoreSpec, mask, parse
+from .spec import CACHE_ENV, StoreSpec, default_spec, mask, parse
 from .verify import repair, verify
 
 __all__ = ["main"]
@@ -53,14 +54,29 @@ class Failure(Exception):
 
 
 def _open(text: str, must_exist: bool = True) -> tuple[StoreSpec, Cache]:
+    # Opened before the existence check, so a store needing an extra says so first.
     try:
         spec = parse(text)
+        cache = spec.open()
     except SpecError as e:
         raise UsageError(str(e)) from None
     if must_exist and not spec.exists():
         where = spec.sqlite_path() or spec.calls
         raise UsageError(f"no store at {where}: it does not exist (check the spec {mask(text)!r})")
-    return spec, spec.open()
+    return spec, cache
+
+
+def _default_store() -> tuple[str, str]:
+    """The spec of the store a decorated function without a cache uses in a process started
+    like this one, and where that choice comes from (``FLECHE_CACHE`` or ``default``)."""
+    named = os.environ.get(CACHE_ENV)
+    return (named, CACHE_ENV) if named else (default_spec(), "default")
+
+
+_SOURCES = {
+    CACHE_ENV: f"the environment variable {CACHE_ENV}",
+    "default": f"the default store in the user cache directory ({CACHE_ENV} is not set)",
+}
 
 
 def _describe(spec: StoreSpec) -> dict[str, str]:
@@ -193,7 +209,12 @@ def _emit_json(data: Any) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    spec, cache = _open(args.spec)
+    source = None
+    if args.spec is None:
+        text, source = _default_store()
+        spec, cache = _open(text, must_exist=False)
+    else:
+        spec, cache = _open(args.spec)
     functions: dict[str, int] = {}
     unreadable = 0
     for _, record in cache.records():
@@ -213,10 +234,14 @@ def cmd_info(args: argparse.Namespace) -> int:
             "calls_in": where["calls"], "values_in": where["values"],
             "n_calls": n_calls, "n_values": n_values, "unreadable_calls": unreadable,
             "size_bytes": disk, "functions": dict(ordered),
+            **({} if source is None else {"source": source, "exists": spec.exists()}),
         })
         return 0
-    lines = [
-        ("store", mask(str(spec))),
+    lines = [("store", mask(str(spec)))]
+    if source is not None:
+        made = "" if spec.exists() else "; nothing stored yet, made on the first save"
+        lines.append(("from", _SOURCES[source] + made))
+    lines += [
         ("calls", f"{n_calls} in {where['calls']}"),
         ("values", f"{n_values} in {where['values']}"),
         ("size", size(disk)),
@@ -490,7 +515,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="progress bar on standard error (auto: on a terminal)")
 
     sub = command("info", "where a store is, how many calls and values, size, functions", cmd_info)
-    sub.add_argument("spec", metavar="SPEC")
+    sub.add_argument("spec", metavar="SPEC", nargs="?", help="the store (default: the store "
+                     f"decorated functions use without a cache: {CACHE_ENV}, else the user cache)")
     json_flag(sub)
 
     sub = command("ls", "a table of stored calls, newest first", cmd_ls)

@@ -31,8 +31,12 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 import cloudpickle
-from dask.core import flatten
-from distributed import Client, WorkerPlugin
+
+from .extras import needs_extra
+
+with needs_extra("dask", "fleche.dask"):
+    from dask.core import flatten
+    from distributed import Client, WorkerPlugin
 
 from .caches import BaseCache
 from .dask_graph import MIN_SECONDS, Select, StoreRule, cache_collections, rewrite_graph
@@ -137,7 +141,8 @@ class FlecheCache(WorkerPlugin):
         One row per worker and plugin: ``hits``, ``misses``, ``saves``, ``errors``,
         ``bytes_written``, ``load_seconds``, ``save_seconds``.
         """
-        import pandas as pd
+        with needs_extra("pandas", "FlecheCache.stats"):
+            import pandas as pd
 
         rows = []
         for worker, plugins in client.run(_collect_stats).items():

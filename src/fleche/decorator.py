@@ -9,14 +9,19 @@ Which cache a decorated function uses, first match wins:
    install), else the cache the environment variable ``FLECHE_CACHE`` names (a store spec, see
    :mod:`fleche.spec`; read once, when first needed, so worker processes started with it use
    it; changing it later in the same process has no effect);
-4. an in-memory cache private to this process, created on first use.
+4. the default store, persistent: pickle files in fleche's directory of the user's cache
+   directory (:func:`fleche.spec.default_spec`, ``~/.cache/fleche`` on Linux), opened on first
+   use; ``FLECHE_CACHE=memory://`` keeps calls in memory instead.
 
 A bad ``FLECHE_CACHE`` makes every decorated call without a cache of its own fail with a
-:class:`~fleche.errors.SpecError` naming the variable, rather than silently cache in memory.
+:class:`~fleche.errors.SpecError` naming the variable, rather than silently cache elsewhere.
+Thread pool tasks submitted inside ``with fleche.cache(c):`` use ``c`` too (see
+:mod:`fleche.threads`); other threads and processes do not (see :func:`fleche.bind`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import datetime
@@ -28,10 +33,11 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, overload
 
-from .caches import BaseCache, memory_cache
+from .caches import BaseCache
 from .call import Call, KnownArguments, lookup_key
 from .digest import (
     Digest,
@@ -52,9 +58,13 @@ from .errors import (
     SignatureError,
     SpecError,
 )
+from .isolation import isolated_directory
+from .meta import Provider, collect, providers
 from .namespace import FunctionNamespace
+from .reruns import Rerun, active_rerun
+from .spec import CACHE_ENV, as_cache, default_spec, open_store
 from .storage.envelope import SECRET_KEY_ENV
-from .spec import CACHE_ENV, open_store
+from .threads import follow
 
 __all__ = [
     "active_cache",
@@ -105,12 +115,16 @@ def cache(c: Any = _ACTIVE_NOW) -> Any:
     :func:`active_cache`).
 
     Takes effect at once; used as ``with fleche.cache(c): ...`` the previous setting returns
-    when the block ends. Other threads are not affected.
+    when the block ends. Other threads are not affected, except the tasks submitted to a
+    ``concurrent.futures.ThreadPoolExecutor`` while ``c`` is active, which run with ``c`` (see
+    :mod:`fleche.threads`).
     """
     if c is _ACTIVE_NOW:
         return active_cache()
     if c is not None and not isinstance(c, BaseCache):
         raise TypeError(f"fleche.cache needs a cache (e.g. fleche.caches.Cache), got {c!r}")
+    if c is not None:
+        follow(_ACTIVE)  # thread pool tasks submitted while it is active use it too
     return _CacheSetting(c, _ACTIVE.set(c))
 
 
@@ -151,7 +165,8 @@ def _environment_cache() -> BaseCache | None:
 
 
 def active_cache() -> BaseCache:
-    """The cache a decorated function without ``cache=`` would use now."""
+    """The cache a decorated function without ``cache=`` would use now; in the end the
+    default store in the user's cache directory, opened once per process."""
     global _fallback
     c = _ACTIVE.get()
     if c is not None:
@@ -162,7 +177,7 @@ def active_cache() -> BaseCache:
     if _fallback is None:
         with _fallback_lock:
             if _fallback is None:
-                _fallback = memory_cache()
+                _fallback = open_store(default_spec())
     return _fallback
 
 
@@ -176,8 +191,8 @@ def runtime_metadata(started: float, wall: float) -> dict[str, Any]:
     }
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, FlecheWarning, stacklevel=3)
+def _warn(message: str, stacklevel: int = 3) -> None:
+    warnings.warn(message, FlecheWarning, stacklevel=stacklevel)
 
 
 class _Cached:
@@ -192,12 +207,21 @@ class _Cached:
         hash_module: bool,
         hash_code: bool,
         ignore: Iterable[str],
-        cache: BaseCache | None,
+        cache: BaseCache | str | os.PathLike[str] | None,
         compute_once: bool = False,
+        meta: Mapping[str, Provider] | Iterable[Provider] | None = None,
+        isolate: bool = False,
     ) -> None:
         name, module = callable_name(func)
-        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-            raise TypeError(f"@fleche cannot cache async functions yet: {name}")
+        if inspect.isasyncgenfunction(func):
+            raise TypeError(f"@fleche cannot cache an async generator (its values come one by "
+                            f"one, there is no result to store): {name}")
+        self.is_async = inspect.iscoroutinefunction(func)
+        if isolate and self.is_async:
+            raise ValueError(
+                f"isolate=True cannot be used with the async function {name}: the working "
+                "directory belongs to the process, so every task of the event loop would run in it"
+            )
         self.func = func
         self.name = name
         self.signature = inspect.signature(func)
@@ -207,10 +231,14 @@ class _Cached:
             raise ValueError(
                 f"ignore names {sorted(unknown)} that are not parameters of {name}{self.signature}"
             )
-        if cache is not None and not isinstance(cache, BaseCache):
-            raise TypeError(f"cache= needs a cache (e.g. fleche.caches.Cache), got {cache!r}")
-        self.cache = cache
+        if cache is not None and not isinstance(cache, (BaseCache, str, os.PathLike)):
+            raise TypeError(
+                f"cache= needs a cache (e.g. fleche.caches.Cache) or a store spec, got {cache!r}"
+            )
+        self.cache = None if cache is None else as_cache(cache)
         self.compute_once = compute_once
+        self.meta = providers(meta)
+        self.isolate = isolate
         self.version = version
         # A function known by its name is keyed by it (and hash_code=False keeps its key when
         # its body changes); any other callable by what it computes, taken at each call, since
@@ -312,27 +340,61 @@ class _Cached:
                 raise Indigestible(f"argument {name!r} has no digest: {e}") from e
         return lookup_key(t.name, t.module, t.version, t.code_digest, digests), digests
 
-    def run(self, args: tuple, kwargs: dict) -> Any:
-        cache = self.resolve_cache()
+    def body(self, args: tuple, kwargs: dict) -> Any:
+        """Run the function itself (in a fresh working directory with ``isolate=True``)."""
+        if self.isolate:
+            with isolated_directory(self.name):
+                return self.func(*args, **kwargs)
+        return self.func(*args, **kwargs)
+
+    def _prepare(self, cache: BaseCache, args: tuple, kwargs: dict) -> tuple[Digest, Call] | None:
+        """The call's key and its ``Call``; ``None`` if it must run uncached: arguments that do
+        not fit the signature (the function raises its own error) or that have no digest (with a
+        warning naming the argument)."""
         try:
             arguments = self.bind(args, kwargs)
         except TypeError:
-            return self.func(*args, **kwargs)  # raises the function's own error for bad arguments
+            return None
         try:
             template = self.identity()
             key, digests = self.key(arguments, template)
         except Indigestible as e:  # digest() raises nothing else: the call runs, uncached
-            _warn(f"{self.name} ran uncached: {e}")
-            return self.func(*args, **kwargs)
-        call = template.replace(arguments=KnownArguments(arguments, digests))
+            _warn(f"{self.name} ran uncached: {e}", stacklevel=4)
+            return None
+        return key, template.replace(arguments=KnownArguments(arguments, digests))
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        cache = self.resolve_cache()
+        args, kwargs = by_value(self.resolve_cache, self.signature, args, kwargs)
+        prepared = self._prepare(cache, args, kwargs)
+        if prepared is None:
+            return self.body(args, kwargs)
+        key, call = prepared
+        rerun = active_rerun()
+        if rerun is not None and rerun.applies(self, cache, key):
+            return self.recompute(cache, key, args, kwargs, call, rerun)
         found, overwrite = self._lookup(cache, key)
         if found is not _MISS:
             return found
         if overwrite is None:  # refused for its signature: another key's entry, left alone
-            return self.func(*args, **kwargs)
+            return self.body(args, kwargs)
         if self.compute_once and cache.writable:
-            return self._compute_once(cache, key, args, kwargs, call, overwrite)
-        return self._compute(cache, args, kwargs, call, overwrite)
+            return self._compute_once(cache, key, args, kwargs, call, overwrite)[0]
+        return self._compute(cache, args, kwargs, call, overwrite)[0]
+
+    def recompute(
+        self, cache: BaseCache, key: Digest, args: tuple, kwargs: dict, call: Call,
+        rerun: Rerun | None = None,
+    ) -> Any:
+        """Run the call whether stored or not and replace its entry (under the key's lock with
+        ``compute_once``); tell ``rerun`` once the entry is replaced."""
+        if self.compute_once and cache.writable:
+            result, saved = self._compute_once(cache, key, args, kwargs, call, True, look=False)
+        else:
+            result, saved = self._compute(cache, args, kwargs, call, True)
+        if rerun is not None and saved:
+            rerun.recomputed(cache, key)
+        return result
 
     def _lookup(self, cache: BaseCache, key: Digest) -> tuple[Any, bool | None]:
         """The stored result (``_MISS`` if there is none to use) and whether a save must
@@ -366,22 +428,24 @@ class _Cached:
 
     def _compute(
         self, cache: BaseCache, args: tuple, kwargs: dict, call: Call, overwrite: bool
-    ) -> Any:
+    ) -> tuple[Any, bool]:
+        """Run the call and save it if the cache is writable: the result, and whether it was
+        saved."""
         started = time.time()
         t0 = time.perf_counter()
-        result = self.func(*args, **kwargs)
+        result = self.body(args, kwargs)
         wall = time.perf_counter() - t0
-        if cache.writable:
-            self.store(cache, call, result, started, wall, overwrite)
-        return result
+        saved = cache.writable and self.store(cache, call, result, started, wall, overwrite)
+        return result, saved
 
     def _compute_once(
         self, cache: BaseCache, key: Digest, args: tuple, kwargs: dict, call: Call,
-        overwrite: bool,
-    ) -> Any:
-        # Single flight: hold the key's lock (across processes for file storages), look again,
-        # and compute only if still missing. A waiter that times out computes itself, and so
-        # does a caller whose lock cannot be taken at all (an unusable lock file or directory).
+        overwrite: bool, look: bool = True,
+    ) -> tuple[Any, bool]:
+        # Single flight: hold the key's lock (across processes for file storages), look again
+        # (unless recomputing), and compute only if still missing. A waiter that times out
+        # computes itself, and so does a caller whose lock cannot be taken at all (an unusable
+        # lock file or directory).
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(cache.locked(key))
@@ -391,26 +455,119 @@ class _Cached:
             except Exception as e:  # noqa: BLE001 - the cache never fails a call
                 _warn(f"{self.name}: computing without the key's lock: {_cause(e)}")
                 return self._compute(cache, args, kwargs, call, overwrite)
-            if not overwrite:
+            if look and not overwrite:
                 found, again = self._lookup(cache, key)
                 if found is not _MISS:
-                    return found
+                    return found, False
                 if again is None:
-                    return self.func(*args, **kwargs)
+                    return self.body(args, kwargs), False
                 overwrite = again
             return self._compute(cache, args, kwargs, call, overwrite)
+
+    # -- async functions: the same steps, with the store's work in threads -------------------
+
+    async def run_async(self, args: tuple, kwargs: dict) -> Any:
+        """:meth:`run` for an ``async def`` function: lookups and saves run in a worker thread
+        (``asyncio.to_thread``), so a slow store never blocks the event loop; digests of the
+        arguments are taken on the loop."""
+        cache = self.resolve_cache()
+        args, kwargs = await _off_loop(by_value, lambda: cache, self.signature, args, kwargs)
+        prepared = self._prepare(cache, args, kwargs)
+        if prepared is None:
+            return await self.func(*args, **kwargs)
+        key, call = prepared
+        rerun = active_rerun()
+        if rerun is not None and rerun.applies(self, cache, key):
+            return await self.recompute_async(cache, key, args, kwargs, call, rerun)
+        found, overwrite = await asyncio.to_thread(self._lookup, cache, key)
+        if found is not _MISS:
+            return found
+        if overwrite is None:
+            return await self.func(*args, **kwargs)
+        if self.compute_once and cache.writable:
+            return (await self._compute_once_async(cache, key, args, kwargs, call, overwrite))[0]
+        return (await self._compute_async(cache, args, kwargs, call, overwrite, asyncio.to_thread))[0]
+
+    async def recompute_async(
+        self, cache: BaseCache, key: Digest, args: tuple, kwargs: dict, call: Call,
+        rerun: Rerun | None = None,
+    ) -> Any:
+        """:meth:`recompute` for an ``async def`` function."""
+        if self.compute_once and cache.writable:
+            result, saved = await self._compute_once_async(
+                cache, key, args, kwargs, call, True, look=False
+            )
+        else:
+            result, saved = await self._compute_async(
+                cache, args, kwargs, call, True, asyncio.to_thread
+            )
+        if rerun is not None and saved:
+            rerun.recomputed(cache, key)
+        return result
+
+    async def _compute_async(
+        self, cache: BaseCache, args: tuple, kwargs: dict, call: Call, overwrite: bool,
+        in_thread: Callable[..., Awaitable[Any]],
+    ) -> tuple[Any, bool]:
+        started = time.time()
+        t0 = time.perf_counter()
+        result = await self.func(*args, **kwargs)
+        wall = time.perf_counter() - t0  # includes the time the coroutine spent waiting
+        if not cache.writable:
+            return result, False
+        return result, await in_thread(self.store, cache, call, result, started, wall, overwrite)
+
+    async def _compute_once_async(
+        self, cache: BaseCache, key: Digest, args: tuple, kwargs: dict, call: Call,
+        overwrite: bool, look: bool = True,
+    ) -> tuple[Any, bool]:
+        # The key's lock belongs to the thread that took it (a thread lock, a file lock of this
+        # process), so one thread of our own takes it, saves under it and releases it, while the
+        # coroutine computes on the event loop. Waiting for the lock blocks that thread only.
+        held = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleche-key-lock")
+        stack = contextlib.ExitStack()
+        loop = asyncio.get_running_loop()
+
+        async def in_held(fn: Callable[..., Any], *a: Any) -> Any:
+            return await loop.run_in_executor(held, functools.partial(fn, *a))
+
+        try:
+            try:
+                await in_held(lambda: stack.enter_context(cache.locked(key)))
+            except LockTimeout as e:
+                _warn(f"{self.name}: computing without waiting longer ({e})")
+                return await self._compute_async(cache, args, kwargs, call, overwrite, asyncio.to_thread)
+            except Exception as e:  # noqa: BLE001 - the cache never fails a call
+                _warn(f"{self.name}: computing without the key's lock: {_cause(e)}")
+                return await self._compute_async(cache, args, kwargs, call, overwrite, asyncio.to_thread)
+            if look and not overwrite:
+                found, again = await in_held(self._lookup, cache, key)
+                if found is not _MISS:
+                    return found, False
+                if again is None:
+                    return await self.func(*args, **kwargs), False
+                overwrite = again
+            return await self._compute_async(cache, args, kwargs, call, overwrite, in_held)
+        finally:
+            held.submit(stack.close)  # queued after the acquisition: released even if cancelled
+            held.shutdown(wait=False)
 
     def store(
         self, cache: BaseCache, call: Call, result: Any, started: float, wall: float,
         overwrite: bool = False,
-    ) -> None:
-        """Save the call with its result; a failure of any kind is a warning naming the cause
-        (the result is returned all the same), never an exception."""
+    ) -> bool:
+        """Save the call with its result and metadata (``runtime``, ``function`` and the
+        sections of ``meta=``); whether it was saved. A failure of any kind is a warning naming
+        the cause (the result is returned all the same), never an exception."""
+        call = call.replace(result=result)
         metadata = {"runtime": runtime_metadata(started, wall), "function": self.info}
-        call = call.replace(result=result, metadata=metadata)
+        if self.meta:
+            metadata.update(collect(self.meta, call, self.name))
+        call = call.replace(metadata=metadata)
         name = self.name
         try:
             cache.save(call, overwrite=overwrite)
+            return True
         except Indigestible as e:  # the arguments were digested already: it is the result
             _warn(f"{name}: result not cached, it has no digest: {e}")
         except LockTimeout as e:
@@ -419,6 +576,18 @@ class _Cached:
             _warn(f"{name}: call not cached: {e}")
         except Exception as e:  # noqa: BLE001 - a full disk, a read-only mount, a database gone
             _warn(f"{name}: call not cached: {_cause(e)}")
+        return False
+
+
+async def _off_loop(
+    resolve: Callable[..., tuple[tuple, dict]], cache: Callable[[], BaseCache],
+    signature: inspect.Signature, args: tuple, kwargs: dict,
+) -> tuple[tuple, dict]:
+    """``resolve(cache, signature, args, kwargs)`` (:func:`by_value`) in a worker thread when an
+    argument is a ``D`` (which loads a value), else at once."""
+    if D in map(type, args) or (kwargs and D in map(type, kwargs.values())):
+        return await asyncio.to_thread(resolve, cache, signature, args, kwargs)
+    return args, kwargs
 
 
 _MISS = object()
@@ -431,7 +600,7 @@ def _cause(e: BaseException) -> str:
 
 
 def _attach(wrapper: Any, cached: _Cached) -> None:
-    namespace = FunctionNamespace(cached)
+    namespace = FunctionNamespace(cached, wrapper)
     wrapper.fleche = namespace
     wrapper.digest = namespace.digest
     wrapper.contains = namespace.contains
@@ -440,12 +609,21 @@ def _attach(wrapper: Any, cached: _Cached) -> None:
     wrapper.query = namespace.query
     wrapper.clear = namespace.clear
     wrapper.refresh = namespace.refresh
+    wrapper.rerun = namespace.rerun
     wrapper.__fleche__ = cached
     _DECORATED[wrapper] = cached
 
 
 _DECORATED: weakref.WeakKeyDictionary[Callable[..., Any], _Cached] = weakref.WeakKeyDictionary()
 """Every function ``@fleche`` returned, with what it built around it (see :func:`_cached_of`)."""
+
+
+def registered(func: Callable[..., Any]) -> _Cached | None:
+    """What ``@fleche`` built around ``func`` if ``@fleche`` returned ``func``, else ``None``."""
+    try:
+        return _DECORATED.get(func)
+    except TypeError:  # not hashable or not weakly referenceable: not a wrapper of ours
+        return None
 
 
 def namespace_of(func: Callable[..., Any]) -> FunctionNamespace | None:
@@ -455,7 +633,7 @@ def namespace_of(func: Callable[..., Any]) -> FunctionNamespace | None:
         known = _DECORATED.get(func)
     except TypeError:  # not hashable or not weakly referenceable: not a wrapper of ours
         return None
-    return None if known is None else FunctionNamespace(known)
+    return None if known is None else FunctionNamespace(known, func)
 
 
 def _cached_of(func: Callable[..., Any]) -> _Cached:
@@ -479,8 +657,10 @@ def fleche(
     hash_module: bool = True,
     hash_code: bool = False,
     ignore: Iterable[str] = (),
-    cache: BaseCache | None = None,
+    cache: BaseCache | str | os.PathLike[str] | None = None,
     compute_once: bool = False,
+    meta: Mapping[str, Provider] | Iterable[Provider] | None = None,
+    isolate: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -493,8 +673,10 @@ def fleche(
     hash_module: bool = True,
     hash_code: bool = False,
     ignore: Iterable[str] = (),
-    cache: BaseCache | None = None,
+    cache: BaseCache | str | os.PathLike[str] | None = None,
     compute_once: bool = False,
+    meta: Mapping[str, Provider] | Iterable[Provider] | None = None,
+    isolate: bool = False,
 ) -> Any:
     """Cache a function's calls by the content of their arguments.
 
@@ -530,6 +712,24 @@ def fleche(
     waiter gives up after the storage's ``lock_timeout`` and computes itself rather than hang,
     so set ``lock_timeout`` above the usual computing time.
 
+    ``cache`` is a cache or a store spec (``"/shared/sweep"``, ``"sqlite:///calls.db"``, see
+    :mod:`fleche.spec`), opened when decorating; without it the function uses the active cache
+    (see the module docstring). ``meta`` adds metadata sections to every computed call: a dict
+    of section name to provider, or a list of providers named after themselves, each taking
+    the computed :class:`~fleche.call.Call` and returning a dict (see :mod:`fleche.meta`).
+    ``isolate=True`` runs each computed call in a fresh temporary working directory, removed
+    afterwards (see :mod:`fleche.isolation`: the working directory belongs to the process, so
+    isolated calls of one process run one at a time). ``f.rerun(*args)``, or any call inside
+    ``with fleche.rerun():``, recomputes and replaces the entry (see :mod:`fleche.reruns`).
+
+    An ``async def`` function gives an ``async def`` wrapper, cached by the same rules: the
+    awaited result is stored, lookups and saves run in a worker thread (``asyncio.to_thread``)
+    so a slow store never blocks the event loop, and with ``compute_once`` the key's lock is
+    held by a thread of its own while the coroutine computes on the loop (a waiter blocks a
+    thread, not the loop). The stored wall time includes the time the coroutine awaited.
+    Async generators are refused (``TypeError``), and so is ``isolate=True`` for async functions
+    (``ValueError``: every task of the loop would share the directory).
+
     >>> from fleche.caches import memory_cache
     >>> @fleche(cache=memory_cache())
     ... def square(x):
@@ -542,13 +742,16 @@ def fleche(
         cached = _Cached(
             f, version=version, hash_version=hash_version, hash_module=hash_module,
             hash_code=hash_code, ignore=ignore, cache=cache, compute_once=compute_once,
+            meta=meta, isolate=isolate,
         )
-
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if D in map(type, args) or (kwargs and D in map(type, kwargs.values())):
-                args, kwargs = by_value(cached.resolve_cache, cached.signature, args, kwargs)
-            return cached.run(args, kwargs)
+        if cached.is_async:
+            @functools.wraps(f)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await cached.run_async(args, kwargs)
+        else:
+            @functools.wraps(f)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return cached.run(args, kwargs)
 
         _attach(wrapper, cached)
         digest_as(wrapper, f)

@@ -18,11 +18,16 @@
 Every method takes the function's arguments as a call would (a :class:`~fleche.D` included)
 and works on the cache the function uses now (:attr:`FunctionNamespace.cache`). The wrapper
 itself keeps the short forms ``f.digest``, ``f.contains``, ``f.load``, ``f.call``, ``f.query``,
-``f.clear`` and ``f.refresh``.
+``f.clear``, ``f.refresh`` and ``f.rerun``. For an ``async def`` function, ``refresh`` and
+``rerun`` return coroutines to await, like a call; the other operations stay plain calls that
+do their I/O in the calling thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .call import Call, KnownArguments, QueryCall
@@ -30,8 +35,10 @@ from .caches import BaseCache, ReadOnlyError
 from .digest import Digest
 from .digest_arguments import by_value
 from .query import QueryIterator
+from .reruns import Rerun
 
 if TYPE_CHECKING:
+    from .binding import BoundFunction
     from .decorator import _Cached
 
 __all__ = ["FunctionNamespace"]
@@ -45,10 +52,11 @@ class FunctionNamespace:
     across threads and processes is what that cache guarantees for the operation it uses.
     """
 
-    __slots__ = ("_cached",)
+    __slots__ = ("_cached", "_wrapper")
 
-    def __init__(self, cached: _Cached) -> None:
+    def __init__(self, cached: _Cached, wrapper: Callable[..., Any]) -> None:
         self._cached = cached
+        self._wrapper = wrapper  # the decorated function: what bind() binds
 
     def __repr__(self) -> str:
         return f"<fleche namespace of {self._cached.name}>"
@@ -109,18 +117,51 @@ class FunctionNamespace:
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         """Run this call again, whether stored or not, and store its result in place of the
-        entry; return the result. With ``compute_once`` the key's lock is held meanwhile.
-        :class:`~fleche.caches.ReadOnlyError` before running if the cache takes no writes."""
+        entry; return the result (a coroutine to await, for an async function). With
+        ``compute_once`` the key's lock is held meanwhile. Calls it makes are not recomputed
+        (see :meth:`rerun`). :class:`~fleche.caches.ReadOnlyError` before running if the cache
+        takes no writes."""
         cached = self._cached
         cache = self.cache
         if not cache.writable:
             raise ReadOnlyError(f"cannot refresh a call of {cached.name}: {cache!r} is read-only")
+        if cached.is_async:
+            return self._refresh_async(cache, args, kwargs)
         args, kwargs = by_value(lambda: cache, cached.signature, args, kwargs)
+        key, call = self._key_and_call(args, kwargs)
+        return cached.recompute(cache, key, args, kwargs, call)
+
+    async def _refresh_async(self, cache: BaseCache, args: tuple, kwargs: dict) -> Any:
+        cached = self._cached
+        args, kwargs = await asyncio.to_thread(by_value, lambda: cache, cached.signature, args, kwargs)
+        key, call = self._key_and_call(args, kwargs)
+        return await cached.recompute_async(cache, key, args, kwargs, call)
+
+    def _key_and_call(self, args: tuple, kwargs: dict) -> tuple[Digest, Call]:
+        cached = self._cached
         arguments = cached.bind(args, kwargs)
         template = cached.identity()
         key, digests = cached.key(arguments, template)
-        call = template.replace(arguments=KnownArguments(arguments, digests))
-        if cached.compute_once:
-            with cache.locked(key):
-                return cached._compute(cache, args, kwargs, call, True)
-        return cached._compute(cache, args, kwargs, call, True)
+        return key, template.replace(arguments=KnownArguments(arguments, digests))
+
+    def rerun(self, *args: Any, **kwargs: Any) -> Any:
+        """Make this call with every decorated call inside it recomputed and its entry replaced
+        (``with fleche.rerun(): f(*args)``, see :mod:`fleche.reruns`); return the result (a
+        coroutine to await, for an async function)."""
+        cached = self._cached
+        if cached.is_async:
+            return self._rerun_async(args, kwargs)
+        with Rerun(None):
+            return cached.run(args, kwargs)
+
+    async def _rerun_async(self, args: tuple, kwargs: dict) -> Any:
+        with Rerun(None):
+            return await self._cached.run_async(args, kwargs)
+
+    def bind(self, cache: BaseCache | str | os.PathLike[str]) -> BoundFunction:
+        """This function bound to ``cache`` (a cache or a spec): it runs with that cache active
+        wherever it is called and pickles with it, for process pools (see
+        :func:`fleche.bind`)."""
+        from .binding import bind
+
+        return bind(cache, self._wrapper)

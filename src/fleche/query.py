@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .call import Call, QueryCall
 from .digest import Digest
 from .errors import FlecheError
+from .extras import needs_extra
 
 if TYPE_CHECKING:
     import pandas
@@ -330,10 +331,6 @@ def _short_keys(cache: BaseCache, calls: list[Call]) -> list[str]:
 
 
 def _pandas() -> Any:
-    try:
+    with needs_extra("pandas", "QueryIterator.table()"):
         import pandas
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError(
-            "QueryIterator.table() needs pandas: pip install 'fleche[pandas]'", name="pandas"
-        ) from None
     return pandas

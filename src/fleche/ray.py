@@ -32,8 +32,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import ray
-from ray import ObjectRef
+from .extras import needs_extra
+
+with needs_extra("ray", "fleche.ray"):
+    import ray
+    from ray import ObjectRef
 
 from ._tasks import ComputeAndSave, Upstream, map_nested
 from .caches import BaseCache

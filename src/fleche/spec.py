@@ -30,6 +30,10 @@ in the database URL. A bare ``postgresql://`` means ``postgresql+psycopg://`` an
 
 Secret keys never go into a spec (specs are printed and logged): set ``FLECHE_SECRET_KEY``.
 
+Without ``FLECHE_CACHE``, the default store is :func:`default_spec`: pickle files in fleche's
+directory of the user's cache directory (``~/.cache/fleche`` on Linux), where ``Sql()`` keeps
+its default SQLite file too.
+
 >>> import tempfile
 >>> root = tempfile.mkdtemp()
 >>> cache = open_store(root + "?format=cloudpickle")
@@ -59,7 +63,9 @@ from .storage.memory import CallMemory, ValueMemory
 from .storage.file import FileStorage
 from .storage.pickle_file import SECRET_KEY_ENV, CallPickleFile, PickleFileBackend, ValuePickleFile
 
-__all__ = ["CACHE_ENV", "StoreSpec", "as_cache", "mask", "open_store", "parse", "spec_of"]
+__all__ = [
+    "CACHE_ENV", "StoreSpec", "as_cache", "default_spec", "mask", "open_store", "parse", "spec_of",
+]
 
 CACHE_ENV = "FLECHE_CACHE"
 """Environment variable holding the spec of the process-wide default cache."""
@@ -74,6 +80,17 @@ _DEFAULT_LOCK_TIMEOUT = 1.0
 
 _memory: dict[str, Cache] = {}
 _memory_lock = threading.Lock()
+
+
+def default_spec() -> str:
+    """The spec of the default store, used where no cache is set and ``FLECHE_CACHE`` is not:
+    fleche's directory in the user's cache directory (``platformdirs.user_cache_dir``, so
+    ``$XDG_CACHE_HOME/fleche`` or ``~/.cache/fleche`` on Linux, ``~/Library/Caches/fleche`` on
+    macOS), holding pickle files in ``calls/`` and ``values/``. Nothing is created until the
+    first save."""
+    import platformdirs
+
+    return platformdirs.user_cache_dir("fleche")
 
 
 def mask(spec: str) -> str:
@@ -131,13 +148,20 @@ class StoreSpec:
         return self.calls + (f"?{query}" if query else "")
 
     def open(self) -> Cache:
-        """The cache this spec names (for ``memory://``, the one of this process; thread-safe)."""
+        """The cache this spec names (for ``memory://``, the one of this process; thread-safe).
+
+        Creates nothing, but looks at what is there: a file where a store directory (or a
+        directory where a SQLite file) belongs raises :class:`~fleche.errors.SpecError`.
+        A store needing an extra that is not installed raises
+        :class:`~fleche.extras.MissingExtraError`.
+        """
         if self.kind == "memory":
             with _memory_lock:
                 cache = _memory.get(self.calls)
                 if cache is None:
                     cache = _memory[self.calls] = Cache(ValueMemory(), CallMemory())
                 return cache
+        self._check_places()
         settings = {"lock_timeout": self.lock_timeout, "durable": self.durable}
         values = _value_storage(self.format, Path(self.values or ""), settings)
         if self.kind == "directory":
@@ -147,6 +171,26 @@ class StoreSpec:
         return Cache(
             values, Sql(_sql_argument(self.calls, self.url_query), lock_timeout=self.lock_timeout)
         )
+
+    def _check_places(self) -> None:
+        """Refuse a store whose directories, or SQLite file, are something else on disk (which
+        would fail every save later with ``NotADirectoryError``)."""
+        places = [Path(self.values)] if self.values else []
+        sqlite = self.sqlite_path()
+        if self.kind == "directory":
+            places.append(Path(self.calls))
+        elif sqlite is not None:
+            if sqlite.is_dir():
+                raise SpecError(str(self), f"{sqlite} is a directory, not a SQLite file")
+            places.append(sqlite.parent)
+        for place in places:
+            there = place
+            while not os.path.lexists(there) and there != there.parent:
+                there = there.parent
+            if not there.is_dir():
+                raise SpecError(
+                    str(self), f"{there} is not a directory: a store needs a directory there"
+                )
 
     def sqlite_path(self) -> Path | None:
         """The SQLite file of a ``sqlite://`` spec, else ``None``."""

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from ..counters import BYTES_WRITTEN
 from ..digest import Digest, _mk
-from ..errors import CorruptEntryError, WriteError
+from ..errors import WriteError
 from .base import StorageBackend
 
 __all__ = ["FileStorage"]

@@ -42,14 +42,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-try:
+from ..extras import needs_extra
+
+with needs_extra("h5", "HDF5 storage (format=h5)"):
     import numpy as np
     from bagofholding import H5Bag
     from bagofholding.exceptions import BagMismatchError
-except ImportError as e:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        "the HDF5 storages need bagofholding and h5py: pip install 'fleche[h5]'"
-    ) from e
 
 from ..call import DigestedCall
 from ..digest import Digest

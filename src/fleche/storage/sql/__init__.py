@@ -12,7 +12,10 @@ One module per concern:
   conditions a query template becomes.
 """
 
-from .schema import SCHEMA_VERSION
-from .storage import Sql
+from ...extras import needs_extra
+
+with needs_extra("sql", "fleche.storage.Sql"):
+    from .schema import SCHEMA_VERSION
+    from .storage import Sql
 
 __all__ = ["SCHEMA_VERSION", "Sql"]
