@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import subprocess
+from pathlib import Path
 import sys
 import warnings
 
@@ -172,13 +173,34 @@ def without_key(**extra: str) -> dict:
     return {**{k: v for k, v in child_env().items() if k != "FLECHE_SECRET_KEY"}, **extra}
 
 
+def shared_directory(tmp_path) -> str:
+    """A directory others may write to (group-writable): a shared store's home."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o775)
+    return str(shared)
+
+
 def test_an_unsigned_shared_store_warns_once_per_process(tmp_path):
-    stderr = opens_a_store(str(tmp_path / "store"), env=without_key())
+    stderr = opens_a_store(shared_directory(tmp_path) + "/store", env=without_key())
     assert stderr.count("UnsignedStoreWarning") == 1, stderr
     assert "FLECHE_SECRET_KEY" in stderr and "none" in stderr
 
 
+def test_a_store_only_its_user_can_write_does_not_warn(tmp_path):
+    """Whoever could plant an entry in a directory only you can write could run code as you
+    anyway: a private store (the default one in your cache directory) is not warned about."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o755)
+    assert "UnsignedStoreWarning" not in opens_a_store(str(private / "store"), env=without_key())
+    assert "UnsignedStoreWarning" not in opens_a_store(
+        f"sqlite:///{private}/calls.db", env=without_key())
+    shared = shared_directory(tmp_path)
+    assert "UnsignedStoreWarning" in opens_a_store(f"sqlite:///{shared}/calls.db", env=without_key())
+
+
 def test_no_warning_with_a_key_or_an_opt_out_or_in_memory(tmp_path):
+    tmp_path = Path(shared_directory(tmp_path))
     spec = str(tmp_path / "store")
     assert "UnsignedStoreWarning" not in opens_a_store(spec, env=without_key(FLECHE_SECRET_KEY="k"))
     assert "UnsignedStoreWarning" not in opens_a_store(

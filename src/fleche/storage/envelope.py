@@ -15,8 +15,13 @@ entry of one kind is never read as another.
 Secret keys come from a storage's ``secret_key`` setting or from ``FLECHE_SECRET_KEY``
 (comma-separated): entries are signed with the first key and accepted with any, so keys can be
 rotated. ``FLECHE_SECRET_KEY=none`` says that this process uses unsigned stores on purpose;
-otherwise the first unsigned entry a process reads or writes gives an
-:class:`~fleche.errors.UnsignedStoreWarning`, once per process.
+otherwise the first unsigned entry of a shared store that a process reads or writes gives an
+:class:`~fleche.errors.UnsignedStoreWarning`, once per process. A store is shared unless its
+entries lie in a directory that only this process's user (and root) can change: the directory
+and every one above it owned by one of them and writable by no one else (sticky directories
+such as ``/tmp`` excepted). There, whoever could plant an entry could run code as the user
+anyway, so a private store, such as the default one in the user's cache directory, does not
+warn. Server databases are always shared.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import functools
 import hashlib
 import hmac
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -89,11 +95,45 @@ _warned_unsigned = False
 _warned_lock = threading.Lock()
 
 
-def _unsigned(what: str, where: str) -> None:
+def _private(location: str | None) -> bool:
+    """Whether ``location`` (a path, or a path followed by words: "db.sqlite table x") lies in
+    a directory that only this user (and root) can change: see :func:`_private_directory`."""
+    if not location or not location.startswith("/") or not hasattr(os, "getuid"):
+        return False
+    return _private_directory(os.path.dirname(location))
+
+
+@functools.lru_cache(maxsize=1024)
+def _private_directory(directory: str) -> bool:
+    """Whether no one but this user and root can change what ``directory`` holds: it and
+    every existing directory above it is owned by one of them and writable by no one else,
+    unless sticky (as ``/tmp`` is: others cannot replace what it holds). Remembered per
+    process, since every unsigned read asks."""
+    uid = os.getuid()
+    while True:
+        try:
+            info = os.stat(directory)
+        except FileNotFoundError:
+            info = None  # not created yet: what exists above decides
+        except OSError:
+            return False
+        if info is not None:
+            if info.st_uid not in (uid, 0):
+                return False
+            if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+                return False
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return True
+        directory = parent
+
+
+def _unsigned(what: str, where: str, location: str | None = None) -> None:
     """Warn, the first time in this process, that ``what`` is read or written unsigned at
-    ``where``, unless ``FLECHE_SECRET_KEY=none`` says so on purpose."""
+    ``where``, unless ``FLECHE_SECRET_KEY=none`` says so on purpose or the entry's
+    ``location`` is private to this user (see the module docstring)."""
     global _warned_unsigned
-    if _warned_unsigned:
+    if _warned_unsigned or _private(location):
         return
     text = os.environ.get(SECRET_KEY_ENV, "")
     with _warned_lock:
@@ -143,22 +183,25 @@ class Envelope:
             raise ValueError(f"an envelope magic has 4 bytes, got {self.magic!r}")
 
     def header(
-        self, payload: bytes | memoryview, key: str, secrets: Sequence[bytes] = (), flags: int = 0
+        self, payload: bytes | memoryview, key: str, secrets: Sequence[bytes] = (), flags: int = 0,
+        location: str | None = None,
     ) -> bytes:
         """The header (and HMAC, signed with ``secrets[0]`` if any) that goes before
-        ``payload``; for backends that keep the header apart from the payload."""
+        ``payload``; for backends that keep the header apart from the payload. ``location``
+        (where the entry will live) decides whether an unsigned entry warns."""
         flags = (flags & ~SIGNED) | (SIGNED if secrets else 0)
         if not secrets:
-            _unsigned(self.what, f"the entry {key}")
+            _unsigned(self.what, f"the entry {key}", location)
         prefix = _HEADER.pack(self.magic, self.version, flags, 0, len(payload), b"")[:_PREFIX]
         mac = _mac(secrets[0], key, prefix, payload) if secrets else b""
         return b"".join((prefix, _checksum(prefix, mac, payload), mac))
 
     def seal(
-        self, payload: bytes | memoryview, key: str, secrets: Sequence[bytes] = (), flags: int = 0
+        self, payload: bytes | memoryview, key: str, secrets: Sequence[bytes] = (), flags: int = 0,
+        location: str | None = None,
     ) -> bytes:
         """``payload`` in its envelope: header, HMAC if signed, payload."""
-        return self.header(payload, key, secrets, flags) + bytes(payload)
+        return self.header(payload, key, secrets, flags, location) + bytes(payload)
 
     def header_size(self, data: bytes | memoryview) -> int:
         """How many bytes of ``data`` (which starts with a header) the header and HMAC take."""
@@ -222,7 +265,7 @@ class Envelope:
         if not hmac.compare_digest(_checksum(prefix, mac, payload), checksum):
             raise CorruptEntryError(key, location, "checksum mismatch: the entry is torn or bit-flipped")
         if not secrets:
-            _unsigned(self.what, location)
+            _unsigned(self.what, location, location)
         elif not flags & SIGNED:
             raise SignatureError(
                 key, location, "unsigned entry refused: this storage has a secret key"

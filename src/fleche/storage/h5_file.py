@@ -157,7 +157,7 @@ class BagOfHoldingH5FileBackend(FileStorage):
             payload = _read_all(fd)
         finally:
             os.close(fd)
-        header = ENVELOPE.header(payload, key, self._secrets())
+        header = ENVELOPE.header(payload, key, self._secrets(), location=self._path(key))
         return b"".join((header.ljust(USER_BLOCK, b"\0"), payload))
 
     def _decode(self, data: bytes, key: Digest, path: str, fd: int) -> Any:

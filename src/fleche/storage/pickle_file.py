@@ -82,7 +82,7 @@ class PickleFileBackend(FileStorage):
                    if self.serializer == "pickle" else "")
             ) from e
         flags = _CLOUDPICKLE if self.serializer == "cloudpickle" else 0
-        return ENVELOPE.seal(payload, key, self._secrets(), flags)
+        return ENVELOPE.seal(payload, key, self._secrets(), flags, self._path(key))
 
     def _decode(self, data: bytes, key: Digest, path: str, fd: int) -> Any:
         _, payload = ENVELOPE.open(data, key, path, self._secrets())

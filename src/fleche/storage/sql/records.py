@@ -171,7 +171,9 @@ def load_record(text: str, key: str, location: str) -> tuple[dict[str, Digest], 
     return arguments, metadata
 
 
-def dump_inline(call: DigestedCall, key: str, secrets: Sequence[bytes] = ()) -> bytes | None:
+def dump_inline(
+    call: DigestedCall, key: str, secrets: Sequence[bytes] = (), location: str | None = None
+) -> bytes | None:
     """The ``inline`` column of ``call``, stored under ``key``: its inline values pickled in the
     envelope, signed with ``secrets[0]`` if any (None when there is nothing);
     :class:`SaveError` if a value does not pickle."""
@@ -186,7 +188,7 @@ def dump_inline(call: DigestedCall, key: str, secrets: Sequence[bytes] = ()) -> 
         payload = pickle.dumps({str(k): v for k, v in inline.items()}, _PROTOCOL)
     except Exception as e:  # noqa: BLE001 - pickling raises many kinds
         raise SaveError(f"an inline value does not pickle: {type(e).__name__}: {e}") from e
-    return ENVELOPE.seal(payload, key, secrets)
+    return ENVELOPE.seal(payload, key, secrets, location=location)
 
 
 def load_inline(

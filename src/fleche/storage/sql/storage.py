@@ -262,10 +262,15 @@ class Sql(PerKeyLockMixin, CallStorage):
         BYTES_WRITTEN.add("bytes", len(row.get("record") or "") + len(row.get("inline") or b""))
         return key
 
+    def _where(self) -> str:
+        """Where records live, as errors name it: the SQLite file or the masked URL, and the
+        table."""
+        return f"{safe_url(self.url)} table fleche_calls"
+
     def _decode(self, row: Any) -> DigestedCall:
         """The record in a row of ``statements.RECORD_COLUMNS``."""
         key, name, module, version, version_type, code_digest, result, text, blob = row
-        where = f"{safe_url(self.url)} table fleche_calls"
+        where = self._where()
         args, metadata = load_record(text, key, where)
         return DigestedCall(
             name=name,
@@ -370,7 +375,7 @@ class Sql(PerKeyLockMixin, CallStorage):
         check_record(record)
         key = record.to_lookup_key()
         try:
-            inline = dump_inline(record, key, self._secrets())
+            inline = dump_inline(record, key, self._secrets(), self._where())
         except SaveError as e:
             raise SaveError(f"cannot save a call of {record.name!r}: {e}") from e.__cause__
         version, version_type = dump_version(record.version)
