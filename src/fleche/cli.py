@@ -65,10 +65,12 @@ def _open(text: str, must_exist: bool = True) -> tuple[StoreSpec, Cache]:
 
 def _describe(spec: StoreSpec) -> dict[str, str]:
     """Where the calls and the values of a store live, for people."""
-    files = {"pickle": "pickle files", "cloudpickle": "pickle files (cloudpickle)", "h5": "HDF5 files"}
+    files = {"pickle": "pickle files", "cloudpickle": "pickle files (cloudpickle)",
+             "dill": "pickle files (dill)", "h5": "HDF5 files"}
     if spec.kind == "memory":
         return {"calls": "memory of this process", "values": "memory of this process"}
-    values = f"{files[spec.format]} in {spec.values}"
+    packed = f", {spec.compression}-compressed" if spec.compression else ""
+    values = f"{files[spec.format]}{packed} in {spec.values}"
     if spec.kind == "directory":
         calls_format = "HDF5 files" if spec.format == "h5" else "pickle files"
         return {"calls": f"{calls_format} in {spec.calls}/calls", "values": values}
