@@ -3,13 +3,16 @@
 A :class:`StoreUsage` is one snapshot of a cache's storages, the listing a
 :class:`~fleche.limits.SizeLimitedCache` plans its evictions from::
 
+    >>> from fleche import digest
     >>> from fleche.caches import memory_cache
     >>> from fleche.call import Call
     >>> cache = memory_cache()
     >>> key = cache.save(Call("square", {"x": 3}, result=9))
     >>> usage = cache.usage()
-    >>> list(usage.calls) == [key], usage.total == usage.calls[key].size  # 3 and 9 are inline
+    >>> list(usage.calls) == [key], set(usage.values) == {digest(3), digest(9)}
     (True, True)
+    >>> usage.total == sum(u.size for u in [*usage.calls.values(), *usage.values.values()])
+    True
 """
 
 from __future__ import annotations

@@ -291,6 +291,16 @@ class KeyManagement(OperationContext):
         it was saved, where the storage knows that).
         """
 
+    def _full_keys(self, keys: Iterable[Digest | str]) -> list[Digest]:
+        """``keys`` as full keys, leaving out short ones no stored key starts with."""
+        full = []
+        for key in keys:
+            try:
+                full.append(self._normalize_key(key))
+            except KeyError:
+                continue
+        return full
+
     def _normalize_key(self, key: Digest | str) -> Digest:
         """Expand a short digest prefix to a full key, or wrap a full key as Digest.
 

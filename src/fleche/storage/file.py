@@ -197,8 +197,7 @@ class FileStorage(StorageBackend):
         key, no lock (the entry's bytes are not touched). Keys not stored are skipped."""
         when = time.time() if when is None else when
         by_fan_out: dict[str, list[str]] = {}
-        for key in keys:
-            full = self._normalize_key(key)
+        for full in self._full_keys(keys):
             by_fan_out.setdefault(full[:2], []).append(f"{full}{self._entry_suffix}")
         for names in by_fan_out.values():
             try:

@@ -76,8 +76,7 @@ class MemoryBackend(StorageBackend):
     def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
         """Record the use of the stored ones among ``keys`` in this handle (a dict update)."""
         when = time.time() if when is None else when
-        for key in keys:
-            full = self._normalize_key(key)
+        for full in self._full_keys(keys):
             if full in self.storage and self._used.get(full, 0.0) < when:
                 self._used[full] = when
 

@@ -447,7 +447,7 @@ class Sql(PerKeyLockMixin, CallStorage):
         transaction (two statements per 500 keys), which takes no key lock (no record
         changes) and is retried after a conflict like every write.
         :class:`~fleche.errors.DatabaseError` on a database opened read-only."""
-        full = [str(self._normalize_key(k)) for k in keys]
+        full = [str(k) for k in self._full_keys(keys)]
         if not full:
             return
         when = time.time() if when is None else when

@@ -69,12 +69,12 @@ class MysqlDialect(ServerDialect):
         args = getattr(error.orig, "args", None)
         return bool(args) and args[0] in (1205, 1213)  # lock wait timeout, deadlock
 
-    @contextlib.contextmanager
     def volume(self, conn: sa.Connection) -> int | None:
         """Data and index bytes of the fleche tables, from ``information_schema``: InnoDB's
         estimate, refreshed as its statistics are."""
         return int(conn.execute(_VOLUME).scalar() or 0)
 
+    @contextlib.contextmanager
     def hold_key(
         self, conn: sa.Connection | None, key: str, timeout: float | None, *, section: bool
     ) -> Iterator[None]:
