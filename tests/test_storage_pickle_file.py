@@ -517,3 +517,19 @@ def test_a_compressed_entry_is_checked_before_it_is_decompressed(tmp_path):
     assert_corrupt_entry_is_reported_and_evictable(
         values, digest("f"), path, "zlib data cannot be decompressed"
     )
+
+
+def test_a_dill_entry_where_dill_is_missing_says_what_to_install(tmp_path, monkeypatch):
+    """Not corrupt, only unreadable here: the error names the extra and nothing is removed."""
+    import sys
+
+    values = ValuePickleFile(tmp_path, serializer="dill")
+    key = values.save(_Guarded(3))
+    monkeypatch.setitem(sys.modules, "dill", None)  # as if dill were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fleche\[dill\]'"):
+        ValuePickleFile(tmp_path).load(key)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fleche\[dill\]'"):
+        ValuePickleFile(tmp_path, serializer="dill")
+    assert values.contains(key)
+    monkeypatch.delitem(sys.modules, "dill")
+    assert ValuePickleFile(tmp_path).load(key).n == 3

@@ -634,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleche {args.command}: {e}", file=sys.stderr)
     except BrokenPipeError:  # piped into head, say: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (FlecheError, OSError) as e:
+    except (FlecheError, OSError, ImportError) as e:  # ImportError: an extra not installed
         print(f"fleche {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
