@@ -14,8 +14,8 @@ from fleche.call import Call
 from fleche.digest import digest
 from fleche.errors import FlecheWarning
 from fleche.limits import SizeLimitedCache
-from fleche.storage import CallPickleFile, ValuePickleFile
 from fleche.testing import CacheTests
+from test_caches import OnPickleFiles
 from limits_tasks import hit, page_result, sweep
 from tests_support import cache_on
 
@@ -28,12 +28,8 @@ class TestSizeLimitedCache(CacheTests):
         return SizeLimitedCache(store, size_limit=BIG)
 
 
-class TestSizeLimitedCacheOnPickleFiles(TestSizeLimitedCache):
-    def make_store(self, tmp_path):
-        return Cache(
-            ValuePickleFile(root=tmp_path / "values", lock_timeout=30),
-            CallPickleFile(root=tmp_path / "calls", lock_timeout=30),
-        )
+class TestSizeLimitedCacheOnPickleFiles(OnPickleFiles, TestSizeLimitedCache):
+    pass
 
 
 class TestSizeLimitedCacheOnSqlite(TestSizeLimitedCache):

@@ -8,6 +8,7 @@ from fleche.caches import Cache
 from fleche.refreshing import RefreshingCache
 from fleche.storage import CallPickleFile, ValuePickleFile
 from fleche.testing import CacheTests
+from test_caches import OnPickleFiles
 
 
 class TestRefreshingCache(CacheTests):
@@ -17,12 +18,8 @@ class TestRefreshingCache(CacheTests):
         return RefreshingCache(store)
 
 
-class TestRefreshingCacheOnPickleFiles(TestRefreshingCache):
-    def make_store(self, tmp_path):
-        return Cache(
-            ValuePickleFile(root=tmp_path / "values", lock_timeout=30),
-            CallPickleFile(root=tmp_path / "calls", lock_timeout=30),
-        )
+class TestRefreshingCacheOnPickleFiles(OnPickleFiles, TestRefreshingCache):
+    pass
 
 
 RUNS: list = []

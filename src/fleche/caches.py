@@ -47,6 +47,7 @@ __all__ = [
     "CacheWrapper",
     "ReadOnlyCache",
     "ReadOnlyError",
+    "evict_each",
     "memory_cache",
 ]
 
@@ -233,15 +234,9 @@ class BaseCache(OperationContext):
         implementers: this default is built on :meth:`list`, :meth:`evict` and :meth:`gc`;
         wrappers forward it, read-only caches refuse it.
         """
-        evicted = 0
-        for key in list(self.list()):
-            try:
-                self.evict(key)
-            except KeyError:
-                continue  # evicted meanwhile by someone else
-            evicted += 1
+        evicted = evict_each(self.evict, list(self.list()))
         self.gc()
-        return evicted
+        return len(evicted)
 
     @abc.abstractmethod
     def volume(self) -> int | None:
@@ -332,6 +327,19 @@ class BaseCache(OperationContext):
             merged = {**(template.arguments or {}), **arguments}
             template = dataclasses.replace(template, arguments=merged)
         return template
+
+
+def evict_each(evict: Callable[[Digest], None], keys: Iterable[Digest]) -> set[Digest]:
+    """Call ``evict(key)`` for each key; return the keys it evicted (those another thread or
+    process removed first raise ``KeyError`` and are left out)."""
+    evicted: set[Digest] = set()
+    for key in keys:
+        try:
+            evict(key)
+        except KeyError:
+            continue
+        evicted.add(key)
+    return evicted
 
 
 def _ALWAYS() -> bool:
@@ -765,13 +773,7 @@ class Cache(BaseCache):
         garbage = candidates - reachable
         if dry_run:
             return garbage
-        evicted: set[Digest] = set()
-        for key in garbage:
-            try:
-                self.values.evict(key)
-            except KeyError:
-                continue  # removed meanwhile by someone else
-            evicted.add(key)
+        evicted = evict_each(self.values.evict, garbage)
         self.values.sweep()
         self.calls.sweep()
         return evicted

@@ -42,7 +42,6 @@ from .digest import Digest
 from .errors import AmbiguousDigestError, CorruptEntryError, FlecheError, SpecError
 from .query import start_time
 from .spec import StoreSpec, mask, parse
-from .storage.file import _tree_size
 from .verify import repair, verify
 
 __all__ = ["main"]
@@ -91,20 +90,9 @@ def _describe(spec: StoreSpec) -> dict[str, str]:
 def _disk_size(spec: StoreSpec) -> int | None:
     """Bytes the store takes on disk: its files (and SQLite database with its journal files);
     ``None`` where that cannot be seen from here (server databases, memory)."""
-    if spec.kind == "memory":
+    if spec.kind == "memory" or (spec.kind == "sql" and spec.sqlite_path() is None):
         return None
-    total = _tree_size(spec.values) if spec.values else 0
-    if spec.kind == "directory":
-        return total + _tree_size(os.path.join(spec.calls, "calls"))
-    path = spec.sqlite_path()
-    if path is None:
-        return None
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            total += os.stat(f"{path}{suffix}").st_size
-        except FileNotFoundError:
-            pass
-    return total
+    return spec.open().volume()
 
 
 # -- showing call records -----------------------------------------------------------------------

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .caches import CacheWrapper
+from .caches import CacheWrapper, evict_each
 from .call import Call, DigestedCall
 from .counters import BYTES_WRITTEN
 from .digest import Digest
@@ -272,13 +272,7 @@ class SizeLimitedCache(CacheWrapper):
                     if not holders[value]:
                         garbage.append(value)
                         freed += usage.values[value].size
-        evicted: set[Digest] = set()
-        for key in victims:
-            try:
-                self.cache.evict(key)
-            except KeyError:
-                continue  # evicted meanwhile by someone else
-            evicted.add(key)
+        evicted = evict_each(self.cache.evict, victims)
         for value in garbage:
             self.cache.discard(value)
         return evicted, freed
