@@ -221,3 +221,22 @@ def test_processes_sharing_one_limited_store(kind, tmp_path):
             assert store.load_result(key) == page_result(store.load(key).arguments["i"])
         except KeyError:
             assert call.result is not None
+
+
+def test_a_call_saved_again_after_its_eviction_is_not_old_in_a_database(tmp_path):
+    """A use row left from before a call was evicted does not date the call saved anew."""
+    import datetime
+
+    store = _store("sqlite", tmp_path)
+    now = time.time()
+
+    def at(seconds):
+        start = datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat()
+        return Call("f", {"x": 1}, result="v" * 3000, metadata={"runtime": {"start": start}})
+
+    key = store.save(at(now - 100))
+    store.touch([key], now - 50)
+    assert store.usage().calls[key].used == pytest.approx(now - 50)
+    store.evict(key)
+    store.save(at(now))
+    assert store.usage().calls[key].used == pytest.approx(now)

@@ -436,9 +436,9 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     def usage(self) -> dict[Digest, EntryUsage]:
         """Every stored call with the bytes of its record and inline values (the side tables
-        of arguments and metadata, and indexes, are not counted) and when it was last touched,
-        else when it started (its runtime metadata), else 0.0; one query in one snapshot
-        (see :mod:`fleche.storage.sql.usage`)."""
+        of arguments and metadata, and indexes, are not counted) and when it was last touched
+        or started (its runtime metadata), whichever is later, else 0.0; one query in one
+        snapshot, which reads every record (see :mod:`fleche.storage.sql.usage`)."""
         with self._session_scope(Intent.READ) as conn:
             return _usage.uses(conn, f"{safe_url(self.url)} table fleche_calls")
 
@@ -453,7 +453,7 @@ class Sql(PerKeyLockMixin, CallStorage):
         when = time.time() if when is None else when
         state = self._connect()
         state.dialect.check_writable("record uses")
-        _usage.create_usage_table(state.engine)
+        _usage.create_usage_table(state.write, lambda e: is_transient(state.dialect, e))
 
         def attempt() -> None:
             with state.write.begin() as conn:

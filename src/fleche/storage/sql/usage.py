@@ -4,14 +4,14 @@
 :class:`~fleche.limits.SizeLimitedCache` writes, in batches). It is made by the first touch and
 is not part of the versioned schema: older fleche versions ignore it, and losing it loses no
 entry, only the order in which calls would be evicted. Rows of evicted calls are dropped by the
-next touch. A call without a row counts as used when it started (its ``runtime`` metadata, as
-the decorator records it), else at 0.0.
+next touch. A call counts as used when it was last touched or when it started (its ``runtime``
+metadata, as the decorator records it), whichever is later, else at 0.0.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,18 +43,27 @@ def has_usage_table(conn: sa.Connection) -> bool:
     return sa.inspect(conn).has_table(usage_table.name)
 
 
-def create_usage_table(engine: sa.Engine) -> None:
-    """Make ``fleche_usage`` unless it is there; another process making it at once is fine."""
-    with engine.connect() as conn:
+def create_usage_table(writer: Any, transient: Callable[[exc.DBAPIError], bool]) -> None:
+    """Make ``fleche_usage`` unless it is there, in a write transaction of ``writer`` (an
+    engine, or one with the dialect's options for writes); another process making it at once
+    is fine, and so is a busy database (``transient`` errors are retried)."""
+    from .connections import retrying
+
+    def attempt() -> None:
+        with writer.begin() as conn:
+            if not has_usage_table(conn):
+                usage_table.create(conn, checkfirst=True)
+
+    def lost_race(e: exc.DBAPIError) -> bool:
+        if transient(e):
+            return True
+        with writer.connect() as conn:
+            return has_usage_table(conn)  # made meanwhile: the next attempt finds it
+
+    with writer.connect() as conn:
         if has_usage_table(conn):
             return
-    try:
-        with engine.begin() as conn:
-            usage_table.create(conn, checkfirst=True)
-    except exc.DBAPIError:
-        with engine.connect() as conn:
-            if not has_usage_table(conn):
-                raise  # not a lost race: a real failure
+    retrying(attempt, lost_race)
 
 
 def record_uses(conn: sa.Connection, keys: Sequence[str], when: float) -> None:
@@ -84,13 +93,12 @@ def uses(conn: sa.Connection, where: str) -> dict[Digest, EntryUsage]:
         source: Any = calls.outerjoin(usage_table, usage_table.c.key == calls.c.key)
     else:
         used, source = sa.null(), calls
-    # The record is read only where no use is recorded: its start time stands in.
-    unrecorded = sa.case((used.is_(None), calls.c.record), else_=sa.null())
-    rows = conn.execute(sa.select(calls.c.key, size, used, unrecorded).select_from(source))
+    # A call's start counts as a use too: a row left from before the call was evicted and
+    # saved again (rows of evicted calls go at the next touch) must not make it look old.
+    rows = conn.execute(sa.select(calls.c.key, size, used, calls.c.record).select_from(source))
     found: dict[Digest, EntryUsage] = {}
     for key, nbytes, when, record in rows:
-        if when is None:
-            when = _started(record, key, where)
+        when = max(when or 0.0, _started(record, key, where))
         found[_mk(key)] = EntryUsage(int(nbytes or 0), float(when))
     return found
 
