@@ -5,6 +5,7 @@ import multiprocessing
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -158,6 +159,9 @@ def test_a_store_that_cannot_say_its_size_warns_and_still_saves(tmp_path):
     with pytest.warns(FlecheWarning, match="cannot say how many bytes"):
         key = limited.save(Call("f", {"x": 1}, result="y" * 500))
     assert store.load_result(key) == "y" * 500
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not again at once: the next check waits a while
+        limited.save(Call("f", {"x": 2}, result="z" * 500))
     with pytest.raises(NotImplementedError, match="cannot be size-limited"):
         limited.cull()
 

@@ -49,6 +49,8 @@ __all__ = ["SizeLimitedCache"]
 
 _MAX_PENDING = 1024
 """Uses a process remembers before it writes them, whatever ``touch_interval`` says."""
+_RETRY_AFTER = 60.0
+"""Seconds before a check that failed after a save is tried again."""
 _CHECK_COST_SHARE = 20
 """A check is never due sooner than this many times as long as the last one took."""
 
@@ -116,7 +118,8 @@ class SizeLimitedCache(CacheWrapper):
     ones, and no lock is held while planning, so processes that cull at once may together
     evict somewhat more than one would; a call being saved while its value is removed reads as
     a miss and is saved again, as with ``gc``. A cull that fails after a save (a corrupt entry:
-    run ``fleche verify --repair``) costs a ``FlecheWarning``, never the save.
+    run ``fleche verify --repair``) costs a ``FlecheWarning``, never the save, and is tried again
+    a minute later (or once this process has written the budget's worth).
     """
 
     size_limit: int
@@ -211,6 +214,9 @@ class SizeLimitedCache(CacheWrapper):
         try:
             self._cull()
         except Exception as e:  # noqa: BLE001 - the save happened; the budget waits
+            # Try again after a while, or once this process wrote the budget's worth.
+            state.total, state.written_at = 0, BYTES_WRITTEN.get("bytes")
+            state.check_at = time.monotonic() + max(self.check_interval, _RETRY_AFTER)
             warnings.warn(
                 f"{self!r} could not keep its store within {self.size_limit} bytes: "
                 f"{type(e).__name__}: {e}", FlecheWarning, stacklevel=3,
