@@ -386,3 +386,96 @@ def test_evict_removes_a_value_where_a_call_record_belongs(tmp_path):
     assert run_json("evict", spec, key[:10], here=True) == {"evicted": [key]}
     assert "evicted" in run_here("evict", spec, tasks.square.digest(1)).stdout
     run_here("verify", spec)
+
+
+# -- evicting by function and age, clearing ----------------------------------------------------
+
+
+def _age(spec, x, hours):
+    """Make the stored call square(x) look as if it started ``hours`` ago."""
+    import datetime
+
+    cache = fleche.open(spec)
+    key = tasks.square.digest(x)
+    record = cache.calls.load(key)
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=hours)
+    metadata = {**record.metadata, "runtime": {**record.metadata["runtime"], "start": start.isoformat()}}
+    cache.calls.save(record.replace(metadata=metadata))
+
+
+def test_evict_by_name_and_age(store):
+    _age(store, 0, hours=24 * 10)
+    _age(store, 1, hours=30)
+    dry = run_json("evict", store, "--older-than", "1d", "--dry-run", here=True)
+    assert list(dry) == ["would_evict"] and len(dry["would_evict"]) == 2
+    assert len(run_json("ls", store, here=True)) == 6  # nothing evicted
+    week = run_json("evict", store, "--name", "cli_tasks.square", "--older-than", "1w", here=True)
+    assert week == {"evicted": [tasks.square.digest(0)]}
+    done = run("evict", store, "--name", "simulate")
+    assert done.stdout.count("evicted ") == 2 and "cli_tasks.simulate" in done.stdout
+    assert "2 calls evicted" in done.stderr
+    left = {c["arguments"]["x"] for c in run_json("ls", store, here=True)}
+    assert left == {1, 2, 3}
+    assert run_json("evict", store, "--older-than", "90m", here=True)["evicted"] == [
+        tasks.square.digest(1)
+    ]
+    assert run_json("evict", store, "--name", "nothing.like.it", here=True)["evicted"] == []
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        ((), "give the keys of the calls to evict"),
+        (("abcd1234", "--name", "square"), "not both"),
+        (("--older-than", "a week"), "--older-than takes a duration"),
+        (("--older-than", "7y"), "--older-than takes a duration"),
+    ],
+)
+def test_evict_says_what_is_wrong(tmp_path, args, reason):
+    spec = spec_for("pickle", tmp_path)
+    populate(spec)
+    done = run_here("evict", spec, *args, status=2)
+    assert reason in done.stderr
+    assert len(run_json("ls", spec, here=True)) == 6
+
+
+def test_clear(store):
+    info = run_json("info", store, here=True)
+    dry = run_json("clear", store, "--dry-run", here=True)
+    assert dry["dry_run"] and dry["calls"] == 6 and dry["values"] == info["n_values"]
+    assert run_json("info", store, here=True)["n_calls"] == 6
+    refused = run("clear", store, status=2)  # no --yes, and no terminal to ask on
+    assert "--yes" in refused.stderr and run_json("info", store, here=True)["n_calls"] == 6
+    done = run_json("clear", store, "--yes")
+    assert done["calls"] == 6 and done["values"] == info["n_values"]
+    after = run_json("info", store, here=True)
+    assert after["n_calls"] == 0 and after["n_values"] == 0
+    if not store.startswith("sqlite"):  # a SQLite file keeps its pages (and its WAL grows)
+        assert done["size_after"] < done["size_before"]
+    assert run("clear", store, "--yes").stdout.startswith("removed 0 calls and 0 values")
+
+
+@pytest.mark.parametrize("answer, left", [("y\n", 0), ("n\n", 6)])
+def test_clear_asks_at_a_terminal(tmp_path, answer, left):
+    import pty
+
+    spec = spec_for("pickle", tmp_path)
+    populate(spec)
+    env = {k: v for k, v in os.environ.items() if k != "FLECHE_CACHE"}
+    env.update(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
+    controller, terminal = pty.openpty()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "fleche", "clear", spec], stdin=terminal,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        )
+        os.write(controller, answer.encode())
+        out, err = child.communicate(timeout=120)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert child.returncode == (0 if left == 0 else 1), err
+    assert "remove all 6 calls and" in out  # the question
+    assert len(run_json("ls", spec, here=True)) == left
+    if left:
+        assert "cancelled: nothing removed" in err

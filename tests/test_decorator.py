@@ -1,5 +1,6 @@
 """The @fleche decorator: hits skip the body, keys follow the options, caching never breaks a call."""
 
+import datetime
 import functools
 import inspect
 import pickle
@@ -704,3 +705,40 @@ def test_a_closure_is_keyed_by_what_it_captured_when_decorated():
     log.append("changed in place before the first call")
     assert first(1) == 2 and second(1) == 2
     assert log == ["changed in place before the first call", 1]  # the second call was a hit
+
+
+# -- expire= ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compute_once", [False, True])
+@pytest.mark.parametrize("expire", [3600, datetime.timedelta(hours=1)])
+def test_a_call_older_than_expire_is_computed_again_and_replaced(tmp_path, expire, compute_once):
+    from fleche.caches import Cache
+    from fleche.query import start_time
+    from fleche.storage import CallPickleFile, ValuePickleFile
+
+    store = Cache(ValuePickleFile(tmp_path / "values"), CallPickleFile(tmp_path / "calls"))
+    runs = []
+
+    @fleche(cache=store, expire=expire, compute_once=compute_once)
+    def area(r):
+        runs.append(r)
+        return 3 * r * r
+
+    two_hours_ago = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)).isoformat()
+    ten_minutes_ago = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=10)).isoformat()
+    store.save(area.call(1).replace(result=-1, metadata={"runtime": {"start": two_hours_ago}}))
+    store.save(area.call(2).replace(result=12, metadata={"runtime": {"start": ten_minutes_ago}}))
+    store.save(area.call(3).replace(result=-3))  # no start recorded: its age is unknown
+    assert area(1) == 3 and area(2) == 12 and area(3) == 27
+    assert runs == [1, 3]
+    replaced = store.load(area.digest(1))
+    assert replaced.result == 3 and start_time(replaced) > datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
+    assert area(1) == 3 and area(3) == 27 and runs == [1, 3]  # fresh now: hits
+
+
+def test_expire_takes_a_duration():
+    for bad, error in [(-1, ValueError), ("1h", TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="expire="):
+            fleche(expire=bad)(lambda x: x)
+    assert fleche(expire=0)(lambda x: x)(1) == 1

@@ -127,3 +127,39 @@ def test_custom_destructurer():
     assert key == digest(Bag([1], 2))
     assert values.load(key) == Bag([1], 2)
     assert digest([1]) in values.child_digests(key)
+
+
+@pytest.mark.parametrize(
+    "value", [[1, 2, 3], (1, "a", None), {"a": 1, "b": [2, 3]}, Sample("s", [1, 2])]
+)
+def test_a_container_of_inline_elements_is_stored_plain(value):
+    """With remaining_depth >= 1, a container none of whose elements is stored apart is kept
+    as the plain container: an entry without parts (issue 16 A)."""
+    values = ValueMemory(remaining_depth=5)
+    key = values.save(value)
+    assert values.storage[key] == value and type(values.storage[key]) is type(value)
+    assert values.child_digests(key) == set()
+    assert values.count_reuses() == {key: 0}
+    assert values.load(key) == value
+
+
+def test_only_containers_with_stored_parts_keep_a_wrapper():
+    values = ValueMemory(remaining_depth=1)
+    key = values.save([[1, 2], [3, 4]])
+    raw = values.storage[key]
+    assert isinstance(raw, DigestedIterable) and values.child_digests(key) == {
+        digest([1, 2]), digest([3, 4])
+    }
+    assert values.storage[digest([1, 2])] == [1, 2]  # leaves inline: the plain list
+    assert values.load(key) == [[1, 2], [3, 4]]
+
+
+def test_references_keep_their_wrapper_and_depth_zero_is_unchanged():
+    values = ValueMemory(remaining_depth=1)
+    inner = values.save([1, 2])
+    outer = values.save({"ref": inner})
+    assert isinstance(values.storage[outer], DigestedDict)
+    assert values.child_digests(outer) == {inner}
+    every = ValueMemory()  # remaining_depth=0: every element apart, empty containers wrapped
+    assert isinstance(every.storage[every.save([])], DigestedIterable)
+    assert isinstance(every.storage[every.save([1])], DigestedIterable)

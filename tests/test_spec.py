@@ -42,6 +42,16 @@ def test_options_reach_the_storages(tmp_path):
     assert fleche.open(f"{tmp_path}?lock_timeout=none").values.lock_timeout is None
 
 
+def test_serializer_and_compression_options(tmp_path):
+    cache = fleche.open(f"{tmp_path}?format=dill&compression=zlib")
+    assert cache.values.serializer == "dill" and cache.values.compression == "zlib"
+    assert cache.calls.serializer == "pickle" and cache.calls.compression is None
+    key = cache.values.save("x" * 5000)
+    assert fleche.open(str(tmp_path)).values.load(key) == "x" * 5000  # any reader decodes it
+    sql = fleche.open(f"sqlite:///{tmp_path}/calls.db?format=dill&compression=lzma")
+    assert sql.values.serializer == "dill" and sql.values.compression == "lzma"
+
+
 def test_h5_spec():
     pytest.importorskip("bagofholding")
     from fleche.storage import CallBagOfHoldingH5File, ValueBagOfHoldingH5File
@@ -82,7 +92,9 @@ def test_memory_is_one_cache_per_spec_and_process():
         ("/data?valeus=/v", "unknown option 'valeus'"),
         ("sqlite:///x.db?vaules=/v", "did you mean 'values'"),
         ("/data?values=/v", "'values' does not apply"),
-        ("/data?format=json", "format must be one of pickle, cloudpickle, h5"),
+        ("/data?format=json", "format must be one of pickle, cloudpickle, dill, h5"),
+        ("/data?compression=gzip", "compression must be one of zlib, lzma, bz2"),
+        ("/data?format=h5&compression=zlib", "compression applies to the pickle formats"),
         ("/data?lock_timeout=soon", "lock_timeout must be a number"),
         ("/data?lock_timeout=-1", "lock_timeout must be a number"),
         ("/data?durable=maybe", "durable must be true or false"),
@@ -115,6 +127,8 @@ def test_a_spec_is_a_string():
         "{tmp}/store?format=h5",
         "sqlite:///{tmp}/calls.db",
         "sqlite:///{tmp}/calls.db?values={tmp}/v&format=cloudpickle",
+        "{tmp}/store?format=dill&compression=lzma",
+        "sqlite:///{tmp}/calls.db?format=dill&compression=zlib",
         "postgresql+psycopg://u:pw@h:5432/db?sslmode=require&values=/shared/v",
         "memory://",
         "memory://other",

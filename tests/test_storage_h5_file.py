@@ -631,3 +631,14 @@ def test_processes_write_and_read_overlapping_keys(tmp_path):
     for root, storage in ((tmp_path / "values", values), (tmp_path / "calls", calls)):
         for key in storage.list():
             storage.load(key)  # every file on disk is whole
+
+
+def test_a_plain_tuple_that_looks_like_a_reference_stand_in_round_trips(tmp_path):
+    """Kept whole (remaining_depth >= 1), a tuple starting with the stand-in's tag is still
+    the user's tuple when loaded."""
+    values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=1)
+    looks_alike = ("fleche.destructured/1", '{"kind": "list", "items": []}')
+    assert values.load(values.save(looks_alike)) == looks_alike
+    plain = (1, "a", 2.5)
+    key = values.save(plain)
+    assert values.load(key) == plain and values.child_digests(key) == set()

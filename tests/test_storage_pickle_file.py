@@ -26,7 +26,7 @@ def _no_env_key(monkeypatch):
     monkeypatch.setenv(SECRET_KEY_ENV, "none")  # no key, on purpose: no UnsignedStoreWarning
 
 
-@pytest.mark.parametrize("serializer", ["pickle", "cloudpickle"])
+@pytest.mark.parametrize("serializer", ["pickle", "cloudpickle", "dill"])
 class TestValuePickleFile(ValueStorageTests):
     shared_between_processes = True
 
@@ -55,6 +55,25 @@ class TestSignedValuePickleFile(ValueStorageTests):
 
     def make_storage(self, tmp_path):
         return ValuePickleFile(tmp_path / "values", secret_key=[b"new key", "old key"])
+
+
+@pytest.mark.parametrize("compression", ["zlib", "lzma", "bz2"])
+class TestCompressedValuePickleFile(ValueStorageTests):
+    shared_between_processes = True
+
+    @pytest.fixture(autouse=True)
+    def _compression(self, compression):
+        self.compression = compression
+
+    def make_storage(self, tmp_path):
+        return ValuePickleFile(tmp_path / "values", serializer="dill", compression=self.compression)
+
+
+class TestCompressedCallPickleFile(CallStorageTests):
+    shared_between_processes = True
+
+    def make_storage(self, tmp_path):
+        return CallPickleFile(tmp_path / "calls", compression="zlib")
 
 
 # -- construction and layout ------------------------------------------------------------------
@@ -419,3 +438,98 @@ def test_sweep_removes_only_stale_temporary_files(tmp_path):
     cache.gc()
     assert not stale.exists() and fresh.exists()
     assert cache.load_result(key) == "r" and set(calls.list()) == {key}
+
+
+# -- serializers and compression ------------------------------------------------------------
+
+
+class _Guarded:
+    """An object holding a lock: neither pickle nor cloudpickle stores it, dill does."""
+
+    def __init__(self, n):
+        self.n = n
+        self.lock = threading.Lock()
+
+    def __digest__(self):
+        return digest(("guarded", self.n))
+
+
+def test_dill_stores_what_pickle_and_cloudpickle_cannot(tmp_path):
+    for serializer in ("pickle", "cloudpickle"):
+        with pytest.raises(SaveError, match="lock"):
+            ValuePickleFile(tmp_path / serializer, serializer=serializer).save(_Guarded(1))
+    dilled = ValuePickleFile(tmp_path / "values", serializer="dill")
+    key = dilled.save(_Guarded(2))
+    for reader in (dilled, ValuePickleFile(tmp_path / "values")):  # any setting reads it
+        loaded = reader.load(key)
+        assert loaded.n == 2 and loaded.lock.acquire(blocking=False)
+    with open(dilled._path(key), "rb") as f:
+        assert f.read(6)[5] & 0x04  # the envelope flag says dill wrote it
+
+
+def test_an_unknown_serializer_or_compression_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="serializer must be one of 'pickle', 'cloudpickle', 'dill'"):
+        ValuePickleFile(tmp_path, serializer="json")
+    with pytest.raises(ValueError, match="compression must be None or one of 'zlib', 'lzma', 'bz2'"):
+        ValuePickleFile(tmp_path, compression="gzip")
+
+
+@pytest.mark.parametrize("compression", ["zlib", "lzma", "bz2"])
+def test_compressed_entries_are_smaller_and_read_by_any_storage(tmp_path, compression):
+    text = "the same line again\n" * 5000
+    plain = ValuePickleFile(tmp_path / "plain")
+    packed = ValuePickleFile(tmp_path / "packed", compression=compression)
+    key = packed.save(text)
+    assert plain.save(text) == key
+    assert os.path.getsize(packed._path(key)) * 10 < os.path.getsize(plain._path(key))
+    for reader in (ValuePickleFile(tmp_path / "packed"),
+                   ValuePickleFile(tmp_path / "packed", serializer="dill", compression="lzma")):
+        assert reader.load(key) == text
+    unpacked = ValuePickleFile(tmp_path / "packed").save([1, 2])
+    assert packed.load(unpacked) == [1, 2]  # and it reads uncompressed ones
+
+
+def test_a_payload_that_does_not_shrink_is_stored_as_it_is(tmp_path):
+    values = ValuePickleFile(tmp_path, compression="zlib")
+    noise = os.urandom(4096)
+    key = values.save(noise)
+    with open(values._path(key), "rb") as f:
+        assert f.read(6)[5] & 0x30 == 0
+    assert values.load(key) == noise
+
+
+def test_a_compressed_entry_is_checked_before_it_is_decompressed(tmp_path):
+    from fleche.storage.pickle_file import ENVELOPE
+    from fleche.testing import flip_a_byte
+
+    values = ValuePickleFile(tmp_path, compression="zlib")
+    key = values.save("x" * 10000)
+    flip_a_byte(values._path(key))
+    assert_corrupt_entry_is_reported_and_evictable(
+        values, key, values._path(key), "checksum mismatch"
+    )
+    # Intact and claiming zlib, but not zlib data: a clear error, not a crash.
+    forged = ENVELOPE.header(b"not zlib at all", digest("f"), flags=0x10) + b"not zlib at all"
+    path = values._path(digest("f"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(forged)
+    assert_corrupt_entry_is_reported_and_evictable(
+        values, digest("f"), path, "zlib data cannot be decompressed"
+    )
+
+
+def test_a_dill_entry_where_dill_is_missing_says_what_to_install(tmp_path, monkeypatch):
+    """Not corrupt, only unreadable here: the error names the extra and nothing is removed."""
+    import sys
+
+    values = ValuePickleFile(tmp_path, serializer="dill")
+    key = values.save(_Guarded(3))
+    monkeypatch.setitem(sys.modules, "dill", None)  # as if dill were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fleche\[dill\]'"):
+        ValuePickleFile(tmp_path).load(key)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fleche\[dill\]'"):
+        ValuePickleFile(tmp_path, serializer="dill")
+    assert values.contains(key)
+    monkeypatch.delitem(sys.modules, "dill")
+    assert ValuePickleFile(tmp_path).load(key).n == 3

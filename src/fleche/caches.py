@@ -20,6 +20,7 @@ import dataclasses
 import os
 import warnings
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from .storage.base import (
 )
 from .storage.file import FileStorage
 from .storage.memory import CallMemory, ValueMemory
+from .usage import StoreUsage
 
 __all__ = [
     "BaseCache",
@@ -46,6 +48,7 @@ __all__ = [
     "CacheWrapper",
     "ReadOnlyCache",
     "ReadOnlyError",
+    "evict_each",
     "memory_cache",
 ]
 
@@ -60,7 +63,7 @@ class BaseCache(OperationContext):
     Every operation that the decorator, :mod:`fleche.dask`, :mod:`fleche.ray`, the CLI and
     :mod:`fleche.verify` rely on is declared here, abstract or with a default that says what it
     does; every wrapper forwards or refuses each one explicitly. :class:`ReadOnlyCache` refuses
-    the writes (``save``, ``evict``, ``discard``, ``locked``, ``gc``) with
+    the writes (``save``, ``evict``, ``discard``, ``locked``, ``gc``, ``touch``, ``clear``) with
     :class:`ReadOnlyError`, and :attr:`writable` tells callers so beforehand.
 
     Keys are call lookup keys; wherever a key is taken, a unique prefix of at least four
@@ -224,6 +227,50 @@ class BaseCache(OperationContext):
         """Remove the values no stored call needs and return the keys actually removed
         (``dry_run``: the keys it would remove, removing nothing)."""
 
+    def clear(self) -> int:
+        """Evict every stored call, then remove every value no call needs (:meth:`gc`);
+        return how many calls were evicted.
+
+        Each eviction is atomic; calls saved meanwhile may stay, with their values. Note for
+        implementers: this default is built on :meth:`list`, :meth:`evict` and :meth:`gc`;
+        wrappers forward it, read-only caches refuse it.
+        """
+        evicted = evict_each(self.evict, list(self.list()))
+        self.gc()
+        return len(evicted)
+
+    @abc.abstractmethod
+    def volume(self) -> int | None:
+        """Bytes the store takes where it keeps its entries (its files, its database), or
+        ``None`` where a storage cannot say (see ``KeyManagement.volume``); a snapshot, which
+        other threads and processes change. Walks file storages (O(entries))."""
+
+    @abc.abstractmethod
+    def usage(self) -> StoreUsage:
+        """Every stored call record and value with the bytes it takes and when it was last
+        saved or used (:meth:`touch`): one listing of each storage (O(entries), no entry is
+        read); a snapshot. What a :class:`~fleche.limits.SizeLimitedCache` keeps within its
+        budget; ``NotImplementedError`` for a storage that cannot say."""
+
+    @abc.abstractmethod
+    def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
+        """Record that the calls under ``keys`` were used at ``when`` (seconds since the
+        epoch, default now), so :meth:`usage` shows it; calls not stored are skipped. Changes
+        no entry: safe from any thread and process at any time. Storages that record no use
+        ignore it (see ``KeyManagement.touch``)."""
+
+    @abc.abstractmethod
+    def needed_values(self, keys: Iterable[Digest | str]) -> dict[Digest, frozenset[Digest]]:
+        """For each stored call among ``keys``, the keys of the values it refers to at any
+        depth (its arguments and result, and the parts of destructured ones); calls not stored
+        are left out, and so is nothing else: a key may name a value kept inline or gone.
+
+        Reads each record and each destructured value once (O(calls + values)); values never
+        change under their key, so a process remembers the parts it read. A snapshot. A
+        damaged record or value raises ``CorruptEntryError`` (which values it needs cannot be
+        known).
+        """
+
     def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Digest | tuple[Digest, ...]:
         """Shortest unique prefixes of stored call keys (see ``KeyManagement.shrink``).
 
@@ -281,6 +328,19 @@ class BaseCache(OperationContext):
             merged = {**(template.arguments or {}), **arguments}
             template = dataclasses.replace(template, arguments=merged)
         return template
+
+
+def evict_each(evict: Callable[[Digest], None], keys: Iterable[Digest]) -> set[Digest]:
+    """Call ``evict(key)`` for each key; return the keys it evicted (those another thread or
+    process removed first raise ``KeyError`` and are left out)."""
+    evicted: set[Digest] = set()
+    for key in keys:
+        try:
+            evict(key)
+        except KeyError:
+            continue
+        evicted.add(key)
+    return evicted
 
 
 def _ALWAYS() -> bool:
@@ -439,11 +499,19 @@ class Cache(BaseCache):
             return False
         return True
 
-    def _reachable(self, roots: Iterable[Digest], *, skip_missing: bool) -> set[Digest]:
+    def _reachable(
+        self,
+        roots: Iterable[Digest],
+        *,
+        skip_missing: bool,
+        parts: dict[Digest, frozenset[Digest]] | None = None,
+    ) -> set[Digest]:
         """The values ``roots`` are or refer to, at any depth (each entry read once).
 
         A value not stored raises ``KeyError`` unless ``skip_missing``; a damaged one raises
-        ``CorruptEntryError`` (its parts cannot be known).
+        ``CorruptEntryError`` (its parts cannot be known). ``parts`` remembers what values were
+        read to refer to, and is asked first (so a value gone since is not noticed: not for
+        checks of completeness).
         """
         pending, seen = list(roots), set()
         while pending:
@@ -451,11 +519,19 @@ class Cache(BaseCache):
             if part in seen:
                 continue
             seen.add(part)
+            known = None if parts is None else parts.get(part)
+            if known is not None:
+                pending.extend(known)
+                continue
             try:
-                pending.extend(self.values.child_digests(part))
+                children = self.values.child_digests(part)
             except KeyError:
                 if not skip_missing:
                     raise
+                continue
+            if parts is not None:
+                parts[part] = frozenset(children)
+            pending.extend(children)
         return seen
 
     @contextlib.contextmanager
@@ -699,13 +775,7 @@ class Cache(BaseCache):
         garbage = candidates - reachable
         if dry_run:
             return garbage
-        evicted: set[Digest] = set()
-        for key in garbage:
-            try:
-                self.values.evict(key)
-            except KeyError:
-                continue  # removed meanwhile by someone else
-            evicted.add(key)
+        evicted = evict_each(self.values.evict, garbage)
         self.values.sweep()
         self.calls.sweep()
         return evicted
@@ -723,13 +793,73 @@ class Cache(BaseCache):
         self.values.close()
         self.calls.close()
 
+    def volume(self) -> int | None:
+        """The bytes both storages report, or ``None`` if either cannot say."""
+        parts = (self.values.volume(), self.calls.volume())
+        return None if None in parts else sum(parts)  # type: ignore[arg-type]
+
+    def usage(self) -> StoreUsage:
+        """The call storage's and the value storage's listings with sizes and uses (see
+        ``KeyManagement.usage``)."""
+        return StoreUsage(calls=self.calls.usage(), values=self.values.usage())
+
+    def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
+        """Record the use in the call storage (see ``KeyManagement.touch``)."""
+        self.calls.touch(keys, when)
+
+    def needed_values(self, keys: Iterable[Digest | str]) -> dict[Digest, frozenset[Digest]]:
+        """The values each call's record names, and their parts, from the value storage (see
+        :meth:`BaseCache.needed_values`)."""
+        parts = _parts_seen(self.values)
+        needed: dict[Digest, frozenset[Digest]] = {}
+        for key in keys:
+            try:
+                full = self.calls._normalize_key(key)
+                record = self.calls.load(full)
+            except KeyError:
+                continue
+            except CorruptEntryError as e:
+                raise _stops(e, "cannot tell which values it needs") from e
+            inline = record.inline or {}
+            roots = [k for k in _values_of(record) if k is not None and k not in inline]
+            try:
+                needed[full] = frozenset(self._reachable(roots, skip_missing=True, parts=parts))
+            except CorruptEntryError as e:
+                raise _stops(e, "cannot tell which values it needs") from e
+        return needed
+
 
 def _stops_gc(e: CorruptEntryError) -> CorruptEntryError:
     """``e``, of the same class, saying that gc removed nothing because of it."""
-    return type(e)(
-        e.key, e.location, f"{e.reason}; gc removed nothing, since it cannot tell which values "
-        "this entry needs: run fleche verify --repair first",
-    )
+    return _stops(e, "gc removed nothing, since it cannot tell which values this entry needs")
+
+
+def _stops(e: CorruptEntryError, what: str) -> CorruptEntryError:
+    """``e``, of the same class, saying what it stopped: ``what``, then the remedy."""
+    return type(e)(e.key, e.location, f"{e.reason}; {what}: run fleche verify --repair first")
+
+
+_PARTS: weakref.WeakKeyDictionary[Any, dict[Digest, frozenset[Digest]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""The parts of the values each value storage was seen to hold in this process: values never
+change under their key, so :meth:`Cache.needed_values` reads each destructured value once."""
+_PARTS_KEPT = 200_000
+"""Values whose parts are remembered per storage; past it, the memory starts over."""
+
+
+def _parts_seen(values: Any) -> dict[Digest, frozenset[Digest]] | None:
+    """The parts remembered for the storage ``values`` (``None`` for one that cannot be a
+    weak dictionary's key)."""
+    try:
+        seen = _PARTS.get(values)
+        if seen is None:
+            seen = _PARTS[values] = {}
+    except TypeError:
+        return None
+    if len(seen) > _PARTS_KEPT:
+        seen.clear()
+    return seen
 
 
 def memory_cache() -> Cache:
@@ -901,6 +1031,30 @@ class CacheStack(BaseCache):
         for layer in self.layers:
             layer.close()
 
+    def volume(self) -> int | None:
+        """The bytes of every layer together, or ``None`` if one cannot say."""
+        volumes = [layer.volume() for layer in self.layers]
+        return None if None in volumes else sum(volumes)  # type: ignore[arg-type]
+
+    def usage(self) -> StoreUsage:
+        """The entries of every layer (an entry in several counts each copy's bytes)."""
+        return StoreUsage.merged(layer.usage() for layer in self.layers)
+
+    def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
+        """Record the use in every writable layer (:class:`ReadOnlyError` if none is)."""
+        keys = list(keys)
+        for layer in self._writable_layers("record uses"):
+            layer.touch(keys, when)
+
+    def needed_values(self, keys: Iterable[Digest | str]) -> dict[Digest, frozenset[Digest]]:
+        """The values each call needs in any layer."""
+        keys = list(keys)
+        needed: dict[Digest, frozenset[Digest]] = {}
+        for layer in self.layers:
+            for key, values in layer.needed_values(keys).items():
+                needed[key] = needed.get(key, frozenset()) | values
+        return needed
+
     def flush(self) -> int:
         """Copy what the first layer has into every lower writable layer; return the number
         copied."""
@@ -989,12 +1143,28 @@ class CacheWrapper(BaseCache):
     def close(self) -> None:
         self.cache.close()
 
+    def clear(self) -> int:
+        return self.cache.clear()
+
+    def volume(self) -> int | None:
+        return self.cache.volume()
+
+    def usage(self) -> StoreUsage:
+        return self.cache.usage()
+
+    def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
+        self.cache.touch(keys, when)
+
+    def needed_values(self, keys: Iterable[Digest | str]) -> dict[Digest, frozenset[Digest]]:
+        return self.cache.needed_values(keys)
+
 
 @dataclass(frozen=True)
 class ReadOnlyCache(CacheWrapper):
     """A view of ``cache`` that loads, queries and copies out (``transfer``) but refuses every
     write: ``save``, ``stash``, ``evict``, ``discard``, ``locked``, ``gc`` (also a dry run),
-    ``redigest`` and ``transfer(pop=True)`` raise :class:`ReadOnlyError`, and :attr:`writable`
+    ``redigest``, ``clear``, ``touch`` and ``transfer(pop=True)`` raise :class:`ReadOnlyError`
+    (``volume``, ``usage`` and ``needed_values`` only read), and :attr:`writable`
     is false, so the decorator computes a miss (or a corrupt entry) without saving and never
     waits for a lock."""
 
@@ -1025,6 +1195,12 @@ class ReadOnlyCache(CacheWrapper):
 
     def redigest(self) -> int:
         raise self._refuse("re-key calls")
+
+    def clear(self) -> int:
+        raise self._refuse("clear it")
+
+    def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
+        raise self._refuse("record uses of calls")
 
     def transfer(
         self,

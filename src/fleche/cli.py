@@ -7,6 +7,9 @@ Every command takes a store spec (see :mod:`fleche.spec`)::
     fleche ls SPEC [--name NAME] [--where ARG=VALUE ...] [--limit N]
     fleche show SPEC KEY                  one call in full (short keys work)
     fleche evict SPEC KEY...              remove calls (their values stay until gc)
+    fleche evict SPEC [--name NAME] [--older-than 7d] [--dry-run]
+                                          remove the calls of a function, or older ones
+    fleche clear SPEC [--yes] [--dry-run] remove every call and value (asks first)
     fleche gc SPEC [--dry-run]            remove values no call needs
     fleche verify SPEC [--repair]         load everything, report (and evict) unusable entries
     fleche copy SRC DST                   copy every call and value DST lacks
@@ -25,8 +28,10 @@ import datetime
 import json
 import math
 import os
+import re
 import reprlib
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +41,7 @@ from .call import DigestedCall, QueryCall
 from .caches import Cache
 from .digest import Digest
 from .errors import AmbiguousDigestError, CorruptEntryError, FlecheError, SpecError
+from .query import start_time
 from .spec import CACHE_ENV, StoreSpec, default_spec, mask, parse
 from .verify import repair, verify
 
@@ -81,10 +87,12 @@ _SOURCES = {
 
 def _describe(spec: StoreSpec) -> dict[str, str]:
     """Where the calls and the values of a store live, for people."""
-    files = {"pickle": "pickle files", "cloudpickle": "pickle files (cloudpickle)", "h5": "HDF5 files"}
+    files = {"pickle": "pickle files", "cloudpickle": "pickle files (cloudpickle)",
+             "dill": "pickle files (dill)", "h5": "HDF5 files"}
     if spec.kind == "memory":
         return {"calls": "memory of this process", "values": "memory of this process"}
-    values = f"{files[spec.format]} in {spec.values}"
+    packed = f", {spec.compression}-compressed" if spec.compression else ""
+    values = f"{files[spec.format]}{packed} in {spec.values}"
     if spec.kind == "directory":
         calls_format = "HDF5 files" if spec.format == "h5" else "pickle files"
         return {"calls": f"{calls_format} in {spec.calls}/calls", "values": values}
@@ -95,41 +103,12 @@ def _describe(spec: StoreSpec) -> dict[str, str]:
     return {"calls": f"{dialect} database {mask(spec.calls)}", "values": values}
 
 
-def _tree_size(path: str | os.PathLike[str]) -> int:
-    total = 0
-    try:
-        entries = os.scandir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    with entries:
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    total += _tree_size(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-            except FileNotFoundError:
-                continue  # removed while we walked
-    return total
-
-
 def _disk_size(spec: StoreSpec) -> int | None:
     """Bytes the store takes on disk: its files (and SQLite database with its journal files);
     ``None`` where that cannot be seen from here (server databases, memory)."""
-    if spec.kind == "memory":
+    if spec.kind == "memory" or (spec.kind == "sql" and spec.sqlite_path() is None):
         return None
-    total = _tree_size(spec.values) if spec.values else 0
-    if spec.kind == "directory":
-        return total + _tree_size(os.path.join(spec.calls, "calls"))
-    path = spec.sqlite_path()
-    if path is None:
-        return None
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            total += os.stat(f"{path}{suffix}").st_size
-        except FileNotFoundError:
-            pass
-    return total
+    return spec.open().volume()
 
 
 # -- showing call records -----------------------------------------------------------------------
@@ -387,27 +366,115 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds in a duration such as ``90``, ``45s``, ``30m``, ``12h``, ``7d`` or ``2w``."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise UsageError(
+            f"--older-than takes a duration like 90s, 30m, 12h, 7d or 2w, got {text!r}"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _selected(cache: Cache, args: argparse.Namespace) -> list[tuple[Digest, str]]:
+    """The calls ``evict`` acts on, with their function names: the keys given (each checked
+    before anything is evicted), or those ``--name`` and ``--older-than`` select."""
+    if args.keys:
+        if args.name is not None or args.older_than is not None:
+            raise UsageError("give call keys, or --name and/or --older-than, not both")
+        chosen = []
+        for key in dict.fromkeys(_expand(cache, text) for text in args.keys):
+            try:
+                chosen.append((key, _function(cache.calls.load(key))))
+            except (KeyError, CorruptEntryError):
+                chosen.append((key, "?"))
+        return chosen
+    if args.name is None and args.older_than is None:
+        raise UsageError("give the keys of the calls to evict, or --name NAME and/or --older-than AGE")
+    cutoff = None if args.older_than is None else time.time() - _duration(args.older_than)
+    chosen, unreadable = [], 0
+    for key, record in cache.records():
+        if isinstance(record, CorruptEntryError):
+            unreadable += 1
+            continue
+        if not _name_matches(record, args.name):
+            continue
+        if cutoff is not None:
+            started = start_time(record)
+            if started is None or started.timestamp() >= cutoff:
+                continue  # its age unknown, or not old enough: kept
+        chosen.append((key, _function(record)))
+    if unreadable:
+        print(f"skipped {count(unreadable, 'unreadable call record')} (run: fleche verify)",
+              file=sys.stderr)
+    return chosen
+
+
 def cmd_evict(args: argparse.Namespace) -> int:
     _, cache = _open(args.spec)
-    keys = [_expand(cache, text) for text in args.keys]  # all or nothing: check every key first
+    chosen = _selected(cache, args)
     evicted = []
-    for key in dict.fromkeys(keys):
-        try:
-            name = _function(cache.calls.load(key))
-        except (KeyError, CorruptEntryError):
-            name = "?"
-        try:
-            cache.calls.evict(key)
-        except KeyError:
-            continue  # evicted meanwhile by someone else
+    for key, name in chosen:
+        if not args.dry_run:
+            try:
+                cache.calls.evict(key)
+            except KeyError:
+                continue  # evicted meanwhile by someone else
         evicted.append((key, name))
     if args.json:
-        _emit_json({"evicted": [key for key, _ in evicted]})
+        _emit_json({"would_evict" if args.dry_run else "evicted": [key for key, _ in evicted]})
         return 0
+    verb = "would evict" if args.dry_run else "evicted"
     for key, name in evicted:
-        print(f"evicted {key[:12]}  {name}")
-    print(f"{count(len(evicted), 'call')} evicted; their values stay until: fleche gc {mask(args.spec)}",
-          file=sys.stderr)
+        print(f"{verb} {key[:12]}  {name}")
+    if args.dry_run:
+        print(f"{count(len(evicted), 'call')} to evict (nothing evicted: --dry-run)", file=sys.stderr)
+    else:
+        print(f"{count(len(evicted), 'call')} evicted; their values stay until: "
+              f"fleche gc {mask(args.spec)}", file=sys.stderr)
+    return 0
+
+
+def _confirmed(question: str) -> bool:
+    """Whether the person at the terminal answers ``question`` with yes; ``UsageError`` where
+    there is no terminal to ask on."""
+    if not sys.stdin.isatty():
+        raise UsageError("refusing to clear without --yes: standard input is not a terminal "
+                         "to confirm on")
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_clear(args: argparse.Namespace) -> int:
+    spec, cache = _open(args.spec)
+    calls, values = len(list(cache.list())), len(list(cache.values.list()))
+    before = _disk_size(spec)
+    what = f"{count(calls, 'call')} and {count(values, 'value')}"
+    if not args.dry_run and not args.yes:
+        if not _confirmed(f"remove all {what} of {mask(args.spec)}?"):
+            raise Failure("cancelled: nothing removed")
+    if args.dry_run:
+        removed_calls, removed_values, after = calls, values, before
+    else:
+        removed_calls = cache.clear()
+        removed_values = values - len(list(cache.values.list()))
+        after = _disk_size(spec)
+    if args.json:
+        _emit_json({"dry_run": args.dry_run, "calls": removed_calls, "values": removed_values,
+                    "size_before": before, "size_after": None if args.dry_run else after})
+        return 0
+    if args.dry_run:
+        print(f"would remove {what} (nothing removed: --dry-run)")
+    else:
+        print(f"removed {count(removed_calls, 'call')} and {count(removed_values, 'value')}; "
+              f"size {size(before)} -> {size(after)}")
     return 0
 
 
@@ -533,9 +600,21 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("key", metavar="KEY", help="a call key or a unique prefix of 4+ characters")
     json_flag(sub)
 
-    sub = command("evict", "remove calls (their values stay until gc)", cmd_evict)
+    sub = command("evict", "remove calls, by key or by function and age (their values stay "
+                  "until gc)", cmd_evict)
     sub.add_argument("spec", metavar="SPEC")
-    sub.add_argument("keys", metavar="KEY", nargs="+")
+    sub.add_argument("keys", metavar="KEY", nargs="*", help="call keys (unique prefixes work)")
+    sub.add_argument("--name", help="the calls of this function (name or module.name)")
+    sub.add_argument("--older-than", metavar="AGE",
+                     help="calls that started longer ago than AGE (90s, 30m, 12h, 7d, 2w); "
+                     "calls without a recorded start are kept")
+    sub.add_argument("--dry-run", action="store_true", help="only list them")
+    json_flag(sub)
+
+    sub = command("clear", "remove every call and value of a store", cmd_clear)
+    sub.add_argument("spec", metavar="SPEC")
+    sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sub.add_argument("--dry-run", action="store_true", help="only count them")
     json_flag(sub)
 
     sub = command("gc", "remove values no stored call needs", cmd_gc)
@@ -569,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleche {args.command}: {e}", file=sys.stderr)
     except BrokenPipeError:  # piped into head, say: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (FlecheError, OSError) as e:
+    except (FlecheError, OSError, ImportError) as e:  # ImportError: an extra not installed
         print(f"fleche {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130

@@ -63,6 +63,7 @@ from .meta import Provider, collect, providers
 from .namespace import FunctionNamespace
 from .reruns import Rerun, active_rerun
 from .spec import CACHE_ENV, as_cache, default_spec, open_store
+from .query import start_time
 from .storage.envelope import SECRET_KEY_ENV
 from .threads import follow
 
@@ -211,6 +212,7 @@ class _Cached:
         compute_once: bool = False,
         meta: Mapping[str, Provider] | Iterable[Provider] | None = None,
         isolate: bool = False,
+        expire: float | datetime.timedelta | None = None,
     ) -> None:
         name, module = callable_name(func)
         if inspect.isasyncgenfunction(func):
@@ -239,6 +241,7 @@ class _Cached:
         self.compute_once = compute_once
         self.meta = providers(meta)
         self.isolate = isolate
+        self.expire = _seconds(expire)
         self.version = version
         # A function known by its name is keyed by it (and hash_code=False keeps its key when
         # its body changes); any other callable by what it computes, taken at each call, since
@@ -405,6 +408,8 @@ class _Cached:
         """
         name = self.name
         try:
+            if self.expire is not None:
+                return self._unexpired(cache, key), False
             return cache.load_result(key), False
         except KeyError:
             return _MISS, False
@@ -425,6 +430,15 @@ class _Cached:
         except Exception as e:  # noqa: BLE001 - the cache never fails a call (issue 14)
             _warn(f"{name}: cache lookup failed, computing: {_cause(e)}")
             return _MISS, False
+
+    def _unexpired(self, cache: BaseCache, key: Digest) -> Any:
+        """The stored result, unless the call started more than ``expire`` seconds ago (or
+        its start is unknown): then ``KeyError``, a miss, whose save replaces the entry."""
+        stored = cache.load(key)
+        started = start_time(stored)
+        if started is None or time.time() - started.timestamp() > self.expire:  # type: ignore[operator]
+            raise KeyError(f"{key}: expired (stored more than {self.expire:g} s ago)")
+        return stored.result
 
     def _compute(
         self, cache: BaseCache, args: tuple, kwargs: dict, call: Call, overwrite: bool
@@ -594,6 +608,21 @@ _MISS = object()
 """What :meth:`_Cached._lookup` returns when there is no stored result to use."""
 
 
+def _seconds(expire: float | datetime.timedelta | None) -> float | None:
+    """``expire=`` in seconds; ``ValueError`` for what is not a duration of 0 or more."""
+    if expire is None:
+        return None
+    if isinstance(expire, datetime.timedelta):
+        seconds = expire.total_seconds()
+    elif type(expire) in (int, float):
+        seconds = float(expire)
+    else:
+        raise TypeError(f"expire= takes seconds or a datetime.timedelta, got {expire!r}")
+    if not seconds >= 0:
+        raise ValueError(f"expire= must be 0 or more seconds, got {expire!r}")
+    return seconds
+
+
 def _cause(e: BaseException) -> str:
     """An exception as a warning names it: its type and its message."""
     return f"{type(e).__name__}: {e}"
@@ -661,6 +690,7 @@ def fleche(
     compute_once: bool = False,
     meta: Mapping[str, Provider] | Iterable[Provider] | None = None,
     isolate: bool = False,
+    expire: float | datetime.timedelta | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -677,6 +707,7 @@ def fleche(
     compute_once: bool = False,
     meta: Mapping[str, Provider] | Iterable[Provider] | None = None,
     isolate: bool = False,
+    expire: float | datetime.timedelta | None = None,
 ) -> Any:
     """Cache a function's calls by the content of their arguments.
 
@@ -710,7 +741,9 @@ def fleche(
     ``compute_once=True``: then a caller that misses holds the key's lock (across processes for
     file storages) while it looks again and computes, and the others wait for its result; a
     waiter gives up after the storage's ``lock_timeout`` and computes itself rather than hang,
-    so set ``lock_timeout`` above the usual computing time.
+    so set ``lock_timeout`` above the usual computing time. ``expire`` (seconds or a
+    ``datetime.timedelta``) makes a stored call that started longer ago than that (or whose
+    start was not recorded) a miss: it is computed again and its entry replaced.
 
     ``cache`` is a cache or a store spec (``"/shared/sweep"``, ``"sqlite:///calls.db"``, see
     :mod:`fleche.spec`), opened when decorating; without it the function uses the active cache
@@ -742,7 +775,7 @@ def fleche(
         cached = _Cached(
             f, version=version, hash_version=hash_version, hash_module=hash_module,
             hash_code=hash_code, ignore=ignore, cache=cache, compute_once=compute_once,
-            meta=meta, isolate=isolate,
+            meta=meta, isolate=isolate, expire=expire,
         )
         if cached.is_async:
             @functools.wraps(f)

@@ -19,6 +19,7 @@ from .caches import BaseCache, ReadOnlyCache
 from .call import Call, QueryCall
 from .digest import DIGEST_LENGTH, Digest, digest
 from .storage.base import _check_key_text, _unique_match
+from .usage import StoreUsage
 
 __all__ = ["FilteredCache", "both"]
 
@@ -126,6 +127,24 @@ class FilteredCache(ReadOnlyCache):
     def load_value(self, key: Digest | str) -> Any:
         """A value of a call in this view (O(calls))."""
         return BaseCache.load_value(self, key)
+
+    def needed_values(self, keys: Iterable[Digest | str]) -> dict[Digest, frozenset[Digest]]:
+        """The values each call of this view among ``keys`` needs."""
+        return self.cache.needed_values(k for k in keys if self.contains(k))
+
+    def usage(self) -> StoreUsage:
+        """The entries of the calls in this view and of the values they need."""
+        full = self.cache.usage()
+        mine = set(self.list())
+        needed = set().union(*self.cache.needed_values(mine).values())
+        return StoreUsage(
+            {k: u for k, u in full.calls.items() if k in mine},
+            {k: u for k, u in full.values.items() if k in needed},
+        )
+
+    def volume(self) -> int:
+        """The bytes of the entries in :meth:`usage`: what the calls of this view take."""
+        return self.usage().total
 
     def transfer(
         self,

@@ -20,7 +20,9 @@ specs too. The forms:
 ================================================  =============================================
 
 Options, after ``?`` and joined by ``&``: ``values=DIR`` (SQL stores), ``format=pickle``
-(default), ``cloudpickle`` (values stored with cloudpickle) or ``h5``; ``lock_timeout=SECONDS``
+(default), ``cloudpickle`` or ``dill`` (values stored with cloudpickle or dill) or ``h5``;
+``compression=zlib`` (or ``lzma``, ``bz2``: value payloads compressed; pickle formats only);
+``lock_timeout=SECONDS``
 (or ``none``) for the key locks of the file storages and of a SQL store's calls;
 ``durable=true`` for the file storages. Relative paths are made absolute when
 the spec is parsed, ``~`` is expanded; a directory whose name contains ``?`` is written as a
@@ -61,6 +63,7 @@ from .caches import BaseCache, Cache
 from .errors import SpecError
 from .storage.memory import CallMemory, ValueMemory
 from .storage.file import FileStorage
+from .storage.envelope import COMPRESSIONS
 from .storage.pickle_file import SECRET_KEY_ENV, CallPickleFile, PickleFileBackend, ValuePickleFile
 
 __all__ = [
@@ -70,8 +73,8 @@ __all__ = [
 CACHE_ENV = "FLECHE_CACHE"
 """Environment variable holding the spec of the process-wide default cache."""
 
-FORMATS = ("pickle", "cloudpickle", "h5")
-_OPTIONS = ("values", "format", "lock_timeout", "durable")
+FORMATS = ("pickle", "cloudpickle", "dill", "h5")
+_OPTIONS = ("values", "format", "compression", "lock_timeout", "durable")
 _SQL_BACKENDS = {"sqlite": None, "postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/@:?]*:)[^/@?]*@")
@@ -114,6 +117,7 @@ class StoreSpec:
     calls: str
     values: str | None = None
     format: str = "pickle"
+    compression: str | None = None
     lock_timeout: float | None = _DEFAULT_LOCK_TIMEOUT
     durable: bool = False
     url_query: tuple[tuple[str, str], ...] = field(default=())
@@ -139,6 +143,8 @@ class StoreSpec:
             options["values"] = str(self.values)
         if self.format != "pickle":
             options["format"] = self.format
+        if self.compression is not None:
+            options["compression"] = self.compression
         if self.lock_timeout != _DEFAULT_LOCK_TIMEOUT:
             options["lock_timeout"] = "none" if self.lock_timeout is None else f"{self.lock_timeout:g}"
         if self.durable:
@@ -163,7 +169,7 @@ class StoreSpec:
                 return cache
         self._check_places()
         settings = {"lock_timeout": self.lock_timeout, "durable": self.durable}
-        values = _value_storage(self.format, Path(self.values or ""), settings)
+        values = _value_storage(self.format, Path(self.values or ""), settings, self.compression)
         if self.kind == "directory":
             return Cache(values, _call_storage(self.format, Path(self.calls) / "calls", settings))
         from .storage.sql import Sql
@@ -207,12 +213,14 @@ class StoreSpec:
         return path.is_file() if path is not None else True
 
 
-def _value_storage(fmt: str, root: Path, settings: dict[str, Any]) -> Any:
+def _value_storage(
+    fmt: str, root: Path, settings: dict[str, Any], compression: str | None = None
+) -> Any:
     if fmt == "h5":
         from .storage.h5_file import ValueBagOfHoldingH5File
 
         return ValueBagOfHoldingH5File(root, **settings)
-    return ValuePickleFile(root, serializer=fmt, **settings)
+    return ValuePickleFile(root, serializer=fmt, compression=compression, **settings)
 
 
 def _call_storage(fmt: str, root: Path, settings: dict[str, Any]) -> Any:
@@ -277,6 +285,18 @@ def _common(text: str, options: Mapping[str, str]) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise SpecError(text, f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out["format"] = fmt
+    if "compression" in options:
+        compression = options["compression"]
+        if compression not in COMPRESSIONS:
+            raise SpecError(
+                text, f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
+            )
+        if fmt == "h5":
+            raise SpecError(
+                text, "compression applies to the pickle formats; HDF5 entries stay files that "
+                "HDF5 tools open as they are"
+            )
+        out["compression"] = compression
     if "lock_timeout" in options:
         raw = options["lock_timeout"]
         if raw.lower() == "none":
@@ -341,7 +361,9 @@ def parse(spec: str | os.PathLike[str]) -> StoreSpec:
 def _directory(text: str, path: str, query: str) -> StoreSpec:
     if not path:
         raise SpecError(text, "no directory given")
-    options, _ = _parse_options(text, query, ("format", "lock_timeout", "durable"), sql=False)
+    options, _ = _parse_options(
+        text, query, ("format", "compression", "lock_timeout", "durable"), sql=False
+    )
     return StoreSpec("directory", _absolute(path), _absolute(path) + "/values", **_common(text, options))
 
 
@@ -430,14 +452,18 @@ def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
             if known is cache:
                 return StoreSpec("memory", name)
     values, calls = cache.values, cache.calls
+    compression = None
     if isinstance(values, PickleFileBackend):
-        fmt = values.serializer
+        fmt, compression = values.serializer, values.compression
     elif _instance_of(values, "h5_file", "BagOfHoldingH5FileBackend"):
         fmt = "h5"
     else:
         return None
     root = values.root
-    settings = {"format": fmt, "lock_timeout": values.lock_timeout, "durable": values.durable}
+    settings = {
+        "format": fmt, "compression": compression, "lock_timeout": values.lock_timeout,
+        "durable": values.durable,
+    }
     if isinstance(calls, FileStorage):
         if root.name != "values" or calls.root != root.parent / "calls":
             return None

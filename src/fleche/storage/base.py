@@ -17,7 +17,7 @@ import bisect
 import contextlib
 import enum
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar, overload
+from typing import Any, ClassVar, NamedTuple, overload
 
 from ..call import Call, DigestedCall, QueryCall
 from ..errors import AmbiguousDigestError, CorruptEntryError, LockTimeout, SaveError
@@ -28,6 +28,7 @@ __all__ = [
     "CallMixin",
     "CallStorage",
     "CorruptEntryError",
+    "EntryUsage",
     "Intent",
     "KeyManagement",
     "LockTimeout",
@@ -50,6 +51,17 @@ class Intent(enum.StrEnum):
     READ = "read"
     """The operation only looks (load, contains, expand); mixins guarding against torn writes
     may skip exclusive locks for it when the backend's writes are atomic."""
+
+
+class EntryUsage(NamedTuple):
+    """What one stored entry costs and when it was last used (see ``KeyManagement.usage``)."""
+
+    size: int
+    """Bytes the entry takes where the storage keeps it (a file's size, a row's record and
+    values, the pickled size of an object kept in memory)."""
+    used: float
+    """When the entry was last saved or touched, in seconds since the epoch; 0.0 where the
+    storage cannot tell."""
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable and reentrant: the base hook costs nothing
@@ -245,6 +257,49 @@ class KeyManagement(OperationContext):
         and other processes are not affected. Note for implementers: this default has nothing
         to close.
         """
+
+    def volume(self) -> int | None:
+        """Bytes the storage takes where it keeps its entries (its files, its database), or
+        ``None`` where it cannot say; a snapshot, which other threads and processes change.
+
+        Note for implementers: this default cannot say (``None``); storages that can override
+        it, stating what they count.
+        """
+        return None
+
+    def usage(self) -> dict[Digest, EntryUsage]:
+        """Every stored key with the bytes its entry takes and when it was last saved or
+        touched (see :meth:`touch`): a snapshot of one listing, O(entries); entries saved or
+        evicted meanwhile may or may not be in it. What a
+        :class:`~fleche.limits.SizeLimitedCache` keeps within its budget.
+
+        Note for implementers: this default cannot say and raises ``NotImplementedError``;
+        storages that can be size-limited override it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot say how many bytes its entries take or when they "
+            "were used, so it cannot be size-limited"
+        )
+
+    def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
+        """Record that the entries under ``keys`` were used at ``when`` (seconds since the
+        epoch, default now), so :meth:`usage` says so; keys not stored are skipped, and a use
+        recorded later than ``when`` is kept. Changes no entry: safe at any time, from any
+        thread and process; two processes touching one key at once both succeed.
+
+        Note for implementers: this default records nothing (every entry counts as used when
+        it was saved, where the storage knows that).
+        """
+
+    def _full_keys(self, keys: Iterable[Digest | str]) -> list[Digest]:
+        """``keys`` as full keys, leaving out short ones no stored key starts with."""
+        full = []
+        for key in keys:
+            try:
+                full.append(self._normalize_key(key))
+            except KeyError:
+                continue
+        return full
 
     def _normalize_key(self, key: Digest | str) -> Digest:
         """Expand a short digest prefix to a full key, or wrap a full key as Digest.

@@ -53,6 +53,11 @@ class Digested:
         raise NotImplementedError
 
 
+def _all_inline(raw: Digested) -> bool:
+    """Whether no element of ``raw`` is a reference to a separately stored value."""
+    return not any(isinstance(x, Digest) for x in raw.references())
+
+
 def _resolve(item: Any, load: Callable[[Digest], Any]) -> Any:
     return load(item) if isinstance(item, Digest) else item
 
@@ -196,7 +201,10 @@ class DestructuringMixin(ValueStorage):
     dataclasses and attrs instances are broken apart so each element is stored independently;
     on load the original structure is reassembled. Sub-trees less than ``remaining_depth`` levels
     high are kept inline in their parent instead (0, the default, stores every element
-    separately). A :class:`Digest` inside a value is a reference to the stored value it names.
+    separately); with ``remaining_depth >= 1`` a container whose elements are all inline is
+    stored as the plain container, an entry without parts (what ``_raw_sub_digests`` calls a
+    plain, non-destructured container). A :class:`Digest` inside a value is a reference to the
+    stored value it names.
 
     Example
 
@@ -237,6 +245,8 @@ class DestructuringMixin(ValueStorage):
             # The top key is the value's own digest (a hook or __digest__ may differ from the
             # wrapper's); inner keys come from the children's, so nothing is digested twice.
             key = digest(value) if top or not isinstance(raw, Digested) else raw.key()
+        if self.remaining_depth and isinstance(raw, Digested) and _all_inline(raw):
+            raw = value  # nothing stored apart: the plain container, an entry without parts
         return super().save(raw, key), depth
 
     def save(self, value: Any, key: Digest | None = None) -> Digest:

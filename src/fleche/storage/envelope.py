@@ -12,6 +12,11 @@ covers the entry's key, the header's first 16 bytes and the payload, so a signed
 altered, or moved to another key, without the secret. Each backend has its own ``magic``, so an
 entry of one kind is never read as another.
 
+A payload may be compressed (``compression="zlib"``, ``"lzma"`` or ``"bz2"``, from the standard
+library): the flag bits :data:`COMPRESSION_BITS` say how, so every reader decompresses it,
+whatever its own setting. The checksum and HMAC cover the bytes as stored (compressed), so
+nothing is decompressed before it is checked.
+
 Secret keys come from a storage's ``secret_key`` setting or from ``FLECHE_SECRET_KEY``
 (comma-separated): entries are signed with the first key and accepted with any, so keys can be
 rotated. ``FLECHE_SECRET_KEY=none`` says that this process uses unsigned stores on purpose;
@@ -26,25 +31,32 @@ warn. Server databases are always shared.
 
 from __future__ import annotations
 
+import bz2
 import functools
 import hashlib
 import hmac
+import lzma
 import os
 import stat
 import struct
 import threading
 import warnings
+import zlib
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import CorruptEntryError, SignatureError, UnsignedStoreWarning
 
 __all__ = [
+    "COMPRESSIONS",
+    "COMPRESSION_BITS",
     "SECRET_KEY_ENV",
     "NO_KEY",
     "SIGNED",
     "Envelope",
     "as_secrets",
+    "check_compression",
     "environment_secrets",
 ]
 
@@ -56,7 +68,33 @@ NO_KEY = "none"
 """The value of ``FLECHE_SECRET_KEY`` that opts out of signing without a warning."""
 
 SIGNED = 0x01
-"""Flag bit: the entry carries an HMAC. Other bits are the backend's own (see ``Envelope``)."""
+"""Flag bit: the entry carries an HMAC. Bits other than it and :data:`COMPRESSION_BITS` are the
+backend's own (see ``Envelope``)."""
+
+COMPRESSION_BITS = 0x30
+"""Flag bits saying how the payload is compressed: 0 not at all, else one of
+:data:`COMPRESSIONS` (``0x10`` zlib, ``0x20`` lzma, ``0x30`` bz2)."""
+
+_CODECS: dict[str, tuple[int, Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
+    "zlib": (0x10, zlib.compress, zlib.decompress),
+    "lzma": (0x20, lzma.compress, lzma.decompress),
+    "bz2": (0x30, bz2.compress, bz2.decompress),
+}
+_BY_BITS = {bits: (name, decompress) for name, (bits, _, decompress) in _CODECS.items()}
+
+COMPRESSIONS = tuple(_CODECS)
+"""The compressions a payload may be stored with (all from the standard library)."""
+
+
+def check_compression(compression: str | None) -> str | None:
+    """``compression`` if it is ``None`` or one of :data:`COMPRESSIONS`; else ``ValueError``
+    naming the choices."""
+    if compression is not None and compression not in _CODECS:
+        raise ValueError(
+            f"compression must be None or one of {', '.join(map(repr, COMPRESSIONS))}, "
+            f"got {compression!r}"
+        )
+    return compression
 
 _HEADER = struct.Struct(">4sBBHQ16s")
 _PREFIX = 16  # magic, version, flags, reserved, length: the part the checksum and HMAC cover
@@ -167,8 +205,10 @@ def _mac(secret: bytes, key: str, prefix: bytes, payload: bytes | memoryview) ->
 class Envelope:
     """The envelope format of one kind of entry, named by its 4-byte ``magic``.
 
-    ``flags`` bits other than :data:`SIGNED` are the backend's (say, which serializer wrote the
-    payload); the envelope carries and checks them but gives them no meaning. Thread- and
+    ``flags`` bits other than :data:`SIGNED` and :data:`COMPRESSION_BITS` are the backend's
+    (say, which serializer wrote the payload); the envelope carries and checks them but gives
+    them no meaning. :meth:`seal` compresses on request and :meth:`open` decompresses whatever
+    was compressed. Thread- and
     process-safe; sealing or checking without ``secrets`` warns once per process (see
     :class:`~fleche.errors.UnsignedStoreWarning`).
     """
@@ -197,10 +237,23 @@ class Envelope:
         return b"".join((prefix, _checksum(prefix, mac, payload), mac))
 
     def seal(
-        self, payload: bytes | memoryview, key: str, secrets: Sequence[bytes] = (), flags: int = 0,
+        self,
+        payload: bytes | memoryview,
+        key: str,
+        secrets: Sequence[bytes] = (),
+        flags: int = 0,
+        compression: str | None = None,
         location: str | None = None,
     ) -> bytes:
-        """``payload`` in its envelope: header, HMAC if signed, payload."""
+        """``payload`` in its envelope: header, HMAC if signed, payload, compressed with
+        ``compression`` (one of :data:`COMPRESSIONS`) where that makes it smaller. ``location``
+        (where the entry will live) decides whether an unsigned entry warns."""
+        flags &= ~COMPRESSION_BITS
+        if compression is not None:
+            bits, compress, _ = _CODECS[compression]
+            packed = compress(bytes(payload))
+            if len(packed) < len(payload):
+                payload, flags = packed, flags | bits
         return self.header(payload, key, secrets, flags, location) + bytes(payload)
 
     def header_size(self, data: bytes | memoryview) -> int:
@@ -216,16 +269,28 @@ class Envelope:
         key: str,
         location: str,
         secrets: Sequence[bytes] = (),
-    ) -> tuple[int, memoryview]:
-        """Check the whole entry ``data`` and return its flags and payload.
+    ) -> tuple[int, memoryview | bytes]:
+        """Check the whole entry ``data`` and return its flags and payload, decompressed if it
+        was stored compressed.
 
         Raises :class:`~fleche.errors.CorruptEntryError` for a torn, truncated, bit-flipped or
         foreign entry and :class:`~fleche.errors.SignatureError` when ``secrets`` are given and
-        the entry is unsigned or signed with none of them. Nothing is interpreted before that.
+        the entry is unsigned or signed with none of them. Nothing is interpreted (or
+        decompressed) before that.
         """
         view = memoryview(data)
         end = self.header_size(view)
-        return self.check(view[:end], view[end:], key, location, secrets), view[end:]
+        flags = self.check(view[:end], view[end:], key, location, secrets)
+        if not flags & COMPRESSION_BITS:
+            return flags, view[end:]
+        name, decompress = _BY_BITS[flags & COMPRESSION_BITS]
+        try:
+            return flags, decompress(view[end:])
+        except Exception as e:  # noqa: BLE001 - each codec raises its own kinds
+            raise CorruptEntryError(
+                key, location, f"checked, but its {name} data cannot be decompressed: "
+                f"{type(e).__name__}: {e}"
+            ) from e
 
     def check(
         self,

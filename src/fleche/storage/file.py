@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 from ..counters import BYTES_WRITTEN
 from ..digest import Digest, _mk
 from ..errors import WriteError
-from .base import StorageBackend
+from .base import EntryUsage, StorageBackend
 
 __all__ = ["FileStorage"]
 
@@ -155,19 +155,62 @@ class FileStorage(StorageBackend):
         Scans the directory (O(n)); entries written or evicted while it runs may or may not be
         included.
         """
-        keys: list[Digest] = []
+        return [_mk(e.name[:64]) for e in self._entries()]
+
+    def _entries(self) -> Iterator[os.DirEntry[str]]:
+        """The directory entries of the stored entry files (what :meth:`list` lists); each
+        fan-out directory stays open while its entries are used (``stat`` is relative to it)."""
         suffix = self._entry_suffix
         for name, fd in self._fan_outs():
             with os.scandir(fd) as entries:
-                keys.extend(
-                    _mk(e.name[:64])
+                yield from [
+                    e
                     for e in entries
                     if e.name.endswith(suffix)
                     and _ENTRY.fullmatch(e.name, 0, len(e.name) - len(suffix))
                     and e.name.startswith(name)
                     and e.is_file(follow_symlinks=False)
-                )
-        return keys
+                ]
+
+    def usage(self) -> dict[Digest, EntryUsage]:
+        """Every stored key with its file's size and last modification, which is when it was
+        written or last touched (:meth:`touch`). Scans the directory and stats every entry
+        (O(n)); reads take no part in it (the kernel's access times are not used)."""
+        found: dict[Digest, EntryUsage] = {}
+        for entry in self._entries():
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # evicted since listed
+            found[_mk(entry.name[:64])] = EntryUsage(st.st_size, st.st_mtime)
+        return found
+
+    def volume(self) -> int:
+        """Bytes of every regular file under the root: entries, temporary files of writers
+        under way (or killed), lock files; 0 before the first write. Walks the directory
+        (O(n)), following no symlink."""
+        return _tree_size(self._real_root)
+
+    def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
+        """Set the modification time of each key's entry file to ``when`` (default now) where
+        it is older, which :meth:`usage` reports: one ``stat`` and at most one ``utime`` per
+        key, no lock (the entry's bytes are not touched). Keys not stored are skipped."""
+        when = time.time() if when is None else when
+        by_fan_out: dict[str, list[str]] = {}
+        for full in self._full_keys(keys):
+            by_fan_out.setdefault(full[:2], []).append(f"{full}{self._entry_suffix}")
+        for names in by_fan_out.values():
+            try:
+                fd = self._open_fan_out(Digest(names[0][:64]), create=False)
+            except OSError as e:
+                if e.errno == errno.ENOENT or e.errno in _NOT_FOLLOWED:
+                    continue  # nothing stored there, or not part of the store
+                raise
+            try:
+                for name in names:
+                    _touch(fd, name, when)
+            finally:
+                os.close(fd)
 
     def _fan_outs(self) -> Iterator[tuple[str, int]]:
         """The fan-out directories, each as its name and a descriptor open while it is used."""
@@ -307,6 +350,35 @@ class FileStorage(StorageBackend):
             raise KeyError(f"nothing stored under {key}") from None
         finally:
             os.close(fd)
+
+
+def _touch(dir_fd: int, name: str, when: float) -> None:
+    """Move the modification time of the regular file ``name`` forward to ``when``."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and st.st_mtime < when:
+            os.utime(name, (st.st_atime, when), dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass  # evicted meanwhile
+
+
+def _tree_size(path: str) -> int:
+    """Bytes of the regular files under ``path``, following no symlink (0 if it is gone)."""
+    total = 0
+    try:
+        entries = os.scandir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    with entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    total += _tree_size(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue  # removed while we walked
+    return total
 
 
 class _NotFollowed(Exception):

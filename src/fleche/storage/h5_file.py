@@ -240,8 +240,8 @@ class ValueBagOfHoldingH5File(
     a file of its own that other HDF5 tools can open. A plain list, tuple or dict whose elements
     are all stored separately is kept as ``("fleche.destructured/1", <JSON of its kind and the
     element keys>)``: bagofholding spends about seven HDF5 nodes on each key otherwise, which
-    makes such a file some ten times slower to write and read. (No file's root is ever a plain
-    tuple otherwise: the mixin always takes those apart.)
+    makes such a file some ten times slower to write and read. (A plain tuple that starts with
+    that tag, kept whole with ``remaining_depth >= 1``, is stored as a wrapper instead.)
 
     >>> import tempfile, numpy as np
     >>> values = ValueBagOfHoldingH5File(tempfile.mkdtemp())
@@ -269,8 +269,13 @@ _KINDS: dict[str, type] = {"list": list, "tuple": tuple, "dict": dict}
 
 
 def _references_to_tuple(value: Any) -> Any:
-    """A compact stand-in for a destructured plain container of references, else ``value``."""
+    """A compact stand-in for a destructured plain container of references, else ``value``.
+
+    A plain tuple stored whole (``remaining_depth >= 1``) that starts with the stand-in's tag
+    is kept as a wrapper, so it is never read back as a stand-in."""
     cls = type(value)
+    if cls is tuple and value[:1] == (_REFERENCES_TAG,):
+        return DigestedIterable(tuple, value)
     if cls is DigestedIterable and value.kind in (list, tuple):
         if all(type(x) is Digest for x in value.items):
             items: list[Any] = list(value.items)

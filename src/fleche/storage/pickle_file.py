@@ -2,7 +2,9 @@
 
 Every entry file is a pickled payload in the envelope of :mod:`fleche.storage.envelope` (magic
 ``b"FLCP"``): a torn, truncated or bit-flipped file is detected before anything is unpickled, and
-a signed entry cannot be altered, or moved to another key, without the secret.
+a signed entry cannot be altered, or moved to another key, without the secret. The envelope's
+flags say which serializer wrote the payload and how it is compressed, so any storage reads any
+entry whatever its own settings.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from ..digest import Digest
 from ..errors import CorruptEntryError, SaveError
 from .base import CallMixin, ValueMixin
 from .destructuring import DestructuringMixin
-from .envelope import SECRET_KEY_ENV, Envelope, as_secrets, environment_secrets
+from .envelope import (
+    SECRET_KEY_ENV,
+    Envelope,
+    as_secrets,
+    check_compression,
+    environment_secrets,
+)
 from .envelope import _checksum  # noqa: F401 - tests forge entries with it
 from .file import FileStorage
 from .locks import InterProcessLockMixin
@@ -27,16 +35,34 @@ __all__ = ["CallPickleFile", "PickleFileBackend", "SECRET_KEY_ENV", "ValuePickle
 ENVELOPE = Envelope(b"FLCP", what="fleche pickle entry")
 _CLOUDPICKLE = 0x02
 """Envelope flag: the payload was written by cloudpickle (plain pickle reads it back)."""
+_DILL = 0x04
+"""Envelope flag: the payload was written by dill (read back with dill)."""
 _PROTOCOL = 5
-_SERIALIZERS = ("pickle", "cloudpickle")
+_SERIALIZERS = ("pickle", "cloudpickle", "dill")
+_FLAGS = {"pickle": 0, "cloudpickle": _CLOUDPICKLE, "dill": _DILL}
+
+
+def _dill() -> Any:
+    """The ``dill`` module; ``ModuleNotFoundError`` naming the extra where it is missing."""
+    try:
+        import dill
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "serializer='dill' needs dill: pip install 'fleche[dill]'", name="dill"
+        ) from None
+    return dill
 
 
 @dataclass(frozen=True)
 class PickleFileBackend(FileStorage):
     """File storage whose entries are pickles behind a checked, optionally signed header.
 
-    ``serializer`` is ``"pickle"`` or ``"cloudpickle"`` (for lambdas and classes defined
-    interactively); either kind of entry loads whatever the setting. Loading a pickle runs code,
+    ``serializer`` is ``"pickle"``, ``"cloudpickle"`` (for lambdas and classes defined
+    interactively) or ``"dill"`` (the ``dill`` extra: also generators' frames, closures over
+    modules, ...); every kind of entry loads whatever the setting (a dill entry where dill is
+    installed). ``compression`` (``None``, ``"zlib"``, ``"lzma"`` or ``"bz2"``) compresses each
+    payload that shrinks by it; any storage reads a compressed entry, whatever its own setting.
+    Loading a pickle runs code,
     so a directory others can write to is a way into every process reading it: give
     ``secret_key`` (bytes, str, or several to rotate keys: entries are signed with the first and
     accepted with any), or set ``FLECHE_SECRET_KEY`` (comma-separated) in every process, and
@@ -46,6 +72,7 @@ class PickleFileBackend(FileStorage):
     """
 
     serializer: str = "pickle"
+    compression: str | None = None
     secret_key: bytes | str | Sequence[bytes | str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +82,9 @@ class PickleFileBackend(FileStorage):
                 f"serializer must be one of {', '.join(map(repr, _SERIALIZERS))}, "
                 f"got {self.serializer!r}"
             )
+        check_compression(self.compression)
+        if self.serializer == "dill":
+            _dill()
         object.__setattr__(self, "secret_key", as_secrets(self.secret_key) or None)
 
     def _secrets(self) -> tuple[bytes, ...]:
@@ -71,6 +101,8 @@ class PickleFileBackend(FileStorage):
                 import cloudpickle
 
                 payload = cloudpickle.dumps(value, protocol=_PROTOCOL)
+            elif self.serializer == "dill":
+                payload = _dill().dumps(value, protocol=_PROTOCOL)
             else:
                 payload = pickle.dumps(value, protocol=_PROTOCOL)
         except Exception as e:  # noqa: BLE001 - pickling raises many kinds
@@ -81,13 +113,14 @@ class PickleFileBackend(FileStorage):
                 + (" (serializer='cloudpickle' handles lambdas and local classes)"
                    if self.serializer == "pickle" else "")
             ) from e
-        flags = _CLOUDPICKLE if self.serializer == "cloudpickle" else 0
-        return ENVELOPE.seal(payload, key, self._secrets(), flags, self._path(key))
+        flags = _FLAGS[self.serializer]
+        return ENVELOPE.seal(payload, key, self._secrets(), flags, self.compression, self._path(key))
 
     def _decode(self, data: bytes, key: Digest, path: str, fd: int) -> Any:
-        _, payload = ENVELOPE.open(data, key, path, self._secrets())
+        flags, payload = ENVELOPE.open(data, key, path, self._secrets())
+        loads = _dill().loads if flags & _DILL else pickle.loads  # no dill: not corrupt, says so
         try:
-            return pickle.loads(payload)
+            return loads(payload)
         except Exception as e:  # noqa: BLE001 - unpickling runs arbitrary code
             raise CorruptEntryError(
                 key, path, f"intact but cannot be unpickled here: {type(e).__name__}: {e}"

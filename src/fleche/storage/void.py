@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..digest import Digest
-from .base import CallMixin, StorageBackend, ValueMixin
+from .base import CallMixin, EntryUsage, StorageBackend, ValueMixin
 
 __all__ = ["CallVoid", "ValueVoid", "VoidBackend"]
 
@@ -35,6 +35,14 @@ class VoidBackend(StorageBackend):
 
     def _contains(self, key: Digest) -> bool:
         return False
+
+    def usage(self) -> dict[Digest, EntryUsage]:
+        """Nothing: there are no entries."""
+        return {}
+
+    def volume(self) -> int:
+        """0: nothing is kept."""
+        return 0
 
 
 @dataclass(frozen=True)

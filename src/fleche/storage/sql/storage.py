@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,13 @@ from ...call import Call, DigestedCall, QueryCall
 from ...counters import BYTES_WRITTEN
 from ...digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk
 from ...errors import DatabaseError, SaveError
-from ..base import CallStorage, Intent, _check_key_text, _unique_match
+from ..base import CallStorage, EntryUsage, Intent, _check_key_text, _unique_match
 from ..envelope import as_secrets, environment_secrets
 from ..thread_safe import PerKeyLockMixin
 from . import connections as _connections
 from . import queries as _queries
 from . import statements as _statements
+from . import usage as _usage
 from .connections import Connections, is_transient, reason, retrying, safe_url
 from .records import (
     check_record,
@@ -434,6 +436,42 @@ class Sql(PerKeyLockMixin, CallStorage):
             )
         except (exc.DataError, exc.IntegrityError) as e:
             raise SaveError(f"could not write {key}: {reason(e)}") from e
+
+    # -- sizes and uses ---------------------------------------------------------------------
+
+    def usage(self) -> dict[Digest, EntryUsage]:
+        """Every stored call with the bytes of its record and inline values (the side tables
+        of arguments and metadata, and indexes, are not counted) and when it was last touched
+        or started (its runtime metadata), whichever is later, else 0.0; one query in one
+        snapshot, which reads every record (see :mod:`fleche.storage.sql.usage`)."""
+        with self._session_scope(Intent.READ) as conn:
+            return _usage.uses(conn, f"{safe_url(self.url)} table fleche_calls")
+
+    def touch(self, keys: Iterable[Digest | str], when: float | None = None) -> None:
+        """Record the use of the stored calls among ``keys`` in ``fleche_usage``: one write
+        transaction (two statements per 500 keys), which takes no key lock (no record
+        changes) and is retried after a conflict like every write.
+        :class:`~fleche.errors.DatabaseError` on a database opened read-only."""
+        full = [str(k) for k in self._full_keys(keys)]
+        if not full:
+            return
+        when = time.time() if when is None else when
+        state = self._connect()
+        state.dialect.check_writable("record uses")
+        _usage.create_usage_table(state.write, lambda e: is_transient(state.dialect, e))
+
+        def attempt() -> None:
+            with state.write.begin() as conn:
+                _usage.record_uses(conn, full, when)
+
+        retrying(attempt, lambda e: is_transient(state.dialect, e))
+
+    def volume(self) -> int | None:
+        """Bytes the database takes: a SQLite file with its journal files; on PostgreSQL and
+        MariaDB/MySQL what the server reports for the fleche tables (space freed by evictions
+        stays with the tables until the server gives it back, e.g. after ``VACUUM FULL``)."""
+        with self._session_scope(Intent.READ) as conn:
+            return self._connect().dialect.volume(conn)
 
     # -- queries ----------------------------------------------------------------------------
 

@@ -137,6 +137,11 @@ class Dialect(abc.ABC):
         """Raise :class:`~fleche.errors.DatabaseError` saying why, if this process cannot write
         the database (``what``: the operation refused, e.g. "save"); by default it can."""
 
+    def volume(self, conn: sa.Connection) -> int | None:
+        """Bytes the fleche tables take in this database, or ``None`` where it cannot say;
+        by default it cannot."""
+        return None
+
     def key_lock_location(self, key: str) -> str:
         """Where ``key``'s lock lives, for error messages."""
         return f"{self.safe_url} lock {lock_name(key)!r}"

@@ -23,6 +23,12 @@ _GET_LOCK = sa.select(sa.func.get_lock(_NAME, sa.bindparam("timeout", type_=sa.F
 _RELEASE_LOCK = sa.select(sa.func.release_lock(_NAME))
 
 
+_VOLUME = sa.text(
+    "SELECT SUM(data_length + index_length) FROM information_schema.tables "
+    "WHERE table_schema = DATABASE() AND table_name LIKE 'fleche\\_%'"
+)
+
+
 class MysqlDialect(ServerDialect):
     """MariaDB/MySQL (InnoDB): writes in READ COMMITTED, reads of several statements in
     REPEATABLE READ, key locks with ``GET_LOCK(name, timeout)``.
@@ -62,6 +68,11 @@ class MysqlDialect(ServerDialect):
     def is_transient(self, error: exc.DBAPIError) -> bool:
         args = getattr(error.orig, "args", None)
         return bool(args) and args[0] in (1205, 1213)  # lock wait timeout, deadlock
+
+    def volume(self, conn: sa.Connection) -> int | None:
+        """Data and index bytes of the fleche tables, from ``information_schema``: InnoDB's
+        estimate, refreshed as its statistics are."""
+        return int(conn.execute(_VOLUME).scalar() or 0)
 
     @contextlib.contextmanager
     def hold_key(

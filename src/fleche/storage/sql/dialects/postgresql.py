@@ -27,6 +27,13 @@ _DEFAULT_LOCK_TIMEOUT = sa.text("SET LOCAL lock_timeout TO DEFAULT")
 _LOCK_NOT_AVAILABLE = "55P03"
 
 
+_VOLUME = sa.text(
+    "SELECT SUM(pg_total_relation_size(c.oid)) FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relkind = 'r' AND c.relname LIKE 'fleche\\_%' AND n.nspname = current_schema()"
+)
+
+
 class PostgresqlDialect(ServerDialect):
     """PostgreSQL: writes in READ COMMITTED, reads of several statements in REPEATABLE READ, key
     locks as session-level advisory locks.
@@ -66,6 +73,11 @@ class PostgresqlDialect(ServerDialect):
 
     def is_transient(self, error: exc.DBAPIError) -> bool:
         return getattr(error.orig, "sqlstate", None) in ("40001", "40P01", "55P03")
+
+    def volume(self, conn: sa.Connection) -> int | None:
+        """``pg_total_relation_size`` of the fleche tables (with indexes and TOAST): space the
+        server keeps for them, which a DELETE frees for reuse but does not give back."""
+        return int(conn.execute(_VOLUME).scalar() or 0)
 
     def key_lock_location(self, key: str) -> str:
         return f"{self.safe_url} advisory lock {lock_id(key)}"

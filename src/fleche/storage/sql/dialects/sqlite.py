@@ -201,6 +201,19 @@ class SqliteDialect(Dialect):
         code = getattr(orig, "sqlite_errorcode", 0) & 0xFF
         return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
+    def volume(self, conn: sa.Connection) -> int | None:
+        """Bytes of the database file and its ``-wal`` and ``-shm`` files (what ``du``
+        counts); ``None`` for an in-memory database."""
+        if self.path is None:
+            return None
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        return total
+
     def key_lock_location(self, key: str) -> str:
         return f"lock files in {self.lock_directory}"
 
