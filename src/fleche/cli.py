@@ -10,6 +10,10 @@ Every command takes a store spec (see :mod:`fleche.spec`)::
     fleche verify SPEC [--repair]         load everything, report (and evict) unusable entries
     fleche copy SRC DST                   copy every call and value DST lacks
 
+A SPEC may name an object store (``s3://bucket/prefix``, ``fsspec+memory://NAME``) or a SQL
+store whose values are objects (``postgresql://host/db?values=s3://bucket/prefix``); sizes are
+then those of the objects.
+
 ``--json`` gives machine output. Exit status: 0 on success; 1 when ``verify`` finds problems
 (``verify --repair``: problems it could not repair), a key is not stored, or the store fails
 (a database that cannot be reached, a corrupt entry stopping ``copy``); 2 for usage errors (bad
@@ -36,6 +40,7 @@ from .caches import Cache
 from .digest import Digest
 from .errors import AmbiguousDigestError, CorruptEntryError, FlecheError, SpecError
 from .spec import StoreSpec, mask, parse
+from .storage.object_store import ObjectStoreBackend
 from .verify import repair, verify
 
 __all__ = ["main"]
@@ -58,7 +63,7 @@ def _open(text: str, must_exist: bool = True) -> tuple[StoreSpec, Cache]:
     except SpecError as e:
         raise UsageError(str(e)) from None
     if must_exist and not spec.exists():
-        where = spec.sqlite_path() or spec.calls
+        where = spec.sqlite_path() or mask(spec.calls)
         raise UsageError(f"no store at {where}: it does not exist (check the spec {mask(text)!r})")
     return spec, spec.open()
 
@@ -69,6 +74,10 @@ def _describe(spec: StoreSpec) -> dict[str, str]:
     if spec.kind == "memory":
         return {"calls": "memory of this process", "values": "memory of this process"}
     values = f"{files[spec.format]} in {spec.values}"
+    if spec.values_are_objects:
+        values = f"{files[spec.format].replace('files', 'objects')} in {_object_url(spec.values)}"
+    if spec.kind == "objects":
+        return {"calls": f"pickle objects in {spec.calls}/calls", "values": values}
     if spec.kind == "directory":
         calls_format = "HDF5 files" if spec.format == "h5" else "pickle files"
         return {"calls": f"{calls_format} in {spec.calls}/calls", "values": values}
@@ -97,12 +106,23 @@ def _tree_size(path: str | os.PathLike[str]) -> int:
     return total
 
 
-def _disk_size(spec: StoreSpec) -> int | None:
-    """Bytes the store takes on disk: its files (and SQLite database with its journal files);
-    ``None`` where that cannot be seen from here (server databases, memory)."""
+def _object_url(location: str | None) -> str | None:
+    """An object store's location without its filesystem options (``None`` stays ``None``)."""
+    return location.partition("?")[0] if location else location
+
+
+def _disk_size(spec: StoreSpec, cache: Cache) -> int | None:
+    """Bytes the store takes on disk or in its object store: its files or objects (and SQLite
+    database with its journal files); ``None`` where that cannot be seen from here (server
+    databases, memory)."""
     if spec.kind == "memory":
         return None
-    total = _tree_size(spec.values) if spec.values else 0
+    if isinstance(cache.values, ObjectStoreBackend):
+        total = cache.values.stored_bytes()
+    else:
+        total = _tree_size(spec.values) if spec.values else 0
+    if isinstance(cache.calls, ObjectStoreBackend):
+        return total + cache.calls.stored_bytes()
     if spec.kind == "directory":
         return total + _tree_size(os.path.join(spec.calls, "calls"))
     path = spec.sqlite_path()
@@ -205,7 +225,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     n_values = len(list(cache.values.list()))
     n_calls = sum(functions.values()) + unreadable
     where = _describe(spec)
-    disk = _disk_size(spec)
+    disk = _disk_size(spec, cache)
     ordered = sorted(functions.items(), key=lambda kv: (-kv[1], kv[0]))
     if args.json:
         _emit_json({
@@ -388,9 +408,9 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     spec, cache = _open(args.spec)
-    before = _disk_size(spec)
+    before = _disk_size(spec, cache)
     garbage = sorted(cache.gc(dry_run=args.dry_run))  # removed (or, dry run, to be removed)
-    after = None if args.dry_run else _disk_size(spec)
+    after = None if args.dry_run else _disk_size(spec, cache)
     if args.json:
         _emit_json({"dry_run": args.dry_run, "values": garbage,
                     "size_before": before, "size_after": after})
@@ -471,7 +491,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleche",
         description="Look inside a fleche store and tend it. SPEC is a directory, "
-        "sqlite:///file.db, postgresql://...?values=DIR, mysql://...?values=DIR or memory://.",
+        "sqlite:///file.db, postgresql://...?values=DIR, mysql://...?values=DIR, an object "
+        "store (s3://bucket/prefix, gs://..., az://..., fsspec+PROTOCOL://...; values=s3://... "
+        "for SQL stores) or memory://.",
         epilog="Exit status: 0 success, 1 problems found or a failure, 2 usage error.",
     )
     parser.add_argument("--version", action="version", version=f"fleche {__version__}")
@@ -543,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleche {args.command}: {e}", file=sys.stderr)
     except BrokenPipeError:  # piped into head, say: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (FlecheError, OSError) as e:
+    except (FlecheError, OSError, ImportError) as e:  # ImportError: an extra not installed
         print(f"fleche {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
