@@ -76,6 +76,7 @@ from .storage.object_store import (
     CallObjectStore,
     ObjectStoreBackend,
     ValueObjectStore,
+    flat_options,
     is_secret_option,
 )
 from .storage.pickle_file import SECRET_KEY_ENV, CallPickleFile, PickleFileBackend, ValuePickleFile
@@ -574,24 +575,17 @@ def _storage_options(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     return options
 
 
-def _option_pairs(options: Any, prefix: str = "") -> list[tuple[str, str]] | None:
+def _option_pairs(options: Any) -> list[tuple[str, str]] | None:
     """The spec pairs of a storage's filesystem options; ``None`` if a spec cannot say them (a
     credential, a value that is not text, a number, a bool or none)."""
     pairs: list[tuple[str, str]] = []
-    for name, value in options:
+    for name, value in flat_options(options):
         if is_secret_option(name):
             return None
-        if isinstance(value, tuple):
-            inner = _option_pairs(value, f"{prefix}{name}.")
-            if inner is None:
-                return None
-            pairs.extend(inner)
-        elif value is None or isinstance(value, bool):
-            pairs.append((prefix + name, str(value).lower()))
-        elif isinstance(value, (int, float, str)):
-            if isinstance(value, str) and _option_value(value) != value:
-                return None  # "true" as text would come back as a bool
-            pairs.append((prefix + name, str(value)))
+        if value is None or isinstance(value, bool):
+            pairs.append((name, str(value).lower()))
+        elif isinstance(value, (int, float, str)) and _option_value(str(value)) == value:
+            pairs.append((name, str(value)))  # (a str "true" would come back as a bool)
         else:
             return None
     return pairs

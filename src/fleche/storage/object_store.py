@@ -48,7 +48,14 @@ from .envelope import as_secrets
 from .pickle_file import check_serializer, open_pickle, seal_pickle, secrets_of
 from .thread_safe import PerKeyLockMixin
 
-__all__ = ["WHOLE", "CallObjectStore", "ObjectStoreBackend", "ValueObjectStore", "is_secret_option"]
+__all__ = [
+    "WHOLE",
+    "CallObjectStore",
+    "ObjectStoreBackend",
+    "ValueObjectStore",
+    "flat_options",
+    "is_secret_option",
+]
 
 _ENTRY = re.compile(r"([0-9a-f]{2})/([0-9a-f]{64})")
 _TEMPORARY = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]{12}\.tmp")
@@ -76,21 +83,54 @@ def is_secret_option(name: str) -> bool:
     return bool(_SECRET_OPTION.search(name.rsplit(".", 1)[-1]))
 
 
-def _freeze(options: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
-    """Options as sorted ``(name, value)`` pairs, nested mappings too: hashable settings."""
+class _Options(tuple):
+    """Filesystem options frozen into sorted ``(name, value)`` pairs, so settings hash."""
+
+    __slots__ = ()
+
+
+def _freeze(options: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> _Options:
+    """``options`` (a mapping, or pairs) as :class:`_Options`, nested mappings too; lists become
+    tuples."""
     items = options.items() if isinstance(options, Mapping) else options
-    return tuple(sorted(
-        (str(k), _freeze(v) if isinstance(v, Mapping) else v) for k, v in items
-    ))
+    return _Options(sorted((str(name), _frozen(value)) for name, value in items))
 
 
-def _thaw(options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
-    return {
-        k: _thaw(v) if isinstance(v, tuple) and all(
-            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in v
-        ) and v else v
-        for k, v in options
-    }
+def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _freeze(value)
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def flat_options(options: Iterable[tuple[str, Any]], prefix: str = "") -> list[tuple[str, Any]]:
+    """A storage's ``storage_options`` as ``(name, value)`` pairs, nested options under dotted
+    names (``client_kwargs.region_name``), as a spec writes them."""
+    pairs: list[tuple[str, Any]] = []
+    for name, value in options:
+        if isinstance(value, _Options):
+            pairs.extend(flat_options(value, f"{prefix}{name}."))
+        else:
+            pairs.append((prefix + name, value))
+    return pairs
+
+
+def _thaw(options: _Options) -> dict[str, Any]:
+    """The mapping fsspec takes, nested mappings again."""
+    return {name: _thaw(v) if isinstance(v, _Options) else v for name, v in options}
+
+
+@contextlib.contextmanager
+def _failures(where: str) -> Iterator[None]:
+    """Any failure of the filesystem but a missing object, as an ``ObjectStoreError`` naming
+    ``where``; ``FileNotFoundError`` passes (the caller knows what is missing)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every filesystem and client has its own errors
+        raise ObjectStoreError(where, _cause(e)) from e
 
 
 class _Handle:
@@ -155,11 +195,6 @@ class ObjectStoreBackend(StorageBackend):
         ):
             raise ValueError(f"lock_timeout must be a number >= 0 or None, got {self.lock_timeout!r}")
 
-    @property
-    def protocol(self) -> str:
-        """The URL's scheme (``"s3"``, ``"memory"``, ...)."""
-        return self.url.split("://", 1)[0].lower()
-
     def _secrets(self) -> tuple[bytes, ...]:
         return secrets_of(self.secret_key)  # type: ignore[arg-type]
 
@@ -181,9 +216,6 @@ class ObjectStoreBackend(StorageBackend):
         """The filesystem and the path on it of the object of ``key``."""
         fs, root = self._filesystem()
         return fs, f"{root}/{key[:2]}/{key}"
-
-    def _error(self, where: str, e: Exception) -> ObjectStoreError:
-        return ObjectStoreError(where, _cause(e))
 
     # -- backend primitives -----------------------------------------------------------------
 
@@ -214,21 +246,19 @@ class ObjectStoreBackend(StorageBackend):
         """
         fs, path = self._object_path(key)
         try:
-            data = fs.cat_file(path)
+            with _failures(self._location(key)):
+                data = fs.cat_file(path)
         except FileNotFoundError:
             raise KeyError(f"nothing stored under {key}") from None
-        except Exception as e:  # noqa: BLE001
-            raise self._error(self._location(key), e) from e
         return open_pickle(data, key, self._location(key), self._secrets())
 
     def _contains(self, key: Digest) -> bool:
         fs, path = self._object_path(key)
         try:
-            return fs.info(path)["type"] == "file"
+            with _failures(self._location(key)):
+                return fs.info(path)["type"] == "file"
         except FileNotFoundError:
             return False
-        except Exception as e:  # noqa: BLE001
-            raise self._error(self._location(key), e) from e
 
     def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
         """The full keys of those among ``keys`` that are stored (a snapshot).
@@ -256,11 +286,10 @@ class ObjectStoreBackend(StorageBackend):
         per thousand objects on S3); other objects there are never listed."""
         fs, root = self._filesystem()
         try:
-            paths = fs.find(root)
+            with _failures(self.url):
+                paths = fs.find(root)
         except FileNotFoundError:
-            return []
-        except Exception as e:  # noqa: BLE001
-            raise self._error(self.url, e) from e
+            return []  # no bucket: nothing stored
         start = len(root) + 1
         keys = []
         for path in paths:
@@ -274,11 +303,10 @@ class ObjectStoreBackend(StorageBackend):
             raise KeyError(f"nothing stored under {key}")
         fs, path = self._object_path(key)
         try:
-            fs.rm_file(path)
+            with _failures(self._location(key)):
+                fs.rm_file(path)
         except FileNotFoundError:
             raise KeyError(f"nothing stored under {key}") from None
-        except Exception as e:  # noqa: BLE001
-            raise self._error(self._location(key), e) from e
 
     def sweep(self, older_than: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Remove temporary files that writers killed mid-write left (local filesystems only:
@@ -288,7 +316,9 @@ class ObjectStoreBackend(StorageBackend):
             return []
         cutoff = time.time() - older_than
         removed = []
-        for path in fs.find(root):
+        with _failures(self.url):
+            paths = fs.find(root)
+        for path in paths:
             if not _TEMPORARY.fullmatch(path.rsplit("/", 1)[-1]):
                 continue
             with contextlib.suppress(FileNotFoundError):
@@ -311,22 +341,20 @@ class ObjectStoreBackend(StorageBackend):
             yield full
 
     def stored_bytes(self) -> int:
-        """Bytes the entries under ``url`` take (one listing of the store)."""
+        """Bytes the objects under ``url`` take: a snapshot, from one listing of the store."""
         fs, root = self._filesystem()
         try:
-            return int(fs.du(root, total=True)) if fs.exists(root) else 0
+            with _failures(self.url):
+                return int(fs.du(root, total=True))
         except FileNotFoundError:
             return 0
-        except Exception as e:  # noqa: BLE001
-            raise self._error(self.url, e) from e
 
     def exists(self) -> bool:
-        """Whether anything is stored under ``url`` yet (``False`` before the first save)."""
+        """Whether any object is under ``url`` yet (``False`` before the first save, and for a
+        bucket that does not exist): a snapshot, one request."""
         fs, root = self._filesystem()
-        try:
+        with _failures(self.url):
             return bool(fs.exists(root))
-        except Exception as e:  # noqa: BLE001
-            raise self._error(self.url, e) from e
 
 
 WHOLE = 1000
