@@ -36,10 +36,14 @@ def s3_server():
         server.start()
     except S3ServerUnavailable as e:
         _unavailable(str(e))
+    # fsspec keeps one S3FileSystem per set of arguments for the process's life; one made for an
+    # earlier module's server (found through the environment) must not be used for this one.
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield server
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
