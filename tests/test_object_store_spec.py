@@ -56,6 +56,7 @@ def test_opening_gives_object_storages_with_the_layout_of_a_directory_store():
 
 
 def test_values_of_a_sql_store_as_objects(tmp_path):
+    pytest.importorskip("sqlalchemy")
     spec = parse(f"sqlite:///{tmp_path}/calls.db?values=s3://bucket/v%3Fendpoint_url%3Dhttp://h:9")
     assert spec.kind == "sql" and spec.values == "s3://bucket/v?endpoint_url=http://h:9"
     assert spec.values_are_objects and parse(spec.reveal()) == spec
@@ -96,6 +97,7 @@ def test_hand_built_caches_have_a_spec_where_one_can_say_them():
     ("az://c/p?account_key=abc", "'account_key' is a credential"),
     ("s3://bucket/p?client_kwargs.aws_secret_access_key=abc", "is a credential"),
     ("s3://bucket/p?secret_key=abc", "FLECHE_SECRET_KEY"),
+    ("s3://bucket/p?endpoint_url=http://AKIA:abc@minio:9000", "'endpoint_url' is a credential"),
     ("s3://bucket/p?format=h5", "format=h5 needs files"),
     ("s3://bucket/p?format=json", "format must be one of"),
     ("s3://bucket/p?durable=true", "'durable' does not apply"),

@@ -91,6 +91,7 @@ _OPTIONS = ("values", "format", "lock_timeout", "durable")
 _SQL_BACKENDS = {"sqlite": None, "postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/@:?]*:)[^/@?]*@")
+_OPTION_URL_PASSWORD = re.compile(r"(://[^/@:?&=#]*:)[^/@?&#]*@")
 _PASSWORD_OPTION = re.compile(r"([?&](?:password|passwd)=)[^&]*", re.IGNORECASE)
 _DEFAULT_LOCK_TIMEOUT = 1.0
 
@@ -99,9 +100,11 @@ _memory_lock = threading.Lock()
 
 
 def mask(spec: str) -> str:
-    """``spec`` with the password of its URL and any ``password=`` option replaced by ``***``:
-    how fleche prints, logs and names a spec."""
-    return _PASSWORD_OPTION.sub(r"\1***", _PASSWORD.sub(r"\1***@", spec))
+    """``spec`` with the password of its URL, of URLs in its options and of any ``password=``
+    option replaced by ``***``: how fleche prints, logs and names a spec."""
+    base, separator, options = spec.partition("?")
+    options = _OPTION_URL_PASSWORD.sub(r"\1***@", options)
+    return _PASSWORD_OPTION.sub(r"\1***", _PASSWORD.sub(r"\1***@", base) + separator + options)
 
 
 @dataclass(frozen=True)
@@ -469,6 +472,7 @@ _OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 """Object stores a spec names by their own scheme; any other fsspec filesystem is
 ``fsspec+PROTOCOL://`` (so ``file://`` and ``memory://`` keep their meaning)."""
 _FSSPEC = "fsspec+"
+_USERINFO = re.compile(r"://[^/?#]*@")  # a URL with user:password@ in an option's value
 _FSSPEC_AS_OPTION = re.compile(r"^fsspec (?=[A-Za-z][A-Za-z0-9.\-]*://)", re.IGNORECASE)
 _OBJECT_OPTIONS = ("format", "lock_timeout")
 
@@ -516,8 +520,8 @@ def _object_location(
         raise SpecError(text, f"give a location after {scheme}://, e.g. {scheme}://bucket/prefix")
     allowed = _OBJECT_OPTIONS if whole_store else ()
     options, pairs = _parse_options(text, query, allowed, sql=True)
-    for name, _ in pairs:
-        if is_secret_option(name) or name.lower() == "secret_key":
+    for name, value in pairs:
+        if is_secret_option(name) or name.lower() == "secret_key" or _USERINFO.search(value):
             raise SpecError(
                 text, f"option {name!r} is a credential, and credentials do not belong in a spec "
                 "(specs get printed and logged); give them in the filesystem's usual "
