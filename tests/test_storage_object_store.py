@@ -321,6 +321,12 @@ def test_bad_settings(kwargs, match):
         ValueObjectStore(**kwargs)
 
 
+def test_a_cache_refuses_values_and_calls_at_one_location():
+    with pytest.raises(ValueError, match="same object store location.*URL/values"):
+        Cache(ValueObjectStore("s3://b/p"), CallObjectStore("s3://b/p/"))
+    Cache(ValueObjectStore("s3://b/p/values"), CallObjectStore("s3://b/p/calls"))
+
+
 def test_settings_equality_pickling_and_repr_without_credentials():
     import pickle
 
