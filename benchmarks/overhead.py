@@ -7,12 +7,19 @@ numbers. Peers come with the ``bench`` extra (``pip install -e ".[bench]"``); a 
 skipped with a note.
 
 Run: python3 benchmarks/overhead.py [--calls 2000] [--rounds 3] [--json results.json]
+
+``--s3`` adds object-store rows: it starts a local S3 API server (moto's, ``moto[server]``) on
+127.0.0.1 and times a pure S3 store and S3 values with PostgreSQL call records
+(``--postgres URL``, a scratch database: fleche's tables are created there), for the small
+result and for a 10 MB array. moto on loopback answers in milliseconds; a real S3 adds its own
+network latency (tens of milliseconds per request) and bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -101,6 +108,32 @@ def cachier_pickle(d: Path) -> Callable[[int], Any]:
     return cachier(cache_dir=str(d / "cachier"), separate_files=True)(_fresh_function())
 
 
+BIG_BYTES = 10 * 2**20
+_OBJECTS: dict[str, str] = {}
+"""Where the object-store systems keep their stores: ``bucket`` and ``postgres`` (``--s3``)."""
+
+
+def big_result_of(x: int) -> Any:
+    """A 10 MB result (a float64 array), different for every argument."""
+    import numpy as np
+
+    return np.full(BIG_BYTES // 8, float(x))
+
+
+def _object_store(result: Callable[[int], Any], calls_in_postgres: bool) -> Factory:
+    def factory(d: Path) -> Callable[[int], Any]:
+        if not _OBJECTS or (calls_in_postgres and not _OBJECTS.get("postgres")):
+            raise ImportError("object-store rows need --s3 (and --postgres URL for PostgreSQL)")
+        import fleche as package
+
+        location = f"s3://{_OBJECTS['bucket']}/{d.name}"
+        spec = f"{_OBJECTS['postgres']}?values={location}" if calls_in_postgres else location
+        # version=: every run has keys of its own in the shared database
+        return fleche(cache=package.open(spec), version=d.name)(result)
+
+    return factory
+
+
 def _fresh_function() -> Callable[[int], Any]:
     def point(x: int) -> dict:
         return {"x": x, "y": [x, 2 * x], "name": "point"}
@@ -122,6 +155,12 @@ SYSTEMS: dict[str, tuple[Factory, float]] = {
     "joblib.Memory": (joblib_memory, 0.25),
     "cachier (files)": (cachier_pickle, 0.25),
 }
+OBJECT_SYSTEMS: dict[str, tuple[Factory, float]] = {
+    "fleche s3 objects": (_object_store(result_of, calls_in_postgres=False), 0.05),
+    "fleche s3 + postgresql": (_object_store(result_of, calls_in_postgres=True), 0.1),
+    "uncached call, 10 MB": (lambda _: big_result_of, 0.01),
+    "fleche s3 + postgresql, 10 MB": (_object_store(big_result_of, calls_in_postgres=True), 0.01),
+}
 PEERS = ["diskcache memoize", "joblib.Memory", "cachier (files)"]
 
 
@@ -141,10 +180,9 @@ def p90(samples: list[float]) -> float:
 
 
 def run(
-    calls: int, rounds: int, directory: str | None, only: list[str] | None = None
+    calls: int, rounds: int, directory: str | None, systems: dict[str, tuple[Factory, float]]
 ) -> dict[str, dict[str, float]]:
     samples: dict[str, dict[str, list[float]]] = {}
-    systems = {n: v for n, v in SYSTEMS.items() if not only or any(o in n for o in only)}
     for r in range(rounds):
         # Rounds interleave the systems, so a noisy moment hurts all of them alike.
         for name, (factory, share) in systems.items():
@@ -175,12 +213,12 @@ def run(
 
 def table(results: dict[str, dict[str, float]]) -> str:
     lines = [
-        f"{'system':<24} {'miss med':>9} {'miss p90':>9} {'hit med':>9} {'hit p90':>9}   (us)",
-        "-" * 72,
+        f"{'system':<30} {'miss med':>9} {'miss p90':>9} {'hit med':>9} {'hit p90':>9}   (us)",
+        "-" * 78,
     ]
     for name, r in results.items():
         lines.append(
-            f"{name:<24} {r['miss_median_us']:9.1f} {r['miss_p90_us']:9.1f} "
+            f"{name:<30} {r['miss_median_us']:9.1f} {r['miss_p90_us']:9.1f} "
             f"{r['hit_median_us']:9.1f} {r['hit_p90_us']:9.1f}"
         )
     lines.append("")
@@ -204,9 +242,30 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--only", nargs="+", metavar="TEXT",
                         help="only the systems whose name contains one of these")
+    parser.add_argument("--s3", action="store_true",
+                        help="add object-store rows against a local S3 server (moto) it starts")
+    parser.add_argument("--postgres", default=os.environ.get("FLECHE_TEST_POSTGRES_URL"),
+                        help="PostgreSQL URL (a scratch database) for the S3 + PostgreSQL rows")
     args = parser.parse_args()
-    results = run(args.calls, args.rounds, args.dir, args.only)
+    systems = dict(SYSTEMS)
+    server = None
+    if args.s3:
+        from fleche.testing_s3 import LocalS3Server
+
+        server = LocalS3Server()
+        server.start()
+        os.environ.update(server.environment())
+        _OBJECTS.update(bucket=server.create_bucket("fleche-bench"), postgres=args.postgres or "")
+        systems.update(OBJECT_SYSTEMS)
+    if args.only:
+        systems = {n: v for n, v in systems.items() if any(o in n for o in args.only)}
+    try:
+        results = run(args.calls, args.rounds, args.dir, systems)
+    finally:
+        if server is not None:
+            server.stop()
     print(table(results))
+    print(f"load average (1, 5, 15 min) after the run: {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

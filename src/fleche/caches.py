@@ -40,6 +40,7 @@ from .storage.base import (
 from .storage.file import FileStorage
 from .storage.memory import CallMemory, ValueMemory
 from .usage import StoreUsage
+from .storage.object_store import ObjectStoreBackend
 
 __all__ = [
     "BaseCache",
@@ -426,6 +427,17 @@ class Cache(BaseCache):
                 f"directory ({self.calls.root}): each would read the other's entries as its own. "
                 "Give each a directory of its own, e.g. DIR/values and DIR/calls "
                 "(what fleche.open(DIR) does)"
+            )
+        if (
+            isinstance(self.values, ObjectStoreBackend)
+            and isinstance(self.calls, ObjectStoreBackend)
+            and self.values.url == self.calls.url
+        ):
+            raise ValueError(
+                f"the value storage and the call storage of a Cache cannot share the same object "
+                f"store location ({self.calls.url}): each would read the other's entries as its "
+                "own. Give each a prefix of its own, e.g. URL/values and URL/calls "
+                "(what fleche.open(URL) does)"
             )
 
     def save(self, call: Call, *, overwrite: bool = False) -> Digest:

@@ -14,6 +14,10 @@ Every command takes a store spec (see :mod:`fleche.spec`)::
     fleche verify SPEC [--repair]         load everything, report (and evict) unusable entries
     fleche copy SRC DST                   copy every call and value DST lacks
 
+A SPEC may name an object store (``s3://bucket/prefix``, ``fsspec+memory://NAME``) or a SQL
+store whose values are objects (``postgresql://host/db?values=s3://bucket/prefix``); sizes are
+then those of the objects.
+
 ``--json`` gives machine output. Exit status: 0 on success; 1 when ``verify`` finds problems
 (``verify --repair``: problems it could not repair), a key is not stored, or the store fails
 (a database that cannot be reached, a corrupt entry stopping ``copy``); 2 for usage errors (bad
@@ -67,7 +71,7 @@ def _open(text: str, must_exist: bool = True) -> tuple[StoreSpec, Cache]:
     except SpecError as e:
         raise UsageError(str(e)) from None
     if must_exist and not spec.exists():
-        where = spec.sqlite_path() or spec.calls
+        where = spec.sqlite_path() or mask(spec.calls)
         raise UsageError(f"no store at {where}: it does not exist (check the spec {mask(text)!r})")
     return spec, cache
 
@@ -93,6 +97,11 @@ def _describe(spec: StoreSpec) -> dict[str, str]:
         return {"calls": "memory of this process", "values": "memory of this process"}
     packed = f", {spec.compression}-compressed" if spec.compression else ""
     values = f"{files[spec.format]}{packed} in {spec.values}"
+    if spec.values_are_objects:
+        values = (f"{files[spec.format].replace('files', 'objects')}{packed} in "
+                  f"{_object_url(spec.values)}")
+    if spec.kind == "objects":
+        return {"calls": f"pickle objects in {spec.calls}/calls", "values": values}
     if spec.kind == "directory":
         calls_format = "HDF5 files" if spec.format == "h5" else "pickle files"
         return {"calls": f"{calls_format} in {spec.calls}/calls", "values": values}
@@ -103,12 +112,17 @@ def _describe(spec: StoreSpec) -> dict[str, str]:
     return {"calls": f"{dialect} database {mask(spec.calls)}", "values": values}
 
 
-def _disk_size(spec: StoreSpec) -> int | None:
-    """Bytes the store takes on disk: its files (and SQLite database with its journal files);
-    ``None`` where that cannot be seen from here (server databases, memory)."""
-    if spec.kind == "memory" or (spec.kind == "sql" and spec.sqlite_path() is None):
+def _object_url(location: str | None) -> str | None:
+    """An object store's location without its filesystem options (``None`` stays ``None``)."""
+    return location.partition("?")[0] if location else location
+
+
+def _disk_size(spec: StoreSpec, cache: Cache) -> int | None:
+    """Bytes the store takes (``cache.volume()``: files, objects, a SQLite database with its
+    journal, what a server database reports); ``None`` where that cannot be said."""
+    if spec.kind == "memory":
         return None
-    return spec.open().volume()
+    return cache.volume()
 
 
 # -- showing call records -----------------------------------------------------------------------
@@ -205,7 +219,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     n_values = len(list(cache.values.list()))
     n_calls = sum(functions.values()) + unreadable
     where = _describe(spec)
-    disk = _disk_size(spec)
+    disk = _disk_size(spec, cache)
     ordered = sorted(functions.items(), key=lambda kv: (-kv[1], kv[0]))
     if args.json:
         _emit_json({
@@ -455,7 +469,7 @@ def _confirmed(question: str) -> bool:
 def cmd_clear(args: argparse.Namespace) -> int:
     spec, cache = _open(args.spec)
     calls, values = len(list(cache.list())), len(list(cache.values.list()))
-    before = _disk_size(spec)
+    before = _disk_size(spec, cache)
     what = f"{count(calls, 'call')} and {count(values, 'value')}"
     if not args.dry_run and not args.yes:
         if not _confirmed(f"remove all {what} of {mask(args.spec)}?"):
@@ -465,7 +479,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
     else:
         removed_calls = cache.clear()
         removed_values = values - len(list(cache.values.list()))
-        after = _disk_size(spec)
+        after = _disk_size(spec, cache)
     if args.json:
         _emit_json({"dry_run": args.dry_run, "calls": removed_calls, "values": removed_values,
                     "size_before": before, "size_after": None if args.dry_run else after})
@@ -480,9 +494,9 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     spec, cache = _open(args.spec)
-    before = _disk_size(spec)
+    before = _disk_size(spec, cache)
     garbage = sorted(cache.gc(dry_run=args.dry_run))  # removed (or, dry run, to be removed)
-    after = None if args.dry_run else _disk_size(spec)
+    after = None if args.dry_run else _disk_size(spec, cache)
     if args.json:
         _emit_json({"dry_run": args.dry_run, "values": garbage,
                     "size_before": before, "size_after": after})
@@ -563,7 +577,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleche",
         description="Look inside a fleche store and tend it. SPEC is a directory, "
-        "sqlite:///file.db, postgresql://...?values=DIR, mysql://...?values=DIR or memory://.",
+        "sqlite:///file.db, postgresql://...?values=DIR, mysql://...?values=DIR, an object "
+        "store (s3://bucket/prefix, gs://..., az://..., fsspec+PROTOCOL://...; values=s3://... "
+        "for SQL stores) or memory://.",
         epilog="Exit status: 0 success, 1 problems found or a failure, 2 usage error.",
     )
     parser.add_argument("--version", action="version", version=f"fleche {__version__}")

@@ -11,6 +11,7 @@ __all__ = [
     "LockError",
     "LockTimeout",
     "NetworkFilesystemWarning",
+    "ObjectStoreError",
     "SaveError",
     "SchemaVersionError",
     "SignatureError",
@@ -135,6 +136,26 @@ class DatabaseError(FlecheError, ConnectionError):
 
     def __reduce__(self):
         return (type(self), (self.url, self.reason))
+
+
+class ObjectStoreError(FlecheError, OSError):
+    """An object store cannot be read or used: the endpoint cannot be reached, access is denied,
+    credentials are missing, an option of the filesystem is wrong.
+
+    ``location`` is the URL of the store or object (object URLs carry no credentials);
+    ``reason`` says what failed. Nothing stored was changed by the failed operation.
+    """
+
+    def __init__(self, location: str, reason: str) -> None:
+        FlecheError.__init__(self, f"cannot use the object store {location}: {reason}")
+        self.location = location
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot use the object store {self.location}: {self.reason}"
+
+    def __reduce__(self):
+        return (type(self), (self.location, self.reason))
 
 
 class SchemaVersionError(DatabaseError):

@@ -17,6 +17,12 @@ specs too. The forms:
 ``mysql://user:pw@host/db?values=DIR``            ... in MariaDB/MySQL (pymysql)
 ``memory://`` or ``memory://NAME``                in this process's memory; one cache per spec
                                                   string and process
+``s3://bucket/prefix`` (``gs://``, ``az://``)     objects: values under ``.../values``, calls
+                                                  under ``.../calls`` (``s3`` extra)
+``fsspec+PROTOCOL://...``                         objects on any fsspec filesystem, e.g.
+                                                  ``fsspec+memory://NAME`` (fsspec's in-memory
+                                                  filesystem) or ``fsspec+file:///DIR``
+``postgresql://...?values=s3://bucket/prefix``    calls in PostgreSQL, values as objects
 ================================================  =============================================
 
 Options, after ``?`` and joined by ``&``: ``values=DIR`` (SQL stores), ``format=pickle``
@@ -30,7 +36,16 @@ the spec is parsed, ``~`` is expanded; a directory whose name contains ``?`` is 
 in the database URL. A bare ``postgresql://`` means ``postgresql+psycopg://`` and a bare
 ``mysql://``/``mariadb://`` means ``...+pymysql://``, the drivers of the ``sql`` extra.
 
-Secret keys never go into a spec (specs are printed and logged): set ``FLECHE_SECRET_KEY``.
+Object stores take ``format=pickle|cloudpickle`` and ``lock_timeout``; their other options are
+passed to the fsspec filesystem (``endpoint_url=http://host:9000``, dotted names for nested
+ones: ``client_kwargs.region_name=eu-west-1``; ``true``, ``false``, ``none`` and numbers are
+converted). An object store given as ``values=`` of a SQL store writes its own options with
+``%3F`` and ``%26`` for ``?`` and ``&``.
+
+Secret keys never go into a spec (specs are printed and logged): set ``FLECHE_SECRET_KEY``. Nor
+do credentials of object stores (``key``, ``secret``, ``token``, ... options are refused): they
+come from the filesystem's usual configuration (``AWS_ACCESS_KEY_ID``, ``~/.aws/credentials``,
+``GOOGLE_APPLICATION_CREDENTIALS``, ...).
 
 Without ``FLECHE_CACHE``, the default store is :func:`default_spec`: pickle files in fleche's
 directory of the user's cache directory (``~/.cache/fleche`` on Linux), where ``Sql()`` keeps
@@ -64,6 +79,13 @@ from .errors import SpecError
 from .storage.memory import CallMemory, ValueMemory
 from .storage.file import FileStorage
 from .storage.envelope import COMPRESSIONS
+from .storage.object_store import (
+    CallObjectStore,
+    ObjectStoreBackend,
+    ValueObjectStore,
+    flat_options,
+    is_secret_option,
+)
 from .storage.pickle_file import SECRET_KEY_ENV, CallPickleFile, PickleFileBackend, ValuePickleFile
 
 __all__ = [
@@ -78,6 +100,7 @@ _OPTIONS = ("values", "format", "compression", "lock_timeout", "durable")
 _SQL_BACKENDS = {"sqlite": None, "postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/@:?]*:)[^/@?]*@")
+_OPTION_URL_PASSWORD = re.compile(r"(://[^/@:?&=#]*:)[^/@?&#]*@")
 _PASSWORD_OPTION = re.compile(r"([?&](?:password|passwd)=)[^&]*", re.IGNORECASE)
 _DEFAULT_LOCK_TIMEOUT = 1.0
 
@@ -97,17 +120,21 @@ def default_spec() -> str:
 
 
 def mask(spec: str) -> str:
-    """``spec`` with the password of its URL and any ``password=`` option replaced by ``***``:
-    how fleche prints, logs and names a spec."""
-    return _PASSWORD_OPTION.sub(r"\1***", _PASSWORD.sub(r"\1***@", spec))
+    """``spec`` with the password of its URL, of URLs in its options and of any ``password=``
+    option replaced by ``***``: how fleche prints, logs and names a spec."""
+    base, separator, options = spec.partition("?")
+    options = _OPTION_URL_PASSWORD.sub(r"\1***@", options)
+    return _PASSWORD_OPTION.sub(r"\1***", _PASSWORD.sub(r"\1***@", base) + separator + options)
 
 
 @dataclass(frozen=True)
 class StoreSpec:
     """A parsed spec: where the calls and values of a store live and how they are written.
 
-    ``kind`` is ``"directory"``, ``"sql"`` or ``"memory"``; ``calls`` is the directory, the
-    database URL or the memory name; ``values`` the values directory (``None`` for memory).
+    ``kind`` is ``"directory"``, ``"sql"``, ``"objects"`` or ``"memory"``; ``calls`` is the
+    directory, the database URL, the object store's URL (as a spec spells it) or the memory name;
+    ``values`` the values directory or object store (``None`` for memory); ``url_query`` the
+    options left for the database or the object store's filesystem.
     Building it touches nothing; :meth:`open` creates no file and opens no connection either
     (storages do that on first use). ``str`` and ``repr`` mask the database password (see
     :func:`mask`); :meth:`reveal` gives the spec with it, to open the store elsewhere.
@@ -167,9 +194,11 @@ class StoreSpec:
                 if cache is None:
                     cache = _memory[self.calls] = Cache(ValueMemory(), CallMemory())
                 return cache
+        if self.kind == "objects":
+            return _object_cache(self)
         self._check_places()
         settings = {"lock_timeout": self.lock_timeout, "durable": self.durable}
-        values = _value_storage(self.format, Path(self.values or ""), settings, self.compression)
+        values = _value_storage(self.format, self.values or "", settings, self.compression)
         if self.kind == "directory":
             return Cache(values, _call_storage(self.format, Path(self.calls) / "calls", settings))
         from .storage.sql import Sql
@@ -181,7 +210,7 @@ class StoreSpec:
     def _check_places(self) -> None:
         """Refuse a store whose directories, or SQLite file, are something else on disk (which
         would fail every save later with ``NotADirectoryError``)."""
-        places = [Path(self.values)] if self.values else []
+        places = [Path(self.values)] if self.values and not self.values_are_objects else []
         sqlite = self.sqlite_path()
         if self.kind == "directory":
             places.append(Path(self.calls))
@@ -198,6 +227,12 @@ class StoreSpec:
                     str(self), f"{there} is not a directory: a store needs a directory there"
                 )
 
+    @property
+    def values_are_objects(self) -> bool:
+        """Whether the values live in an object store (an ``objects`` spec, or a SQL spec
+        with ``values=s3://...``)."""
+        return self.values is not None and _is_object_location(self.values)
+
     def sqlite_path(self) -> Path | None:
         """The SQLite file of a ``sqlite://`` spec, else ``None``."""
         if self.kind == "sql" and self.calls.startswith("sqlite"):
@@ -206,16 +241,27 @@ class StoreSpec:
 
     def exists(self) -> bool:
         """Whether the store is there already (``False`` for a directory or SQLite file that
-        opening would create); server databases and memory always count as there."""
+        opening would create, and for an object store with no object under its URL); server
+        databases and memory always count as there. Asks the object store (one request)."""
         if self.kind == "directory":
             return Path(self.calls).is_dir()
+        if self.kind == "objects":
+            return _object_storage(CallObjectStore, self.calls, self.url_query, self).exists()
         path = self.sqlite_path()
         return path.is_file() if path is not None else True
 
 
 def _value_storage(
-    fmt: str, root: Path, settings: dict[str, Any], compression: str | None = None
+    fmt: str, location: str, settings: dict[str, Any], compression: str | None = None
 ) -> Any:
+    if _is_object_location(location):
+        url, _, query = location.partition("?")
+        pairs = tuple(urllib.parse.parse_qsl(query, keep_blank_values=True))
+        return ValueObjectStore(
+            _fsspec_url(url), _storage_options(pairs), lock_timeout=settings["lock_timeout"],
+            serializer=fmt, compression=compression,
+        )
+    root = Path(location)
     if fmt == "h5":
         from .storage.h5_file import ValueBagOfHoldingH5File
 
@@ -340,6 +386,9 @@ def parse(spec: str | os.PathLike[str]) -> StoreSpec:
     if scheme == "file":
         path = urllib.parse.unquote(base[len("file://"):])
         return _directory(text, path, query)
+    if scheme in _OBJECT_SCHEMES or scheme.startswith(_FSSPEC):
+        url, pairs, settings = _object_location(text, spec, whole_store=True)
+        return StoreSpec("objects", url, f"{url}/values", url_query=pairs, **settings)
     if scheme == "memory":
         if query:
             raise SpecError(text, "memory:// takes no options")
@@ -354,7 +403,7 @@ def parse(spec: str | os.PathLike[str]) -> StoreSpec:
         return _sql(text, scheme, backend, driver, base, query)
     raise SpecError(
         text, f"unknown scheme {scheme + '://'!r}; use a directory path, file://, sqlite://, "
-        "postgresql://, mysql:// or memory://"
+        "postgresql://, mysql://, memory://, s3://, gs://, az:// or fsspec+PROTOCOL://"
     )
 
 
@@ -392,8 +441,8 @@ def _sql(text: str, scheme: str, backend: str, driver: str, base: str, query: st
                 f"reach, e.g. {mask(url)}?values=/shared/fleche-values"
             )
     return StoreSpec(
-        "sql", url, _absolute(values) if values else default_values, url_query=tuple(rest),
-        **settings,
+        "sql", url, _values_location(text, values) if values else default_values,
+        url_query=tuple(rest), **settings,
     )
 
 
@@ -452,22 +501,31 @@ def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
             if known is cache:
                 return StoreSpec("memory", name)
     values, calls = cache.values, cache.calls
-    compression = None
-    if isinstance(values, PickleFileBackend):
-        fmt, compression = values.serializer, values.compression
-    elif _instance_of(values, "h5_file", "BagOfHoldingH5FileBackend"):
-        fmt = "h5"
-    else:
-        return None
-    root = values.root
-    settings = {
-        "format": fmt, "compression": compression, "lock_timeout": values.lock_timeout,
-        "durable": values.durable,
-    }
-    if isinstance(calls, FileStorage):
-        if root.name != "values" or calls.root != root.parent / "calls":
+    if isinstance(values, ObjectStoreBackend):
+        if isinstance(calls, ObjectStoreBackend):
+            return _object_spec_of(values, calls)
+        location = _object_location_of(values)
+        if location is None:
             return None
-        return StoreSpec("directory", str(root.parent), str(root), **settings)
+        settings: dict[str, Any] = {"format": values.serializer, "lock_timeout": values.lock_timeout}
+    else:
+        compression = None
+        if isinstance(values, PickleFileBackend):
+            fmt, compression = values.serializer, values.compression
+        elif _instance_of(values, "h5_file", "BagOfHoldingH5FileBackend"):
+            fmt = "h5"
+        else:
+            return None
+        root = values.root
+        location = str(root)
+        settings = {
+            "format": fmt, "compression": compression, "lock_timeout": values.lock_timeout,
+            "durable": values.durable,
+        }
+        if isinstance(calls, FileStorage):
+            if root.name != "values" or calls.root != root.parent / "calls":
+                return None
+            return StoreSpec("directory", str(root.parent), location, **settings)
     if not _instance_of(calls, "sql", "Sql") or calls.url is None:
         return None
     url = calls.url
@@ -475,4 +533,169 @@ def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
         url = f"sqlite:///{url}"
     base, _, query = url.partition("?")
     pairs = tuple(urllib.parse.parse_qsl(query, keep_blank_values=True))
-    return StoreSpec("sql", base, str(root), url_query=pairs, **settings)
+    return StoreSpec("sql", base, location, url_query=pairs, **settings)
+
+
+# -- object stores ------------------------------------------------------------------------------
+
+_OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+"""Object stores a spec names by their own scheme; any other fsspec filesystem is
+``fsspec+PROTOCOL://`` (so ``file://`` and ``memory://`` keep their meaning)."""
+_FSSPEC = "fsspec+"
+_USERINFO = re.compile(r"://[^/?#]*@")  # a URL with user:password@ in an option's value
+_FSSPEC_AS_OPTION = re.compile(r"^fsspec (?=[A-Za-z][A-Za-z0-9.\-]*://)", re.IGNORECASE)
+_OBJECT_OPTIONS = ("format", "lock_timeout")
+
+
+def _is_object_location(location: str) -> bool:
+    match = _SCHEME.match(location)
+    if match is None:
+        return False
+    scheme = match.group(1).lower()
+    return scheme in _OBJECT_SCHEMES or scheme.startswith(_FSSPEC)
+
+
+def _fsspec_url(url: str) -> str:
+    """The fsspec URL an object location of a spec stands for (``fsspec+`` dropped)."""
+    return url[len(_FSSPEC):] if url.lower().startswith(_FSSPEC) else url
+
+
+def _spelled(url: str) -> str:
+    """How a spec writes the fsspec URL ``url``."""
+    scheme = url.split("://", 1)[0].lower()
+    return url if scheme in _OBJECT_SCHEMES else _FSSPEC + url
+
+
+def _object_location(
+    text: str, location: str, *, whole_store: bool
+) -> tuple[str, tuple[tuple[str, str], ...], dict[str, Any]]:
+    """An object store's canonical URL (as a spec spells it), its filesystem options and, for a
+    whole store, fleche's settings; ``SpecError`` for credentials, a missing bucket, h5."""
+    base, _, query = location.partition("?")
+    scheme, _, rest = base.partition("://")
+    scheme = scheme.lower()
+    protocol = scheme[len(_FSSPEC):] if scheme.startswith(_FSSPEC) else scheme
+    if not protocol:
+        raise SpecError(text, "write fsspec+PROTOCOL://PATH, e.g. fsspec+memory://sweep")
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        raise SpecError(
+            text, "credentials do not belong in a spec (specs get printed and logged); give "
+            "them in the filesystem's usual configuration (environment, config files)"
+        )
+    rest = rest.rstrip("/")
+    if protocol == "file":
+        rest = _absolute(urllib.parse.unquote(rest)) if rest else ""
+    if not rest:
+        raise SpecError(text, f"give a location after {scheme}://, e.g. {scheme}://bucket/prefix")
+    allowed = _OBJECT_OPTIONS if whole_store else ()
+    options, pairs = _parse_options(text, query, allowed, sql=True)
+    for name, value in pairs:
+        if is_secret_option(name) or name.lower() == "secret_key" or _USERINFO.search(value):
+            raise SpecError(
+                text, f"option {name!r} is a credential, and credentials do not belong in a spec "
+                "(specs get printed and logged); give them in the filesystem's usual "
+                "configuration (environment variables, config files)"
+            )
+    settings = _common(text, options) if whole_store else {}
+    if settings.get("format") == "h5":
+        raise SpecError(
+            text, "format=h5 needs files on a filesystem: object stores keep pickle entries "
+            "(format=pickle or cloudpickle)"
+        )
+    url = f"{_FSSPEC if scheme.startswith(_FSSPEC) else ''}{protocol}://{rest}"
+    return url, tuple(sorted(pairs)), settings
+
+
+def _values_location(text: str, values: str) -> str:
+    """What ``values=`` names, canonical: an absolute directory or an object store URL with
+    its own options."""
+    # An option's "+" reads as a space: "fsspec memory://" can only mean "fsspec+memory://".
+    values = _FSSPEC_AS_OPTION.sub(_FSSPEC, values, count=1)
+    if not _is_object_location(values):
+        return _absolute(values)
+    url, pairs, _ = _object_location(text, values, whole_store=False)
+    return _with_query(url, pairs)
+
+
+def _with_query(url: str, pairs: Any) -> str:
+    return url + (f"?{urllib.parse.urlencode(pairs, safe='/~:')}" if pairs else "")
+
+
+def _option_value(text: str) -> Any:
+    """A filesystem option from a spec: ``true``/``false``/``none`` and numbers converted."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _storage_options(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """Filesystem options from a spec's pairs; ``a.b=v`` gives ``{"a": {"b": v}}``."""
+    options: dict[str, Any] = {}
+    for name, text in pairs:
+        *outer, last = name.split(".")
+        target = options
+        for part in outer:
+            target = target.setdefault(part, {})
+        target[last] = _option_value(text)
+    return options
+
+
+def _option_pairs(options: Any) -> list[tuple[str, str]] | None:
+    """The spec pairs of a storage's filesystem options; ``None`` if a spec cannot say them (a
+    credential, a value that is not text, a number, a bool or none)."""
+    pairs: list[tuple[str, str]] = []
+    for name, value in flat_options(options):
+        if is_secret_option(name):
+            return None
+        if value is None or isinstance(value, bool):
+            pairs.append((name, str(value).lower()))
+        elif isinstance(value, (int, float, str)) and _option_value(str(value)) == value:
+            pairs.append((name, str(value)))  # (a str "true" would come back as a bool)
+        else:
+            return None
+    return pairs
+
+
+def _object_storage(kind: type, url: str, pairs: tuple[tuple[str, str], ...], spec: StoreSpec) -> Any:
+    return kind(
+        _fsspec_url(url), _storage_options(pairs), lock_timeout=spec.lock_timeout,
+        serializer=spec.format,
+    )
+
+
+def _object_cache(spec: StoreSpec) -> Cache:
+    return Cache(
+        _object_storage(ValueObjectStore, spec.values or "", spec.url_query, spec),
+        _object_storage(CallObjectStore, f"{spec.calls}/calls", spec.url_query, spec),
+    )
+
+
+def _object_location_of(values: ObjectStoreBackend) -> str | None:
+    """How ``values=`` names the object store ``values``; ``None`` if a spec cannot say it."""
+    pairs = _option_pairs(values.storage_options)
+    if pairs is None:
+        return None
+    return _with_query(_spelled(values.url), pairs)
+
+
+def _object_spec_of(values: ObjectStoreBackend, calls: ObjectStoreBackend) -> StoreSpec | None:
+    """The spec of the object store of ``values`` and ``calls``; ``None`` if no spec says it."""
+    pairs = _option_pairs(values.storage_options)
+    base = values.url.removesuffix("/values")
+    if (pairs is None or values.url != f"{base}/values" or calls.url != f"{base}/calls"
+            or calls.storage_options != values.storage_options):
+        return None
+    url = _spelled(base)
+    return StoreSpec(
+        "objects", url, f"{url}/values", url_query=tuple(pairs), format=values.serializer,
+        lock_timeout=values.lock_timeout,
+    )

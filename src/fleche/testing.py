@@ -42,6 +42,7 @@ from .query import MatchCountError, QueryIterator
 from .storage.base import AmbiguousDigestError, KeyManagement
 from .storage.envelope import SECRET_KEY_ENV
 from .storage.file import FileStorage
+from .storage.object_store import ObjectStoreBackend
 
 __all__ = [
     "CacheTests",
@@ -50,6 +51,7 @@ __all__ = [
     "ValueStorageTests",
     "assert_corrupt_entry_is_reported_and_evictable",
     "flip_a_byte",
+    "flip_a_byte_of_object",
 ]
 
 
@@ -80,6 +82,9 @@ class StorageTests:
     """The storage keeps what is saved (False for void storages)."""
     shared_between_processes: ClassVar[bool] = False
     """Pickled copies in other processes see the same entries (file and database storages)."""
+    locks_between_processes: ClassVar[bool] = True
+    """With ``shared_between_processes``: ``locked`` sections exclude each other across
+    processes too (False for object stores, whose locks reach one process's threads only)."""
 
     def make_storage(self, tmp_path: Any) -> KeyManagement:
         raise NotImplementedError
@@ -287,6 +292,8 @@ class StorageTests:
         """3 processes x 2 threads increment one counter under ``locked``; none is lost."""
         if not self.shared_between_processes:
             pytest.skip(f"{type(self).__name__} is private to one process")
+        if not self.locks_between_processes:
+            pytest.skip(f"{type(self).__name__} locks the threads of one process only")
         ctx = multiprocessing.get_context("spawn")
         # Six writers queue on one key: give slow backends on a loaded machine time to take turns.
         patient = _with_lock_timeout(storage, 60.0)
@@ -505,6 +512,15 @@ def flip_a_byte(path: str | Path, offset: int = -3) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+def flip_a_byte_of_object(storage: ObjectStoreBackend, key: Digest, offset: int = -3) -> None:
+    """Invert one byte of the object of ``key`` in an object storage (by default inside the
+    payload), and put it back whole: the entry then reads as corrupt."""
+    fs, path = storage._object_path(key)
+    data = bytearray(fs.cat_file(path))
+    data[offset] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+
+
 _BIG = 4096  # characters: results this long are never kept inline in a call record
 
 
@@ -586,12 +602,16 @@ class CacheTests:
         raise NotImplementedError
 
     def damage(self, store: Cache, key: Digest) -> None:
-        """Flip a byte of the entry ``key`` (a call record or a value) in ``store``'s files."""
+        """Flip a byte of the entry ``key`` (a call record or a value) in ``store``'s files or
+        objects."""
         for storage in (store.calls, store.values):
             if isinstance(storage, FileStorage) and storage.contains(key):
                 flip_a_byte(storage._path(storage.expand(key)))
                 return
-        pytest.skip(f"{type(self).__name__}: only entries kept in files can be damaged")
+            if isinstance(storage, ObjectStoreBackend) and storage.contains(key):
+                flip_a_byte_of_object(storage, storage.expand(key))
+                return
+        pytest.skip(f"{type(self).__name__}: only entries kept in files or objects can be damaged")
 
     @pytest.fixture
     def store(self, tmp_path: Any) -> Cache:
@@ -786,8 +806,8 @@ class CacheTests:
     ) -> None:
         """An entry this process cannot verify may be another process's, signed with its key:
         the call runs uncached with a warning, and the entry is neither evicted nor replaced."""
-        if not isinstance(store.calls, FileStorage):
-            pytest.skip(f"{type(self).__name__}: only entries kept in files are signed")
+        if not isinstance(store.calls, (FileStorage, ObjectStoreBackend)):
+            pytest.skip(f"{type(self).__name__}: only entries kept in files or objects are signed")
         runs: list[int] = []
 
         @fleche(cache=cache)

@@ -5,7 +5,9 @@ Value storages keep values under their content digest; call storages keep
 frozen dataclass composed of mixins (locking, destructuring, the domain layer) over a backend.
 
 Storages that need optional dependencies (``Sql``: the ``sql`` extra; the HDF5 storages: the
-``h5`` extra) are imported on first access, so ``import fleche.storage`` needs neither.
+``h5`` extra) are imported on first access, so ``import fleche.storage`` needs neither; the
+object storages (``ValueObjectStore``, ``CallObjectStore``: the ``s3`` extra) import fsspec
+only when first used.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .destructuring import DestructuringMixin, register_destructurer
 from .file import FileStorage
 from .locks import InterProcessLockMixin
 from .memory import CallMemory, MemoryBackend, ValueMemory
+from .object_store import CallObjectStore, ObjectStoreBackend, ValueObjectStore
 from .pickle_file import CallPickleFile, PickleFileBackend, ValuePickleFile
 from .thread_safe import PerKeyLockMixin, SerializingMixin
 from .void import CallVoid, ValueVoid, VoidBackend
@@ -39,6 +42,7 @@ __all__ = [
     "AmbiguousDigestError",
     "CallMemory",
     "CallMixin",
+    "CallObjectStore",
     "CallPickleFile",
     "CallStorage",
     "CallVoid",
@@ -50,6 +54,7 @@ __all__ = [
     "KeyManagement",
     "LockTimeout",
     "MemoryBackend",
+    "ObjectStoreBackend",
     "OperationContext",
     "PerKeyLockMixin",
     "PickleFileBackend",
@@ -58,6 +63,7 @@ __all__ = [
     "StorageBackend",
     "ValueMemory",
     "ValueMixin",
+    "ValueObjectStore",
     "ValuePickleFile",
     "ValueStorage",
     "ValueVoid",

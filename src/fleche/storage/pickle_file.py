@@ -77,54 +77,88 @@ class PickleFileBackend(FileStorage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.serializer not in _SERIALIZERS:
-            raise ValueError(
-                f"serializer must be one of {', '.join(map(repr, _SERIALIZERS))}, "
-                f"got {self.serializer!r}"
-            )
+        check_serializer(self.serializer)
         check_compression(self.compression)
-        if self.serializer == "dill":
-            _dill()
         object.__setattr__(self, "secret_key", as_secrets(self.secret_key) or None)
 
     def _secrets(self) -> tuple[bytes, ...]:
         """Keys to sign with (the first) and to accept (any); empty when unsigned."""
-        if self.secret_key:
-            return self.secret_key  # type: ignore[return-value]
-        return environment_secrets()
+        return secrets_of(self.secret_key)  # type: ignore[arg-type]
 
     # -- FileStorage hooks ----------------------------------------------------------------------
 
     def _encode(self, value: Any, key: Digest, scratch: str) -> bytes:
-        try:
-            if self.serializer == "cloudpickle":
-                import cloudpickle
-
-                payload = cloudpickle.dumps(value, protocol=_PROTOCOL)
-            elif self.serializer == "dill":
-                payload = _dill().dumps(value, protocol=_PROTOCOL)
-            else:
-                payload = pickle.dumps(value, protocol=_PROTOCOL)
-        except Exception as e:  # noqa: BLE001 - pickling raises many kinds
-            kind = type(value)
-            raise SaveError(
-                f"cannot store a value of type {kind.__module__}.{kind.__qualname__} under {key} "
-                f"with {self.serializer}: {type(e).__name__}: {e}"
-                + (" (serializer='cloudpickle' handles lambdas and local classes)"
-                   if self.serializer == "pickle" else "")
-            ) from e
-        flags = _FLAGS[self.serializer]
-        return ENVELOPE.seal(payload, key, self._secrets(), flags, self.compression, self._path(key))
+        return seal_pickle(
+            value, key, self.serializer, self._secrets(), self.compression, self._path(key)
+        )
 
     def _decode(self, data: bytes, key: Digest, path: str, fd: int) -> Any:
-        flags, payload = ENVELOPE.open(data, key, path, self._secrets())
-        loads = _dill().loads if flags & _DILL else pickle.loads  # no dill: not corrupt, says so
-        try:
-            return loads(payload)
-        except Exception as e:  # noqa: BLE001 - unpickling runs arbitrary code
-            raise CorruptEntryError(
-                key, path, f"intact but cannot be unpickled here: {type(e).__name__}: {e}"
-            ) from e
+        return open_pickle(data, key, path, self._secrets())
+
+
+# -- the entry format, shared with the object storages ------------------------------------------
+
+
+def check_serializer(serializer: str) -> None:
+    """Refuse a ``serializer`` setting fleche does not know, and ``"dill"`` without dill."""
+    if serializer not in _SERIALIZERS:
+        raise ValueError(
+            f"serializer must be one of {', '.join(map(repr, _SERIALIZERS))}, got {serializer!r}"
+        )
+    if serializer == "dill":
+        _dill()
+
+
+def secrets_of(secret_key: tuple[bytes, ...] | None) -> tuple[bytes, ...]:
+    """The keys to sign with (the first) and accept (any): a storage's ``secret_key`` setting
+    (as :func:`~fleche.storage.envelope.as_secrets` made it), else ``FLECHE_SECRET_KEY``."""
+    return secret_key if secret_key else environment_secrets()
+
+
+def seal_pickle(
+    value: Any,
+    key: Digest,
+    serializer: str,
+    secrets: Sequence[bytes],
+    compression: str | None = None,
+    location: str | None = None,
+) -> bytes:
+    """The bytes of a pickle entry holding ``value`` under ``key``, signed with ``secrets[0]``
+    if given, compressed with ``compression`` where that shrinks it; ``location`` is where it
+    will live (whether an unsigned entry warns). :class:`~fleche.errors.SaveError` if
+    ``serializer`` cannot pickle the value."""
+    try:
+        if serializer == "cloudpickle":
+            import cloudpickle
+
+            payload = cloudpickle.dumps(value, protocol=_PROTOCOL)
+        elif serializer == "dill":
+            payload = _dill().dumps(value, protocol=_PROTOCOL)
+        else:
+            payload = pickle.dumps(value, protocol=_PROTOCOL)
+    except Exception as e:  # noqa: BLE001 - pickling raises many kinds
+        kind = type(value)
+        raise SaveError(
+            f"cannot store a value of type {kind.__module__}.{kind.__qualname__} under {key} "
+            f"with {serializer}: {type(e).__name__}: {e}"
+            + (" (serializer='cloudpickle' handles lambdas and local classes)"
+               if serializer == "pickle" else "")
+        ) from e
+    return ENVELOPE.seal(payload, key, secrets, _FLAGS[serializer], compression, location)
+
+
+def open_pickle(data: bytes, key: Digest, location: str, secrets: Sequence[bytes]) -> Any:
+    """The value in the pickle entry ``data`` of ``key``, checked (and decompressed) before
+    anything is unpickled: :class:`~fleche.errors.CorruptEntryError` (or ``SignatureError``)
+    naming ``location``."""
+    flags, payload = ENVELOPE.open(data, key, location, secrets)
+    loads = _dill().loads if flags & _DILL else pickle.loads  # no dill: not corrupt, says so
+    try:
+        return loads(payload)
+    except Exception as e:  # noqa: BLE001 - unpickling runs arbitrary code
+        raise CorruptEntryError(
+            key, location, f"intact but cannot be unpickled here: {type(e).__name__}: {e}"
+        ) from e
 
 
 @dataclass(frozen=True)
