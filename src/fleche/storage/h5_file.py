@@ -52,7 +52,7 @@ with needs_extra("h5", "HDF5 storage (format=h5)"):
 from ..call import DigestedCall
 from ..digest import Digest
 from ..errors import CorruptEntryError, SaveError, SignatureError
-from .base import CallMixin, ValueMixin
+from .base import CallMixin, Intent, ValueMixin
 from .destructuring import DestructuringMixin, DigestedDict, DigestedIterable
 from .envelope import Envelope, as_secrets, environment_secrets
 from .file import FileStorage, _read_all
@@ -139,8 +139,16 @@ class BagOfHoldingH5FileBackend(FileStorage):
                 return super().get(key)
             except _Replaced:
                 continue  # replaced by a newer entry between the check and HDF5's open
+        # Writers kept replacing it: read once more holding the key's lock, which every writer
+        # takes, so nothing can replace it this time (unless a writer ignores the lock).
+        with self._operation_context(key, intent=Intent.WRITE):
+            try:
+                return super().get(key)
+            except _Replaced:
+                pass
         raise CorruptEntryError(
-            key, self._path(key), f"changed on every one of {_READ_ATTEMPTS} attempts to read it"
+            key, self._path(key),
+            f"changed on every one of {_READ_ATTEMPTS + 1} attempts to read it, the last under its lock",
         )
 
     def _encode(self, value: Any, key: Digest, scratch: str) -> bytes:
