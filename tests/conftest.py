@@ -2,6 +2,9 @@
 
 import pytest
 
+# The local S3 server fixtures (s3_server, s3, bucket) for every module that asks for them.
+pytest_plugins = ["s3_support"]
+
 
 @pytest.fixture(scope="module")
 def cluster():

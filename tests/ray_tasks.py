@@ -63,3 +63,27 @@ def hold_lock(storage, key, held, release):
         held.put("held")
         release.get(timeout=60)
     return "released"
+
+
+def scaled(x, factor):
+    return x * factor
+
+
+@fleche(ignore=("log",), meta={"tag": lambda call: {"answer": 42}}, isolate=True)
+def where(x, log):
+    """Says where it ran: a fresh working directory with isolate=True."""
+    import os
+
+    record_run(log, f"where:{x}")
+    return os.getcwd()
+
+
+@fleche(ignore=("log",), expire=0)
+def stale(x, log):
+    record_run(log, f"stale:{x}")
+    return x
+
+
+@fleche
+async def later(x):
+    return x

@@ -1,6 +1,6 @@
 """Fixtures for tests against a real S3 API server (moto's) that the tests start and stop.
 
-Import the fixtures into a test module (``from s3_support import s3_server, s3, bucket``): each
+The fixtures reach every test module through ``pytest_plugins`` in ``conftest.py``: each
 module starts one server on a free loopback port and stops it when its tests are done. Where
 the server cannot start (``moto[server]`` or ``s3fs`` missing) the tests skip saying why, unless
 ``FLECHE_TEST_S3=required`` (as ``.ci/run`` sets it), where they fail instead.

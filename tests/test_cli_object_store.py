@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("fsspec", reason="the object storages need the s3 extra (fsspec)")
 
-from s3_support import bucket, s3, s3_server  # noqa: E402, F401 - fixtures
+
 from test_cli import WIDTH, populate, run, run_here, run_json, spec_for, tasks  # noqa: E402
 
 import fleche  # noqa: E402

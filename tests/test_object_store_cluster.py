@@ -14,7 +14,7 @@ pytest.importorskip("sqlalchemy", reason="the sql extra is not installed")
 pytest.importorskip("fsspec", reason="the s3 extra is not installed")
 
 from distributed import Client, LocalCluster  # noqa: E402
-from s3_support import bucket, s3, s3_server  # noqa: E402, F401 - fixtures
+
 
 import fleche  # noqa: E402
 import object_store_tasks as tasks  # noqa: E402

@@ -226,3 +226,39 @@ def test_a_failing_store_never_fails_a_cached_task(hook_store, log):
     keyed_there = inc.remote(ray.put(2), log)  # keyed and looked up on the worker
     assert ray.get([direct, keyed_there]) == [2, 3]
     assert sorted(tasks.runs(log)) == ["inc:1", "inc:2"]
+
+
+def test_partials_run_as_cached_tasks(store):
+    import functools
+
+    triple = cached_remote(functools.partial(tasks.scaled, factor=3), store)
+    assert "scaled" in repr(triple)
+    assert ray.get(triple.remote(2)) == 6
+    assert store.load_result(triple.key(2)) == 6
+
+
+def test_tasks_apply_meta_isolate_and_expire_as_direct_calls_do(store, log):
+    where = cached_remote(tasks.where, store)
+    ran_in = ray.get(where.remote(1, log))
+    assert ran_in != os.getcwd() and not os.path.exists(ran_in)  # a fresh directory, removed
+    assert store.load(where.key(1, log)).metadata["tag"] == {"answer": 42}
+    stale = cached_remote(tasks.stale, store)
+    ray.get(stale.remote(1, log))
+    ray.get(stale.remote(1, log))  # expire=0: the stored call is too old at once
+    assert tasks.runs(log).count("stale:1") == 2
+
+
+def test_a_corrupt_entry_is_recomputed_and_repaired_on_the_worker(store, log):
+    inc = cached_remote(tasks.inc, store)
+    key = inc.key(7, log)
+    ray.get(inc.remote(7, log))
+    (entry,) = (path for path in (store.calls.root).rglob(f"{key}*") if path.is_file())
+    entry.write_bytes(entry.read_bytes()[:-3] + b"xyz")
+    assert ray.get(inc.remote(7, log)) == 8
+    assert tasks.runs(log).count("inc:7") == 2
+    assert store.load_result(key) == 8  # repaired
+
+
+def test_async_functions_are_refused_with_the_reason():
+    with pytest.raises(TypeError, match="async function"):
+        cached_remote(tasks.later)

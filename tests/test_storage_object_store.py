@@ -16,14 +16,13 @@ import pytest
 
 pytest.importorskip("fsspec", reason="the object storages need the s3 extra (fsspec)")
 
-from s3_support import bucket, s3, s3_server  # noqa: E402, F401 - fixtures
+
 
 import fleche  # noqa: E402
 from fleche.caches import Cache  # noqa: E402
 from fleche.call import Call  # noqa: E402
 from fleche.digest import digest  # noqa: E402
 from fleche.errors import (  # noqa: E402
-    CorruptEntryError,
     FlecheWarning,
     ObjectStoreError,
     SaveError,

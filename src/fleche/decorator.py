@@ -376,9 +376,20 @@ class _Cached:
         rerun = active_rerun()
         if rerun is not None and rerun.applies(self, cache, key):
             return self.recompute(cache, key, args, kwargs, call, rerun)
+        return self.serve(cache, key, call, lambda: (args, kwargs))
+
+    def serve(
+        self, cache: BaseCache, key: Digest, call: Call, arguments: Callable[[], tuple[tuple, dict]]
+    ) -> Any:
+        """The result stored under ``key``, else the function run on ``arguments()`` (args and
+        kwargs, asked for only then) and saved as ``call``: what a direct call does once the key
+        is known, with expiry, repair of a corrupt entry, compute-once across processes,
+        ``meta=`` and ``isolate=``. :mod:`fleche.ray`'s workers use it with a ``call`` that may
+        name upstream results by digest and arguments fetched only on a miss."""
         found, overwrite = self._lookup(cache, key)
         if found is not _MISS:
             return found
+        args, kwargs = arguments()
         if overwrite is None:  # refused for its signature: another key's entry, left alone
             return self.body(args, kwargs)
         if self.compute_once and cache.writable:

@@ -38,7 +38,7 @@ with needs_extra("ray", "fleche.ray"):
     import ray
     from ray import ObjectRef
 
-from ._tasks import ComputeAndSave, Upstream, map_nested
+from ._tasks import Upstream, map_nested
 from .caches import BaseCache
 from .decorator import _Cached, _cached_of, active_cache, set_default_cache
 from .digest import Digest, Indigestible
@@ -104,35 +104,25 @@ def _fetch_all(obj: Any) -> Any:
     return map_nested(obj, lambda v: ray.get(v) if isinstance(v, ObjectRef) else v)
 
 
-def _run(run: ComputeAndSave, *args: Any, **kwargs: Any) -> Any:
-    return run(*args, **kwargs)
+class _Served:
+    """One call of a cached function, run where its Ray task runs as a direct call of the
+    ``@fleche`` function would run it (``_Cached.serve``): expiry, corrupt-entry repair,
+    compute-once, ``meta=`` and ``isolate=`` apply."""
+
+    def __init__(self, store: BaseCache, cached: _Cached, key: Digest, call: Any) -> None:
+        self.store, self.cached, self.key, self.call = store, cached, key, call
+
+    def __call__(self, arguments: Callable[[], tuple[tuple, dict]]) -> Any:
+        return self.cached.serve(self.store, self.key, self.call, arguments)
 
 
-_MISS = object()
+def _run(served: _Served, *args: Any, **kwargs: Any) -> Any:
+    return served(lambda: (args, kwargs))
 
 
-def _stored_result(store: BaseCache, key: Digest, name: str, expected: bool) -> Any:
-    """The stored result under ``key``, or ``_MISS``: a store that fails (a corrupt entry, a
-    disk or database gone) is logged, never the task's failure. A miss is logged only where
-    the driver ``expected`` a hit."""
-    try:
-        return store.load_result(key)
-    except KeyError as e:
-        if expected:
-            logger.warning("%s: stored result %s unusable (%s), computing it", name, key, e)
-    except Exception as e:  # noqa: BLE001 - only errors of the function fail a task (issue 14)
-        logger.warning("%s: stored result %s unusable (%s: %s), computing it", name, key,
-                       type(e).__name__, e)
-    return _MISS
-
-
-def _load_or_run(run: ComputeAndSave, key: Digest, packed: tuple[tuple, dict]) -> Any:
+def _load_or_run(served: _Served, packed: tuple[tuple, dict]) -> Any:
     # The arguments come packed, so Ray fetches no upstream value for a hit.
-    found = _stored_result(run.store, key, run.call.name, expected=True)
-    if found is not _MISS:
-        return found
-    args, kwargs = _fetch_top_level(*packed)
-    return run(*args, **kwargs)
+    return served(lambda: _fetch_top_level(*packed))
 
 
 def _key_and_run(
@@ -143,18 +133,14 @@ def _key_and_run(
         call = cached.make_call(args, kwargs)
         key = call.to_lookup_key()
     except Indigestible as e:
-        logger.warning("%s ran uncached: %s", cached.func.__qualname__, e)
+        logger.warning("%s ran uncached: %s", cached.name, e)
         args, kwargs = _fetch_top_level(*packed)
-        return cached.func(*args, **kwargs)
-    found = _stored_result(store, key, cached.func.__qualname__, expected=False)
-    if found is not _MISS:
-        return found
-    args, kwargs = _fetch_top_level(*packed)
-    return ComputeAndSave(store, call, cached.func, {"function": cached.info})(*args, **kwargs)
+        return cached.body(args, kwargs)
+    return _Served(store, cached, key, call)(lambda: _fetch_top_level(*packed))
 
 
-def _plain(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return func(*args, **kwargs)
+def _plain(cached: _Cached, *args: Any, **kwargs: Any) -> Any:
+    return cached.body(args, kwargs)
 
 
 _REMOTE = {f.__name__: ray.remote(f) for f in (_run, _load_or_run, _key_and_run, _plain)}
@@ -178,11 +164,16 @@ class CachedRemote:
         if ray_options.get("num_returns", 1) != 1:
             raise ValueError("cached Ray tasks return one object; num_returns must be 1")
         cached = _cached_of(func)
+        if cached.is_async:
+            raise TypeError(
+                f"{cached.name} is an async function, which a Ray task cannot run; cache a "
+                "synchronous function (one that calls asyncio.run, say) or use it from an actor"
+            )
         self._cached = cached
         self._store = store
         self._options = ray_options
-        self.__name__ = cached.func.__name__
-        self.__qualname__ = cached.func.__qualname__
+        self.__name__ = cached.name.rpartition(".")[2]
+        self.__qualname__ = cached.name
         self.__doc__ = cached.func.__doc__
         self.__wrapped__ = func
 
@@ -241,8 +232,8 @@ class CachedRemote:
             key = call.to_lookup_key()
         except Indigestible as e:
             warnings.warn(f"{self.__qualname__} ran uncached: {e}", FlecheWarning, stacklevel=2)
-            return self._submit("_plain", cached.func, *args, **kwargs)
-        run = ComputeAndSave(store, call, cached.func, {"function": cached.info})
+            return self._submit("_plain", cached, *args, **kwargs)
+        served = _Served(store, cached, key, call)
         try:
             stored = store.contains(key)
         except Exception as e:  # noqa: BLE001 - the cache never fails a call (issue 14)
@@ -250,9 +241,9 @@ class CachedRemote:
                           f"{type(e).__name__}: {e}", FlecheWarning, stacklevel=2)
             stored = False
         if stored:
-            ref = self._submit("_load_or_run", run, key, (args, kwargs))
+            ref = self._submit("_load_or_run", served, (args, kwargs))
         else:
-            ref = self._submit("_run", run, *args, **kwargs)
+            ref = self._submit("_run", served, *args, **kwargs)
         _REFS.add(ref, key)
         return ref
 
