@@ -40,6 +40,7 @@ from .digest import Digest, digest
 from .errors import CorruptEntryError, FlecheWarning
 from .query import MatchCountError, QueryIterator
 from .storage.base import AmbiguousDigestError, KeyManagement
+from .storage.directory_index import DirectoryIndexBackend
 from .storage.envelope import SECRET_KEY_ENV
 from .storage.file import FileStorage
 from .storage.object_store import ObjectStoreBackend
@@ -52,6 +53,7 @@ __all__ = [
     "assert_corrupt_entry_is_reported_and_evictable",
     "flip_a_byte",
     "flip_a_byte_of_object",
+    "flip_a_byte_of_row",
 ]
 
 
@@ -521,6 +523,20 @@ def flip_a_byte_of_object(storage: ObjectStoreBackend, key: Digest, offset: int 
     fs.pipe_file(path, bytes(data))
 
 
+def flip_a_byte_of_row(storage: DirectoryIndexBackend, key: Digest, offset: int = -3) -> None:
+    """Invert one byte of the entry in the index row of ``key`` (by default inside the
+    payload), written back in place as a bad sector would leave it: the row then reads as
+    corrupt."""
+    import sqlite3
+
+    with sqlite3.connect(storage.index_path()) as conn:
+        (entry,) = conn.execute("SELECT entry FROM calls WHERE key = ?", (key,)).fetchone()
+        data = bytearray(entry)
+        data[offset] ^= 0xFF
+        conn.execute("UPDATE calls SET entry = ? WHERE key = ?", (bytes(data), key))
+    conn.close()
+
+
 _BIG = 4096  # characters: results this long are never kept inline in a call record
 
 
@@ -605,6 +621,9 @@ class CacheTests:
         """Flip a byte of the entry ``key`` (a call record or a value) in ``store``'s files or
         objects."""
         for storage in (store.calls, store.values):
+            if isinstance(storage, DirectoryIndexBackend) and storage.contains(key):
+                flip_a_byte_of_row(storage, storage.expand(key))
+                return
             if isinstance(storage, FileStorage) and storage.contains(key):
                 flip_a_byte(storage._path(storage.expand(key)))
                 return

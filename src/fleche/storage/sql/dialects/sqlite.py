@@ -16,6 +16,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL
 
 from ....errors import DatabaseError, NetworkFilesystemWarning
+from ...filesystems import filesystem_type, is_network_filesystem
 from ...locks import hold
 from .base import SIMPLE_KEY, Dialect, on_conflict_upsert
 
@@ -23,37 +24,6 @@ __all__ = ["BUSY_TIMEOUT_S", "SqliteDialect", "filesystem_type", "is_network_fil
 
 BUSY_TIMEOUT_S = 30.0
 """How long a SQLite connection waits for another process's write lock before failing."""
-
-_NETWORK_FILESYSTEMS = {
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs",
-    "beegfs", "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.gcsfuse",
-    "fuse.rclone", "davfs", "fuse.davfs2", "orangefs", "pvfs2",
-}
-
-
-def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
-    """The type of the filesystem holding ``path``, from ``/proc/self/mounts`` (Linux only)."""
-    if mounts is None:
-        try:
-            mounts = Path("/proc/self/mounts").read_text()
-        except OSError:
-            return None
-    target = str(path.resolve())
-    best, best_type = "", None
-    for line in mounts.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount_point = parts[1].replace("\\040", " ")
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, best_type = mount_point, parts[2]
-    return best_type
-
-
-def is_network_filesystem(fstype: str | None) -> bool:
-    return fstype is not None and (fstype in _NETWORK_FILESYSTEMS or fstype.startswith("nfs"))
-
 
 def _writable(path: Path) -> bool:
     """Whether this process may change the database ``path`` and create files next to it (its
