@@ -13,7 +13,9 @@ from fleche import decorator
 from fleche.caches import Cache
 from fleche.errors import SpecError
 from fleche.spec import CACHE_ENV, mask, parse, spec_of
+from fleche.call import Call
 from fleche.storage import CallMemory, CallPickleFile, ValueMemory, ValuePickleFile
+from fleche.storage.directory_index import CallDirectoryIndex
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
@@ -25,13 +27,34 @@ def subprocess_env(**extra):
     return {**env, **extra}
 
 
-def test_a_directory_is_pickle_files_in_values_and_calls(tmp_path, monkeypatch):
+def test_a_directory_is_pickle_files_in_values_and_an_index(tmp_path, monkeypatch):
     cache = fleche.open(str(tmp_path))
-    assert cache == Cache(ValuePickleFile(tmp_path / "values"), CallPickleFile(tmp_path / "calls"))
+    assert cache == Cache(ValuePickleFile(tmp_path / "values"), CallDirectoryIndex(tmp_path))
     assert fleche.open(f"file://{tmp_path}") == cache
     monkeypatch.chdir(tmp_path)
     assert fleche.open("store") == fleche.open(str(tmp_path / "store"))  # absolute at once
     assert fleche.open(tmp_path) == cache  # a Path works too
+
+
+def test_the_layout_option(tmp_path):
+    files = Cache(ValuePickleFile(tmp_path / "values"), CallPickleFile(tmp_path / "calls"))
+    assert fleche.open(f"{tmp_path}?layout=files") == files
+    assert fleche.open(f"{tmp_path}?layout=index") == fleche.open(str(tmp_path))
+    with pytest.raises(SpecError, match="layout must be one of index, files"):
+        fleche.open(f"{tmp_path}?layout=rows")
+    with pytest.raises(SpecError, match="'layout' does not apply"):
+        fleche.open(f"sqlite:///{tmp_path}/c.db?layout=files")
+
+
+def test_a_directory_keeps_the_layout_it_holds(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    fleche.open(f"{old}?layout=files").save(Call("f", {}, result=1))
+    fleche.open(f"{new}?layout=index").save(Call("f", {}, result=1))
+    assert isinstance(fleche.open(str(old)).calls, CallPickleFile)
+    assert isinstance(fleche.open(str(new)).calls, CallDirectoryIndex)
+    assert fleche.open(f"{old}?layout=index").calls == CallDirectoryIndex(old)  # forced
+    assert spec_of(fleche.open(str(old))) == str(old)  # its files imply the layout
+    assert spec_of(fleche.open(f"{old}?layout=index")) == f"{old}?layout=index"
 
 
 def test_options_reach_the_storages(tmp_path):
@@ -58,6 +81,8 @@ def test_h5_spec():
 
     cache = fleche.open("/data/run?format=h5")
     assert isinstance(cache.values, ValueBagOfHoldingH5File)
+    assert isinstance(cache.calls, CallDirectoryIndex)
+    cache = fleche.open("/data/run?format=h5&layout=files")
     assert isinstance(cache.calls, CallBagOfHoldingH5File)
     assert cache.calls.root == Path("/data/run/calls")
 
@@ -125,6 +150,9 @@ def test_a_spec_is_a_string():
         "{tmp}/store",
         "{tmp}/store?format=cloudpickle&lock_timeout=2.5&durable=true",
         "{tmp}/store?format=h5",
+        "{tmp}/store?layout=files",
+        "{tmp}/store?format=h5&layout=files",
+        "{tmp}/store?layout=index",
         "sqlite:///{tmp}/calls.db",
         "sqlite:///{tmp}/calls.db?values={tmp}/v&format=cloudpickle",
         "{tmp}/store?format=dill&compression=lzma",
@@ -154,7 +182,10 @@ def test_spec_of_caches_no_spec_can_name(tmp_path):
     signed = Cache(ValuePickleFile(tmp_path / "values", secret_key="k"), CallPickleFile(tmp_path / "calls"))
     assert spec_of(signed) is None
     plain = Cache(ValuePickleFile(tmp_path / "values"), CallPickleFile(tmp_path / "calls"))
-    assert spec_of(plain) == str(tmp_path)
+    assert spec_of(plain) == f"{tmp_path}?layout=files"  # not what a new store would be
+    indexed = Cache(ValuePickleFile(tmp_path / "values"), CallDirectoryIndex(tmp_path))
+    assert spec_of(indexed) == str(tmp_path)
+    assert spec_of(Cache(ValuePickleFile(tmp_path / "v"), CallDirectoryIndex(tmp_path))) is None
 
 
 def test_passwords_are_masked():

@@ -103,6 +103,8 @@ def _describe(spec: StoreSpec) -> dict[str, str]:
     if spec.kind == "objects":
         return {"calls": f"pickle objects in {spec.calls}/calls", "values": values}
     if spec.kind == "directory":
+        if spec.resolved_layout() == "index":
+            return {"calls": f"SQLite index {spec.calls}/index.sqlite", "values": values}
         calls_format = "HDF5 files" if spec.format == "h5" else "pickle files"
         return {"calls": f"{calls_format} in {spec.calls}/calls", "values": values}
     path = spec.sqlite_path()

@@ -6,9 +6,10 @@ holds a spec that becomes the process-wide default cache (see :mod:`fleche.decor
 specs too. The forms:
 
 ================================================  =============================================
-``DIR`` or ``file://DIR``                         pickle files: values in ``DIR/values``, calls
-                                                  in ``DIR/calls``
-``DIR?format=h5``                                 HDF5 files, the same layout
+``DIR`` or ``file://DIR``                         values as pickle files in ``DIR/values``,
+                                                  calls in the SQLite index ``DIR/index.sqlite``
+``DIR?layout=files``                              ... calls as pickle files in ``DIR/calls``
+``DIR?format=h5``                                 values as HDF5 files
 ``sqlite:///path.db``                             calls in a SQLite file, values as pickle files
                                                   in ``path.db-values`` next to it
 ``sqlite:///path.db?values=DIR``                  ... values in ``DIR``
@@ -30,7 +31,8 @@ Options, after ``?`` and joined by ``&``: ``values=DIR`` (SQL stores), ``format=
 ``compression=zlib`` (or ``lzma``, ``bz2``: value payloads compressed; pickle formats only);
 ``lock_timeout=SECONDS``
 (or ``none``) for the key locks of the file storages and of a SQL store's calls;
-``durable=true`` for the file storages. Relative paths are made absolute when
+``durable=true`` for the file storages; ``layout=index`` or ``layout=files`` for a directory
+(see below). Relative paths are made absolute when
 the spec is parsed, ``~`` is expanded; a directory whose name contains ``?`` is written as a
 ``file://`` URL with ``%3F``. Other options of a SQL URL (``sslmode=require``...) stay
 in the database URL. A bare ``postgresql://`` means ``postgresql+psycopg://`` and a bare
@@ -41,6 +43,14 @@ passed to the fsspec filesystem (``endpoint_url=http://host:9000``, dotted names
 ones: ``client_kwargs.region_name=eu-west-1``; ``true``, ``false``, ``none`` and numbers are
 converted). An object store given as ``values=`` of a SQL store writes its own options with
 ``%3F`` and ``%26`` for ``?`` and ``&``.
+
+A directory's calls are kept in one of two layouts. ``index`` (the default for a new store):
+one SQLite file, ``DIR/index.sqlite``, holds every call record with its small values, so a miss
+writes one row and a hit reads one. ``files``: one pickle (or HDF5) file per call in
+``DIR/calls``. Without ``layout=``, a directory holding an index opens as ``index``, one holding
+``DIR/calls`` (written by an older fleche, or with ``layout=files``) as ``files``, and a new
+store on a network filesystem (NFS, SMB, ...), where SQLite cannot lock reliably, as ``files``;
+``layout=index`` there is refused. Values are pickle files in ``DIR/values`` in both.
 
 Secret keys never go into a spec (specs are printed and logged): set ``FLECHE_SECRET_KEY``. Nor
 do credentials of object stores (``key``, ``secret``, ``token``, ... options are refused): they
@@ -77,7 +87,9 @@ from typing import Any
 from .caches import BaseCache, Cache
 from .errors import SpecError
 from .storage.memory import CallMemory, ValueMemory
+from .storage.directory_index import INDEX_NAME, CallDirectoryIndex, DirectoryIndexBackend
 from .storage.file import FileStorage
+from .storage.filesystems import is_network_path
 from .storage.envelope import COMPRESSIONS
 from .storage.object_store import (
     CallObjectStore,
@@ -96,7 +108,9 @@ CACHE_ENV = "FLECHE_CACHE"
 """Environment variable holding the spec of the process-wide default cache."""
 
 FORMATS = ("pickle", "cloudpickle", "dill", "h5")
-_OPTIONS = ("values", "format", "compression", "lock_timeout", "durable")
+_OPTIONS = ("values", "format", "compression", "lock_timeout", "durable", "layout")
+LAYOUTS = ("index", "files")
+"""How a store directory keeps its calls: rows of ``DIR/index.sqlite``, or files in ``DIR/calls``."""
 _SQL_BACKENDS = {"sqlite": None, "postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/@:?]*:)[^/@?]*@")
@@ -148,6 +162,9 @@ class StoreSpec:
     lock_timeout: float | None = _DEFAULT_LOCK_TIMEOUT
     durable: bool = False
     url_query: tuple[tuple[str, str], ...] = field(default=())
+    layout: str | None = None
+    """A directory's layout as the spec gives it (``"index"``, ``"files"``), ``None`` to choose
+    from what the directory holds (see :meth:`resolved_layout`)."""
 
     def __str__(self) -> str:
         """The canonical spec with its password masked: what fleche prints and logs."""
@@ -176,6 +193,8 @@ class StoreSpec:
             options["lock_timeout"] = "none" if self.lock_timeout is None else f"{self.lock_timeout:g}"
         if self.durable:
             options["durable"] = "true"
+        if self.layout is not None:
+            options["layout"] = self.layout
         pairs = [*self.url_query, *options.items()]
         query = urllib.parse.urlencode(pairs, safe="/~:") if pairs else ""
         return self.calls + (f"?{query}" if query else "")
@@ -200,6 +219,8 @@ class StoreSpec:
         settings = {"lock_timeout": self.lock_timeout, "durable": self.durable}
         values = _value_storage(self.format, self.values or "", settings, self.compression)
         if self.kind == "directory":
+            if self.resolved_layout() == "index":
+                return Cache(values, CallDirectoryIndex(Path(self.calls), **settings))
             return Cache(values, _call_storage(self.format, Path(self.calls) / "calls", settings))
         from .storage.sql import Sql
 
@@ -226,6 +247,33 @@ class StoreSpec:
                 raise SpecError(
                     str(self), f"{there} is not a directory: a store needs a directory there"
                 )
+
+    def resolved_layout(self) -> str | None:
+        """The layout a directory store opens with: the spec's ``layout=``, else ``"index"``
+        where ``DIR/index.sqlite`` is, ``"files"`` where ``DIR/calls`` is, ``"files"`` for a new
+        store on a network filesystem, else ``"index"``; ``None`` for other kinds of store.
+
+        Looks at the directory (a few ``stat`` calls) but creates nothing. Raises
+        :class:`~fleche.errors.SpecError` for ``layout=index`` on a network filesystem.
+        """
+        if self.kind != "directory":
+            return None
+        root = Path(self.calls)
+        if self.layout == "index":
+            network, fstype = is_network_path(root)
+            if network:
+                raise SpecError(
+                    str(self), f"{root} is on a network filesystem ({fstype}), where SQLite "
+                    "cannot lock reliably: use layout=files there (or calls in PostgreSQL)"
+                )
+            return "index"
+        if self.layout is not None:
+            return self.layout
+        if (root / INDEX_NAME).exists():
+            return "index"
+        if (root / "calls").is_dir():
+            return "files"
+        return "files" if is_network_path(root)[0] else "index"
 
     @property
     def values_are_objects(self) -> bool:
@@ -411,13 +459,20 @@ def _directory(text: str, path: str, query: str) -> StoreSpec:
     if not path:
         raise SpecError(text, "no directory given")
     options, _ = _parse_options(
-        text, query, ("format", "compression", "lock_timeout", "durable"), sql=False
+        text, query, ("format", "compression", "lock_timeout", "durable", "layout"), sql=False
     )
-    return StoreSpec("directory", _absolute(path), _absolute(path) + "/values", **_common(text, options))
+    layout = options.get("layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise SpecError(text, f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return StoreSpec(
+        "directory", _absolute(path), _absolute(path) + "/values", layout=layout,
+        **_common(text, options),
+    )
 
 
 def _sql(text: str, scheme: str, backend: str, driver: str, base: str, query: str) -> StoreSpec:
-    options, rest = _parse_options(text, query, _OPTIONS, sql=True)
+    allowed = tuple(o for o in _OPTIONS if o != "layout")
+    options, rest = _parse_options(text, query, allowed, sql=True)
     settings = _common(text, options)
     values = options.get("values")
     if values == "":
@@ -477,13 +532,17 @@ def spec_of(cache: BaseCache, *, reveal: bool = False) -> str | None:
     parsed = _spec_from_storages(cache)
     if parsed is None:
         return None
-    try:
-        equal = parsed.open() == cache
-    except Exception:  # noqa: BLE001 - an extra not installed here, an odd storage
-        return None
-    if not equal:
-        return None
-    return parsed.reveal() if reveal else str(parsed)
+    candidates = [parsed]
+    if parsed.kind == "directory":  # without layout= where the directory implies it
+        candidates.insert(0, dataclasses.replace(parsed, layout=None))
+    for candidate in candidates:
+        try:
+            equal = candidate.open() == cache
+        except Exception:  # noqa: BLE001 - an extra not installed here, an odd storage
+            continue
+        if equal:
+            return candidate.reveal() if reveal else str(candidate)
+    return None
 
 
 def _instance_of(storage: Any, module: str, name: str) -> bool:
@@ -522,10 +581,14 @@ def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
             "format": fmt, "compression": compression, "lock_timeout": values.lock_timeout,
             "durable": values.durable,
         }
+        if isinstance(calls, DirectoryIndexBackend):
+            if root.name != "values" or calls.root != root.parent:
+                return None
+            return StoreSpec("directory", str(root.parent), location, layout="index", **settings)
         if isinstance(calls, FileStorage):
             if root.name != "values" or calls.root != root.parent / "calls":
                 return None
-            return StoreSpec("directory", str(root.parent), location, **settings)
+            return StoreSpec("directory", str(root.parent), location, layout="files", **settings)
     if not _instance_of(calls, "sql", "Sql") or calls.url is None:
         return None
     url = calls.url

@@ -30,6 +30,7 @@ from .base import (
     ValueStorage,
 )
 from .destructuring import DestructuringMixin, register_destructurer
+from .directory_index import CallDirectoryIndex, DirectoryIndexBackend
 from .file import FileStorage
 from .locks import InterProcessLockMixin
 from .memory import CallMemory, MemoryBackend, ValueMemory
@@ -40,6 +41,7 @@ from .void import CallVoid, ValueVoid, VoidBackend
 
 __all__ = [
     "AmbiguousDigestError",
+    "CallDirectoryIndex",
     "CallMemory",
     "CallMixin",
     "CallObjectStore",
@@ -48,6 +50,7 @@ __all__ = [
     "CallVoid",
     "CorruptEntryError",
     "DestructuringMixin",
+    "DirectoryIndexBackend",
     "FileStorage",
     "Intent",
     "InterProcessLockMixin",
