@@ -52,6 +52,13 @@ def fleche_pickle(d: Path) -> Callable[[int], Any]:
     return fleche(cache=Cache(ValuePickleFile(d / "values"), CallPickleFile(d / "calls")))(result_of)
 
 
+def fleche_index(d: Path) -> Callable[[int], Any]:
+    """The default directory store (``fleche.open(DIR)``): calls in ``DIR/index.sqlite``."""
+    from fleche.storage import CallDirectoryIndex, ValuePickleFile
+
+    return fleche(cache=Cache(ValuePickleFile(d / "values"), CallDirectoryIndex(d)))(result_of)
+
+
 def fleche_sqlite(d: Path) -> Callable[[int], Any]:
     from fleche.storage import Sql, ValuePickleFile
 
@@ -145,6 +152,7 @@ SYSTEMS: dict[str, tuple[Factory, float]] = {
     # name: (factory, share of --calls to run: slow stores get fewer calls, same statistics)
     "uncached call": (uncached, 1.0),
     "fleche memory": (fleche_memory, 1.0),
+    "fleche directory index": (fleche_index, 1.0),
     "fleche pickle files": (fleche_pickle, 1.0),
     "fleche sqlite + pickle": (fleche_sqlite, 0.25),
     "fleche sqlite + hdf5": (fleche_h5, 0.1),
@@ -223,7 +231,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
         )
     lines.append("")
     lines.append("ratios (median fleche / median peer; below 1.0 fleche is faster)")
-    for store in ("fleche pickle files", "fleche sqlite + pickle"):
+    for store in ("fleche directory index", "fleche pickle files", "fleche sqlite + pickle"):
         for peer in PEERS:
             if store in results and peer in results:
                 a, b = results[store], results[peer]

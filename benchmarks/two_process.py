@@ -4,7 +4,8 @@ Each process makes 2000 memoized calls over the same 1000 keys in the same order
 twice), started together. Reported per system: total calls per second, how many keys were
 computed more than once, exceptions, and after the run, entries lost or read back wrong.
 
-Systems: fleche with a pickle-file store (plain, and with ``compute_once=True``), diskcache's
+Systems: fleche with the default directory store (calls in ``DIR/index.sqlite``, plain and
+with ``compute_once=True``), with the file layout (``fleche files``), diskcache's
 ``memoize`` and ``joblib.Memory`` (from the ``bench`` extra).
 
 Run: python3 benchmarks/two_process.py [--keys 1000] [--rounds 3] [--dir DIR] [--json out.json]
@@ -36,12 +37,14 @@ def make(system: str, directory: str, computed: Counter) -> Any:
     if system.startswith("fleche"):
         from fleche import fleche
         from fleche.caches import Cache
-        from fleche.storage import CallPickleFile, ValuePickleFile
+        from fleche.storage import CallDirectoryIndex, CallPickleFile, ValuePickleFile
 
-        cache = Cache(
-            ValuePickleFile(f"{directory}/values", lock_timeout=30),
-            CallPickleFile(f"{directory}/calls", lock_timeout=30),
+        calls = (
+            CallPickleFile(f"{directory}/calls", lock_timeout=30)
+            if system.startswith("fleche files")
+            else CallDirectoryIndex(directory, lock_timeout=30)
         )
+        cache = Cache(ValuePickleFile(f"{directory}/values", lock_timeout=30), calls)
         return fleche(cache=cache, compute_once=system.endswith("compute-once"))(body)
     if system == "diskcache":
         import diskcache
@@ -105,7 +108,10 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", help="directory for the caches (default: system temp dir)")
-    parser.add_argument("--systems", default="fleche,fleche compute-once,diskcache,joblib")
+    parser.add_argument(
+        "--systems",
+        default="fleche,fleche compute-once,fleche files,fleche files compute-once,diskcache,joblib",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results: dict[str, list[dict]] = {}

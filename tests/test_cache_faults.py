@@ -145,31 +145,33 @@ def test_a_read_only_mount(compute_once, tmp_path):
     assert after == before
 
 
-def test_permission_denied(tmp_path):
+@pytest.mark.parametrize("layout", ["index", "files"])
+def test_permission_denied(layout, tmp_path):
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is needed to drop the capabilities that ignore modes")
     if os.geteuid() != 0:
         pytest.skip("without root, chmod alone denies; this test drops root's capabilities")
     store = tmp_path / "store"
-    f, _ = make(str(store))  # the function the child calls
+    spec = f"{store}?layout={layout}"
+    f, _ = make(spec)  # the function the child calls
     f(0)
     for path in [store, *store.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     try:
-        with Child(str(store), prefix=UNPRIVILEGED) as child:
+        with Child(spec, prefix=UNPRIVILEGED) as child:
             report = child.run(0, 3)  # a hit and two misses that cannot be saved
         assert report["errors"] == [] and report["wrong"] == []
         assert report["ran"] == [1, 2]
         assert any("Permission denied" in m for m in report["warnings"]), report
-        (store / "calls").chmod(0o000)  # not even readable
-        with Child(str(store), "--compute-once", prefix=UNPRIVILEGED) as child:
+        (store / ("calls" if layout == "files" else "index.sqlite")).chmod(0o000)  # unreadable
+        with Child(spec, "--compute-once", prefix=UNPRIVILEGED) as child:
             report = child.run(0, 2)
         assert report["errors"] == [] and report["wrong"] == [] and report["ran"] == [0, 1]
         assert any("Permission denied" in m for m in report["warnings"]), report
     finally:
         for path in [store, *store.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-    g, ran = make(str(store))
+    g, ran = make(spec)
     assert g(0) == expected(0) and ran == []  # nothing was lost
 
 

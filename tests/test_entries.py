@@ -6,6 +6,7 @@ crashes a decorated call or turns it into a wrong one."""
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 import fleche
 from fleche.caches import Cache, memory_cache
 from fleche.errors import CorruptEntryError
-from fleche.storage import CallPickleFile, PickleFileBackend, ValuePickleFile
+from fleche.storage import CallPickleFile, DirectoryIndexBackend, PickleFileBackend, ValuePickleFile
 from fleche.verify import repair, verify
 from fault_tasks import cached, expected, make, warnings_of
 from faults import Child, child_env
@@ -44,19 +45,29 @@ def test_a_cache_refuses_hdf5_storages_on_one_directory(tmp_path):
 
 def plant(cache: Cache, key, kind: str) -> None:
     """Put an intact entry that is not a call record under the call key ``key``: a value
-    written raw, or a destructured one, as a value storage on the calls directory writes it."""
-    if kind == "a value":
+    written raw, or a destructured one, as a value storage on the calls directory writes it
+    (in the index layout: that entry as the key's row)."""
+    if isinstance(cache.calls, DirectoryIndexBackend):
+        scratch = tempfile.mkdtemp()
+        if kind == "a value":
+            PickleFileBackend(scratch).put({"not": "a call"}, key)
+        else:
+            ValuePickleFile(scratch).save(["a", "destructured", "list"], key)
+        DirectoryIndexBackend(cache.calls.root).put(PickleFileBackend(scratch).get(key), key)
+    elif kind == "a value":
         PickleFileBackend(cache.calls.root).put({"not": "a call"}, key)
     else:
         ValuePickleFile(cache.calls.root).save(["a", "destructured", "list"], key)
 
 
 KINDS = ["a value", "a destructured value"]
+LAYOUTS = ["index", "files"]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_cache_operation_reports_a_value_where_a_call_record_belongs(kind, tmp_path):
-    cache = fleche.open(str(tmp_path / "store"))
+def test_every_cache_operation_reports_a_value_where_a_call_record_belongs(kind, layout, tmp_path):
+    cache = fleche.open(f"{tmp_path / 'store'}?layout={layout}")
     f, _ = cached(cache)
     f(1)
     planted = f.digest(2)
@@ -75,9 +86,10 @@ def test_every_cache_operation_reports_a_value_where_a_call_record_belongs(kind,
         cache.transfer(memory_cache())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_decorator_recomputes_and_repairs_a_value_where_a_call_record_belongs(kind, tmp_path):
-    cache = fleche.open(str(tmp_path / "store"))
+def test_the_decorator_recomputes_and_repairs_a_value_where_a_call_record_belongs(kind, layout, tmp_path):
+    cache = fleche.open(f"{tmp_path / 'store'}?layout={layout}")
     f, ran = cached(cache)
     plant(cache, f.digest(2), kind)
     result, caught = warnings_of(f, 2)
@@ -87,9 +99,10 @@ def test_the_decorator_recomputes_and_repairs_a_value_where_a_call_record_belong
     assert f(2) == expected(2) and ran == [2]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_verify_reports_and_repairs_a_value_where_a_call_record_belongs(kind, tmp_path):
-    cache = fleche.open(str(tmp_path / "store"))
+def test_verify_reports_and_repairs_a_value_where_a_call_record_belongs(kind, layout, tmp_path):
+    cache = fleche.open(f"{tmp_path / 'store'}?layout={layout}")
     f, ran = cached(cache)
     f(1)
     plant(cache, f.digest(2), kind)

@@ -59,7 +59,7 @@ def _bytes_per_call(kind, tmp_path):
     return probe.usage().total
 
 
-@pytest.mark.parametrize("kind", ["memory", "pickle", "sqlite", "h5"])
+@pytest.mark.parametrize("kind", ["memory", "pickle", "index", "sqlite", "h5"])
 def test_least_recently_used_calls_are_evicted(kind, tmp_path):
     per_call = _bytes_per_call(kind, tmp_path)
     store = _store(kind, tmp_path / "store")
@@ -170,10 +170,11 @@ def _stored_pages(store):
     return {store.load(k).arguments["i"] for k in store.list()}
 
 
-def test_a_use_in_another_process_counts(tmp_path):
+@pytest.mark.parametrize("kind", ["pickle", "index"])
+def test_a_use_in_another_process_counts(kind, tmp_path):
     """Uses batched in another process reach the store when it ends (multiprocessing's
     finalizers, and atexit for a plain interpreter), and decide what this process evicts."""
-    store = _store("pickle", tmp_path)
+    store = _store(kind, tmp_path)
     keys = [store.save(Call("page", {"i": i}, result=page_result(i))) for i in range(4)]
     child = SPAWN.Process(target=hit, args=(store, keys[0]))
     child.start()
@@ -196,7 +197,7 @@ def test_a_use_in_another_process_counts(tmp_path):
     assert _stored_pages(store) == {0, 1}
 
 
-@pytest.mark.parametrize("kind", ["pickle", "sqlite"])
+@pytest.mark.parametrize("kind", ["pickle", "index", "sqlite"])
 def test_processes_sharing_one_limited_store(kind, tmp_path):
     """Three processes call overlapping keys through one size-limited store: every call
     returns its result, nothing raises or warns, and the store ends within its budget."""

@@ -88,16 +88,20 @@ class RacedValueMemory(ValueMemory):
 
 def cache_on(kind: str, tmp_path: Any) -> Cache:
     """A real cache of the given kind: ``memory``, ``pickle`` (pickle files for values and
-    calls) or ``sqlite`` (pickle-file values, SQLite call records; skips without SQLAlchemy)."""
+    calls), ``index`` (pickle-file values, call records in ``tmp_path/index.sqlite``, the
+    default directory layout) or ``sqlite`` (pickle-file values, SQLite call records through
+    ``Sql``; skips without SQLAlchemy)."""
     import pytest
 
-    from fleche.storage import CallPickleFile, ValuePickleFile
+    from fleche.storage import CallDirectoryIndex, CallPickleFile, ValuePickleFile
 
     if kind == "memory":
         return Cache(ValueMemory(), CallMemory())
     values = ValuePickleFile(root=tmp_path / "values")
     if kind == "pickle":
         return Cache(values, CallPickleFile(root=tmp_path / "calls"))
+    if kind == "index":
+        return Cache(values, CallDirectoryIndex(root=tmp_path))
     pytest.importorskip("sqlalchemy")
     from fleche.storage import Sql
 

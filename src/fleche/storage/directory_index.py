@@ -29,7 +29,7 @@ from ..call import DigestedCall, QueryCall
 from ..counters import BYTES_WRITTEN
 from ..digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk
 from ..errors import DatabaseError, WriteError
-from .base import CallMixin, EntryUsage, _check_key_text, _unique_match
+from .base import CallMixin, EntryUsage, _check_key_text, _not_a_call_record, _unique_match
 from .file import _tree_size
 from .filesystems import is_network_path
 from .locks import InterProcessLockMixin
@@ -175,14 +175,19 @@ class DirectoryIndexBackend(PickleFileBackend):
                 path, timeout=BUSY_TIMEOUT_S, isolation_level=None, cached_statements=64
             )
         except (OSError, sqlite3.Error) as e:
-            raise DatabaseError(path, f"cannot open it: {e}") from e
+            raise DatabaseError(path, f"cannot open it: {_why(path, e)}") from e
         try:
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
-            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self._create(conn, path)
-        except BaseException:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as e:
             conn.close()
-            raise
+            raise DatabaseError(path, f"cannot read it: {_why(path, e)}") from e
+        if version != SCHEMA_VERSION:
+            try:
+                self._create(conn, path)
+            except BaseException:
+                conn.close()
+                raise
         return conn
 
     def _create(self, conn: sqlite3.Connection, path: str) -> None:
@@ -363,15 +368,32 @@ class DirectoryIndexBackend(PickleFileBackend):
     def query(self, template: QueryCall) -> Iterator[DigestedCall]:
         """Every stored call matching ``template``: one scan of the table (of the function's
         rows only, when the template names it), each row decoded and matched; a snapshot.
-        Raises :class:`~fleche.errors.CorruptEntryError` for a row it cannot read."""
+        Raises :class:`~fleche.errors.CorruptEntryError` for a row it cannot read or that holds
+        something other than a call record."""
         if template.name is not None:
             rows = self._read(_BY_NAME, (template.name,))
         else:
             rows = self._read(_ALL)
         for key, entry in rows:
             call = open_pickle(entry, _mk(key), self._location(key), self._secrets())
-            if isinstance(call, DigestedCall) and template.matches(call):
+            if not isinstance(call, DigestedCall):
+                raise _not_a_call_record(call, key, self._location(key))
+            if template.matches(call):
                 yield call
+
+
+def _why(path: str, error: Exception) -> str:
+    """What keeps ``path`` from being used: the system's reason (say, ``Permission denied``)
+    where opening the file itself fails, else ``error``."""
+    if isinstance(error, OSError):
+        return f"{error.strerror or error}"
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"{e.strerror} ({error})"
+    return str(error)
 
 
 def _name_and_start(record: Any) -> tuple[str, str | None]:
