@@ -76,7 +76,9 @@ def populate(spec, inline=False):
 
 def spec_for(kind, tmp_path):
     if kind == "pickle":
-        return str(tmp_path / "store")
+        return str(tmp_path / "store")  # the index layout, a new directory store's
+    if kind == "files":
+        return f"{tmp_path}/files?layout=files"
     if kind == "sqlite":
         pytest.importorskip("sqlalchemy")
         return f"sqlite:///{tmp_path}/calls.db?values={tmp_path}/values"
@@ -123,7 +125,7 @@ def test_info_ls_show(store):
     assert detail["metadata"]["runtime"]["pid"] > 0
 
 
-@pytest.mark.parametrize("kind", ["pickle", "sqlite"])
+@pytest.mark.parametrize("kind", ["pickle", "files", "sqlite"])
 def test_values_kept_inline_are_shown(kind, tmp_path):
     """The decorator keeps small arguments and results in the call record: ls and show print
     them (and --json gives them), not <missing value ...>."""
@@ -248,6 +250,26 @@ def test_copy_between_kinds_of_store(tmp_path):
     assert "copy [" in done.stderr and "6/6 100%" in done.stderr
     run("verify", h5)
     assert fleche.open(h5).load_result(tasks.square.digest(2)) == 4
+
+
+def test_copy_between_layouts(tmp_path):
+    """A store of the files layout into the index layout and back: the same calls, verified."""
+    files = spec_for("files", tmp_path)
+    populate(files, inline=True)
+    index = f"{tmp_path}/index"
+    assert run_here("copy", files, index).stdout.startswith("copied 6 calls")
+    assert (tmp_path / "index" / "index.sqlite").is_file() and not (tmp_path / "index" / "calls").exists()
+    info = run_json("info", index, here=True)
+    assert info["calls_in"] == f"SQLite index {tmp_path}/index/index.sqlite"
+    assert info["functions"] == run_json("info", files, here=True)["functions"]
+    run_here("verify", index)
+    back = f"{tmp_path}/back?layout=files"
+    assert run_here("copy", index, back).stdout.startswith("copied 6 calls")
+    assert run_json("info", back, here=True)["calls_in"] == f"pickle files in {tmp_path}/back/calls"
+    run_here("verify", back)
+    assert fleche.open(f"{tmp_path}/back").load_result(tasks.square.digest(3)) == 9
+    (shown,) = run_json("ls", index, "--where", "x=2", here=True)
+    assert run_json("show", index, shown["short_key"], here=True)["result"]["value"] == 4
 
 
 def ambiguous_pair():

@@ -20,6 +20,7 @@ import dask.dataframe as dd  # noqa: E402
 from distributed import Client  # noqa: E402
 
 import dask_tasks as tasks  # noqa: E402
+import fleche  # noqa: E402
 from fleche.caches import Cache  # noqa: E402
 from fleche.dask import cached  # noqa: E402
 from fleche.storage import CallPickleFile, ValuePickleFile  # noqa: E402
@@ -300,7 +301,7 @@ def test_a_dask_config_setting_is_the_same_switch(tmp_path):
         runs = len(tasks.runs(log))
         assert tasks.build("bag", log).compute() == first
         assert len(tasks.runs(log)) == runs
-    assert len(list(file_cache(tmp_path / "store").list())) == 1  # only the output
+    assert len(list(fleche.open(str(tmp_path / "store")).list())) == 1  # only the output
 
 
 def test_mixed_collections_keep_their_types(tmp_path):

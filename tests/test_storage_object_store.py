@@ -118,8 +118,9 @@ class TestObjectStoreCache(CacheTests):
 
 
 def test_a_directory_store_uploaded_file_by_file_is_an_s3_store(tmp_path, s3, bucket):
-    """Objects have the layout and the bytes of pickle files: `aws s3 sync DIR s3://...`."""
-    local = fleche.open(tmp_path / "store")
+    """Objects have the layout and the bytes of pickle files: `aws s3 sync DIR s3://...` of a
+    store in the file layout (the index layout's calls are rows: `fleche copy` moves those)."""
+    local = fleche.open(f"{tmp_path / 'store'}?layout=files")
     results = [["r" * 3000, t] if t % 2 else "s" * 3000 + str(t) for t in range(3)]  # not inline
     keys = [local.save(Call("simulate", {"t": t}, result=results[t])) for t in range(3)]
     client = s3.client()
