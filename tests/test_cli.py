@@ -17,6 +17,8 @@ import cli_tasks as tasks
 import fleche
 from fleche.cli import main
 from fleche.digest import MIN_PREFIX_LENGTH
+from fleche.testing import flip_a_byte_of_row
+from tests_support import plant
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
@@ -86,7 +88,7 @@ def spec_for(kind, tmp_path):
     return f"{tmp_path}/h5?format=h5"
 
 
-@pytest.fixture(params=["pickle", "sqlite", "h5"])
+@pytest.fixture(params=["pickle", "files", "sqlite", "h5"])
 def store(request, tmp_path):
     spec = spec_for(request.param, tmp_path)
     populate(spec)
@@ -173,13 +175,17 @@ def flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
-def test_verify_finds_and_repairs_corrupt_pickle_entries(tmp_path):
-    spec = spec_for("pickle", tmp_path)
+@pytest.mark.parametrize("kind", ["pickle", "files"])
+def test_verify_finds_and_repairs_corrupt_pickle_entries(kind, tmp_path):
+    spec = spec_for(kind, tmp_path)
     populate(spec)
     run("verify", spec)
     cache = fleche.open(spec)
     square_3 = tasks.square.digest(3)
-    flip_a_byte(Path(cache.calls._path(square_3)))
+    if kind == "files":
+        flip_a_byte(Path(cache.calls._path(square_3)))
+    else:
+        flip_a_byte_of_row(cache.calls, square_3, offset=-20)
     value_of_2 = cache.calls.load(tasks.square.digest(2)).arguments["x"]
     flip_a_byte(Path(cache.values._path(value_of_2)))
     report = run_json("verify", spec, status=1)
@@ -364,20 +370,16 @@ def test_verify_accepts_values_kept_inline(tmp_path):
     assert report["problems"] == [] and report["calls"] == 6
 
 
+@pytest.mark.parametrize("kind", ["pickle", "files"])
 @pytest.mark.parametrize("planted", ["a value", "a destructured value"])
-def test_every_command_handles_a_value_where_a_call_record_belongs(planted, tmp_path):
-    """An intact entry of the wrong kind in the calls directory is reported as corrupt by every
-    command (never an AttributeError), and verify --repair removes it."""
-    from fleche.storage import PickleFileBackend, ValuePickleFile
-
-    spec = spec_for("pickle", tmp_path)
+def test_every_command_handles_a_value_where_a_call_record_belongs(planted, kind, tmp_path):
+    """An intact entry of the wrong kind in the calls directory (or index) is reported as
+    corrupt by every command (never an AttributeError), and verify --repair removes it."""
+    spec = spec_for(kind, tmp_path)
     populate(spec)
     cache = fleche.open(spec)
     key = tasks.square.digest(99)
-    if planted == "a value":
-        PickleFileBackend(cache.calls.root).put({"not": "a call"}, key)
-    else:
-        ValuePickleFile(cache.calls.root).save(["a", "destructured", "list"], key)
+    plant(cache, key, planted)
     info = run_json("info", spec, here=True)
     assert info["unreadable_calls"] >= 1 and info["functions"]["cli_tasks.square"] == 4
     assert "unreadable" in run_here("info", spec).stdout
@@ -401,13 +403,12 @@ def test_every_command_handles_a_value_where_a_call_record_belongs(planted, tmp_
     assert run_json("info", spec, here=True)["unreadable_calls"] == 0
 
 
-def test_evict_removes_a_value_where_a_call_record_belongs(tmp_path):
-    from fleche.storage import PickleFileBackend
-
-    spec = spec_for("pickle", tmp_path)
+@pytest.mark.parametrize("kind", ["pickle", "files"])
+def test_evict_removes_a_value_where_a_call_record_belongs(kind, tmp_path):
+    spec = spec_for(kind, tmp_path)
     populate(spec)
     key = tasks.square.digest(99)
-    PickleFileBackend(fleche.open(spec).calls.root).put({"not": "a call"}, key)
+    plant(fleche.open(spec), key, "a value")
     assert run_json("evict", spec, key[:10], here=True) == {"evicted": [key]}
     assert "evicted" in run_here("evict", spec, tasks.square.digest(1)).stdout
     run_here("verify", spec)
@@ -475,7 +476,8 @@ def test_clear(store):
     assert done["calls"] == 6 and done["values"] == info["n_values"]
     after = run_json("info", store, here=True)
     assert after["n_calls"] == 0 and after["n_values"] == 0
-    if not store.startswith("sqlite"):  # a SQLite file keeps its pages (and its WAL grows)
+    if fleche.spec.parse(store).resolved_layout() == "files":  # SQLite keeps its pages (and
+        # its WAL grows), for Sql and the index layout alike
         assert done["size_after"] < done["size_before"]
     assert run("clear", store, "--yes").stdout.startswith("removed 0 calls and 0 values")
 

@@ -64,7 +64,8 @@ def test_a_script_is_cached_across_runs_in_the_user_cache_directory(tmp_path):
     assert "computing 3" in first and "result 9" in first
     assert "computing" not in second and "result 9" in second  # loaded: persistent by default
     store = tmp_path / "home" / ".cache" / "fleche"
-    assert (store / "calls").is_dir()  # small values are kept inside the call record
+    assert (store / "index.sqlite").is_file()  # the index layout, a new store's
+    assert not (store / "calls").exists() and not (store / "values").exists()  # 9 is inline
     where = run_script(tmp_path, env, "import fleche\nprint(fleche.spec.spec_of(fleche.cache()))\n")
     assert where.strip() == str(store)
 

@@ -6,7 +6,6 @@ crashes a decorated call or turns it into a wrong one."""
 from __future__ import annotations
 
 import json
-import tempfile
 import warnings
 
 import pytest
@@ -14,10 +13,11 @@ import pytest
 import fleche
 from fleche.caches import Cache, memory_cache
 from fleche.errors import CorruptEntryError
-from fleche.storage import CallPickleFile, DirectoryIndexBackend, PickleFileBackend, ValuePickleFile
+from fleche.storage import CallPickleFile, PickleFileBackend, ValuePickleFile
 from fleche.verify import repair, verify
 from fault_tasks import cached, expected, make, warnings_of
 from faults import Child, child_env
+from tests_support import plant
 
 
 # -- a value where a call record belongs -------------------------------------------------------
@@ -41,23 +41,6 @@ def test_a_cache_refuses_hdf5_storages_on_one_directory(tmp_path):
 
     with pytest.raises(ValueError, match="same directory"):
         Cache(ValueBagOfHoldingH5File(tmp_path), CallBagOfHoldingH5File(tmp_path))
-
-
-def plant(cache: Cache, key, kind: str) -> None:
-    """Put an intact entry that is not a call record under the call key ``key``: a value
-    written raw, or a destructured one, as a value storage on the calls directory writes it
-    (in the index layout: that entry as the key's row)."""
-    if isinstance(cache.calls, DirectoryIndexBackend):
-        scratch = tempfile.mkdtemp()
-        if kind == "a value":
-            PickleFileBackend(scratch).put({"not": "a call"}, key)
-        else:
-            ValuePickleFile(scratch).save(["a", "destructured", "list"], key)
-        DirectoryIndexBackend(cache.calls.root).put(PickleFileBackend(scratch).get(key), key)
-    elif kind == "a value":
-        PickleFileBackend(cache.calls.root).put({"not": "a call"}, key)
-    else:
-        ValuePickleFile(cache.calls.root).save(["a", "destructured", "list"], key)
 
 
 KINDS = ["a value", "a destructured value"]

@@ -129,3 +129,24 @@ class FaultyCallMemory(FaultMixin, CallMemory):
 
     __hash__ = CallMemory.__hash__
     __eq__ = CallMemory.__eq__
+
+
+def plant(cache: Cache, key: Any, kind: str) -> None:
+    """Put an intact entry that is not a call record under the call key ``key``: a value
+    written raw, or a destructured one, as a value storage on the calls directory writes it
+    (in the index layout: that entry as the key's row)."""
+    import tempfile
+
+    from fleche.storage import DirectoryIndexBackend, PickleFileBackend, ValuePickleFile
+
+    if isinstance(cache.calls, DirectoryIndexBackend):
+        scratch = tempfile.mkdtemp()
+        if kind == "a value":
+            PickleFileBackend(scratch).put({"not": "a call"}, key)
+        else:
+            ValuePickleFile(scratch).save(["a", "destructured", "list"], key)
+        DirectoryIndexBackend(cache.calls.root).put(PickleFileBackend(scratch).get(key), key)
+    elif kind == "a value":
+        PickleFileBackend(cache.calls.root).put({"not": "a call"}, key)
+    else:
+        ValuePickleFile(cache.calls.root).save(["a", "destructured", "list"], key)
