@@ -10,7 +10,8 @@ not readable afterwards), torn or corrupt reads (a load that returned the wrong 
 and duplicate computations (compute-once calls computed more than once). Exit status 1 if
 anything was lost, torn, corrupt or raised.
 
-Stores (``--store``): ``pickle`` (a directory of pickle files), ``h5`` (HDF5 values and calls),
+Stores (``--store``): ``index`` (the default directory store: calls in ``DIR/index.sqlite``, pickle
+values), ``pickle`` (a directory of pickle files), ``h5`` (HDF5 values and calls),
 ``sqlite`` (SQLite calls, pickle values), or a SQLAlchemy URL such as
 ``postgresql+psycopg://postgres@127.0.0.1/test`` (calls there, pickle values).
 
@@ -48,9 +49,11 @@ WEIGHTS = (20, 10, 40, 15, 5, 10)
 
 def open_store(kind: str, directory: Path) -> Cache:
     """The store under test; every process opens its own copy from these settings."""
-    from fleche.storage import CallPickleFile, ValuePickleFile
+    from fleche.storage import CallDirectoryIndex, CallPickleFile, ValuePickleFile
 
     values = ValuePickleFile(directory / "values", lock_timeout=30)
+    if kind == "index":
+        return Cache(values, CallDirectoryIndex(directory, lock_timeout=30))
     if kind == "pickle":
         return Cache(values, CallPickleFile(directory / "calls", lock_timeout=30))
     if kind == "h5":
@@ -66,7 +69,7 @@ def open_store(kind: str, directory: Path) -> Cache:
         return Cache(values, Sql(str(directory / "calls.sqlite")))
     if "://" in kind:
         return Cache(values, Sql(kind))
-    raise SystemExit(f"unknown store {kind!r}: use pickle, h5, sqlite or a SQLAlchemy URL")
+    raise SystemExit(f"unknown store {kind!r}: use index, pickle, h5, sqlite or a SQLAlchemy URL")
 
 
 def payload(name: str) -> bytes:

@@ -6,13 +6,19 @@ import pytest
 
 import compute_once_tasks as tasks
 from fleche.caches import Cache
-from fleche.storage import CallPickleFile, ValuePickleFile
+from fleche.storage import CallDirectoryIndex, CallPickleFile, ValuePickleFile
+
+LAYOUTS = ["files", "index"]
 
 
-def run_race(tmp_path, compute_once, processes=4, keys=12):
-    cache = Cache(
-        ValuePickleFile(root=tmp_path / "v"), CallPickleFile(root=tmp_path / "c", lock_timeout=30)
-    )
+def _calls(layout, tmp_path, lock_timeout):
+    if layout == "files":
+        return CallPickleFile(root=tmp_path / "c", lock_timeout=lock_timeout)
+    return CallDirectoryIndex(root=tmp_path, lock_timeout=lock_timeout)
+
+
+def run_race(tmp_path, compute_once, layout, processes=4, keys=12):
+    cache = Cache(ValuePickleFile(root=tmp_path / "v"), _calls(layout, tmp_path, 30))
     log = str(tmp_path / "runs.log")
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Manager().Event()
@@ -28,22 +34,23 @@ def run_race(tmp_path, compute_once, processes=4, keys=12):
         return [int(line.split()[0]) for line in f]
 
 
-def test_racing_processes_compute_each_key_once(tmp_path):
-    runs = run_race(tmp_path, compute_once=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_racing_processes_compute_each_key_once(tmp_path, layout):
+    runs = run_race(tmp_path, compute_once=True, layout=layout)
     assert sorted(runs) == list(range(12))
 
 
-def test_without_compute_once_races_may_repeat_work(tmp_path):
-    runs = run_race(tmp_path, compute_once=False)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_without_compute_once_races_may_repeat_work(tmp_path, layout):
+    runs = run_race(tmp_path, compute_once=False, layout=layout)
     assert set(runs) == set(range(12)) and len(runs) >= 12
 
 
-def test_a_waiter_gives_up_after_the_lock_timeout(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_waiter_gives_up_after_the_lock_timeout(tmp_path, layout):
     from fleche import FlecheWarning, fleche
 
-    cache = Cache(
-        ValuePickleFile(root=tmp_path / "v"), CallPickleFile(root=tmp_path / "c", lock_timeout=0.2)
-    )
+    cache = Cache(ValuePickleFile(root=tmp_path / "v"), _calls(layout, tmp_path, 0.2))
 
     @fleche(cache=cache, compute_once=True)
     def f(x):

@@ -1,4 +1,5 @@
-"""Many processes x many threads hammer one pair of pickle file storages.
+"""Many processes x many threads hammer one value storage of pickle files and one call storage
+(pickle files, or the rows of a directory's index).
 
 Small by default; ``FLECHE_STRESS=full`` runs the full size. Checks afterwards and during:
 
@@ -21,7 +22,7 @@ import pytest
 
 from fleche.call import Call
 from fleche.digest import digest
-from fleche.storage import CallPickleFile, ValuePickleFile
+from fleche.storage import CallDirectoryIndex, CallPickleFile, ValuePickleFile
 
 FULL = os.environ.get("FLECHE_STRESS") == "full"
 PROCESSES = 6 if FULL else 4
@@ -122,11 +123,15 @@ def _worker(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", ["files", "index"])
 @pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
-def test_processes_and_threads_hammer_a_shared_store(tmp_path, method):
+def test_processes_and_threads_hammer_a_shared_store(tmp_path, method, layout):
     ctx = multiprocessing.get_context(method)
     values = ValuePickleFile(tmp_path / "values", lock_timeout=60)
-    calls = CallPickleFile(tmp_path / "calls", lock_timeout=60)
+    if layout == "files":
+        calls = CallPickleFile(tmp_path / "calls", lock_timeout=60)
+    else:
+        calls = CallDirectoryIndex(tmp_path, lock_timeout=60)
     # Seed the stable keys so that any later miss is a transient one.
     for i in range(16):
         values.save(_stable_value(i))

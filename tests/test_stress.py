@@ -17,7 +17,7 @@ FULL = os.environ.get("FLECHE_STRESS") == "full"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["pickle", "sqlite", "h5"])
+@pytest.mark.parametrize("store", ["index", "pickle", "sqlite", "h5"])
 def test_stress_loses_nothing(tmp_path, store):
     if store == "h5":
         pytest.importorskip("h5py", reason="the h5 extra is not installed")
