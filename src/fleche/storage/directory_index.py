@@ -101,7 +101,9 @@ class DirectoryIndexBackend(PickleFileBackend):
     touches). Each thread of each process keeps one connection, opened on first use and again
     after a fork, an unpickling or :meth:`close`; reads of a store with no index yet find
     nothing and create nothing. The index is created by the first write; if it is deleted or
-    replaced while a process runs, that process's next write opens the new one.
+    replaced while a process runs, each thread's next write opens the new one (its reads until
+    then still see the old one). Opening the index on a network filesystem raises
+    :class:`~fleche.errors.DatabaseError` (see :func:`check_local`).
     """
 
     _connections: _Connections = field(
@@ -169,6 +171,7 @@ class DirectoryIndexBackend(PickleFileBackend):
         return inode is not None and self._inode() == inode
 
     def _open(self, path: str) -> sqlite3.Connection:
+        check_local(self._real_root)
         try:
             os.makedirs(self._real_root, exist_ok=True)
             conn = sqlite3.connect(
