@@ -21,9 +21,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..call import DigestedCall, QueryCall
 from ..counters import BYTES_WRITTEN
@@ -47,6 +47,11 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 """How long a statement waits for another connection's write to finish before failing."""
 
+# Waiting for another writer: our own polling, from 50 µs up to every 5 ms. SQLite's own busy
+# handler sleeps at least a millisecond, twenty times a whole write.
+_FIRST_WAIT = 0.00005
+_MAX_WAIT = 0.005
+
 _CHUNK = 500  # keys per IN (...) list, well below SQLite's limit on parameters
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS calls ("
@@ -65,6 +70,9 @@ _USAGE = "SELECT key, length(entry), used FROM calls"
 _TOUCH = "UPDATE calls SET used = ? WHERE key = ? AND used < ?"
 _ALL = "SELECT key, entry FROM calls"
 _BY_NAME = "SELECT key, entry FROM calls WHERE name = ?"
+
+_T = TypeVar("_T")
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 _inherited: list[sqlite3.Connection] = []
 """Connections a forked child inherited: never used, never closed (closing one in the child
@@ -174,14 +182,13 @@ class DirectoryIndexBackend(PickleFileBackend):
         check_local(self._real_root)
         try:
             os.makedirs(self._real_root, exist_ok=True)
-            conn = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_S, isolation_level=None, cached_statements=64
-            )
+            conn = sqlite3.connect(path, timeout=0, isolation_level=None, cached_statements=64)
         except (OSError, sqlite3.Error) as e:
             raise DatabaseError(path, f"cannot open it: {_why(path, e)}") from e
         try:
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            synchronous = f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}"
+            _when_free(lambda: conn.execute(synchronous))
+            version = _when_free(lambda: conn.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.Error as e:
             conn.close()
             raise DatabaseError(path, f"cannot read it: {_why(path, e)}") from e
@@ -196,18 +203,16 @@ class DirectoryIndexBackend(PickleFileBackend):
     def _create(self, conn: sqlite3.Connection, path: str) -> None:
         """Make the table (once, in one write transaction), or refuse an index of another
         version."""
+        def create() -> int:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found == 0:
+                conn.execute(_CREATE)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return found
+
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    conn.execute(_CREATE)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            _when_free(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+            version = _transaction(conn, create)
         except sqlite3.Error as e:
             raise DatabaseError(path, f"cannot create the index: {e}") from e
         if version not in (0, SCHEMA_VERSION):
@@ -222,7 +227,7 @@ class DirectoryIndexBackend(PickleFileBackend):
         if conn is None:
             return []
         try:
-            return conn.execute(sql, params).fetchall()
+            return _when_free(lambda: conn.execute(sql, params).fetchall())
         except sqlite3.Error as e:
             raise DatabaseError(self.index_path(), f"cannot read it: {e}") from e
 
@@ -235,7 +240,7 @@ class DirectoryIndexBackend(PickleFileBackend):
         conn = self._conn(write=True)
         assert conn is not None
         try:
-            return conn.execute(sql, params).rowcount
+            return _when_free(lambda: conn.execute(sql, params).rowcount)
         except sqlite3.Error as e:
             raise WriteError(key, self.index_path(), None, f"SQLite refused the write: {e}") from e
 
@@ -270,7 +275,7 @@ class DirectoryIndexBackend(PickleFileBackend):
         row = None
         if conn is not None:
             try:
-                row = conn.execute(_GET, (key,)).fetchone()
+                row = _when_free(lambda: conn.execute(_GET, (key,)).fetchone())
             except sqlite3.Error as e:
                 raise DatabaseError(self.index_path(), f"cannot read it: {e}") from e
         if row is None:
@@ -342,14 +347,9 @@ class DirectoryIndexBackend(PickleFileBackend):
             return
         conn = self._conn(write=True)
         assert conn is not None
+        rows = [(when, k, when) for k in full]
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_TOUCH, [(when, k, when) for k in full])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            _transaction(conn, lambda: conn.executemany(_TOUCH, rows))
         except sqlite3.Error as e:
             raise WriteError(full[0], self.index_path(), None, f"SQLite refused the write: {e}") from e
 
@@ -383,6 +383,42 @@ class DirectoryIndexBackend(PickleFileBackend):
                 raise _not_a_call_record(call, key, self._location(key))
             if template.matches(call):
                 yield call
+
+
+def _when_free(statement: Callable[[], _T]) -> _T:
+    """``statement()``, run again while another connection's lock makes SQLite refuse it
+    (``SQLITE_BUSY``), polling from 50 µs up to every 5 ms for at most :data:`BUSY_TIMEOUT_S`."""
+    delay, deadline = _FIRST_WAIT, 0.0
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF not in _BUSY:
+                raise
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + BUSY_TIMEOUT_S
+            elif now >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, _MAX_WAIT)
+
+
+def _transaction(conn: sqlite3.Connection, body: Callable[[], _T]) -> _T:
+    """``body()`` in one write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), rolled back
+    if it fails, the whole of it run again while another writer holds the database."""
+
+    def attempt() -> _T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return result
+
+    return _when_free(attempt)
 
 
 def _why(path: str, error: Exception) -> str:
