@@ -13,7 +13,7 @@ import pytest
 import fleche
 from fleche.caches import Cache, memory_cache
 from fleche.errors import CorruptEntryError
-from fleche.storage import CallPickleFile, PickleFileBackend, ValuePickleFile
+from fleche.storage import CallPickleFile, ValuePickleFile
 from fleche.verify import repair, verify
 from fault_tasks import cached, expected, make, warnings_of
 from faults import Child, child_env

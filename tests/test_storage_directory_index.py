@@ -11,7 +11,7 @@ import pytest
 
 from fleche.caches import Cache
 from fleche.call import Call
-from fleche.errors import CorruptEntryError, DatabaseError, SignatureError
+from fleche.errors import DatabaseError, SignatureError
 from fleche.storage.directory_index import INDEX_NAME, CallDirectoryIndex, check_local
 from fleche.storage.pickle_file import ValuePickleFile, seal_pickle
 from fleche.testing import (
