@@ -213,3 +213,18 @@ def test_shrink_and_expand_use_neighbours(tmp_path):
 def test_a_local_directory_passes_the_network_check(tmp_path):
     check_local(str(tmp_path / "not yet"))
     assert os.path.isdir(tmp_path)
+
+
+def test_newest_orders_by_the_recorded_start(tmp_path):
+    calls = CallDirectoryIndex(tmp_path)
+    keys = []
+    for i, minute in enumerate([5, 1, 9, 3]):
+        start = f"2026-01-01T10:{minute:02d}:00+00:00"
+        keys.append(calls.save(_call(i).replace(metadata={"runtime": {"start": start}})))
+    undated = calls.save(_call(9))
+    assert calls.newest(3) == [keys[2], keys[0], keys[3]]
+    assert calls.newest(10) == [keys[2], keys[0], keys[3], keys[1], undated]
+    assert calls.newest(0) == [] and CallDirectoryIndex(tmp_path / "none").newest(5) == []
+    with pytest.raises(ValueError, match="limit"):
+        calls.newest(-1)
+

@@ -70,6 +70,7 @@ _USAGE = "SELECT key, length(entry), used FROM calls"
 _TOUCH = "UPDATE calls SET used = ? WHERE key = ? AND used < ?"
 _ALL = "SELECT key, entry FROM calls"
 _BY_NAME = "SELECT key, entry FROM calls WHERE name = ?"
+_NEWEST = "SELECT key FROM calls WHERE name != '' ORDER BY start DESC, key LIMIT ?"
 
 _T = TypeVar("_T")
 _BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
@@ -367,6 +368,14 @@ class DirectoryIndexBackend(PickleFileBackend):
     def sweep(self, older_than: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Nothing to sweep: SQLite rolls back what a killed writer left (``[]``)."""
         return []
+
+    def newest(self, limit: int) -> list[Digest]:
+        """The keys of the ``limit`` calls started last (their ``runtime`` metadata's
+        ``start``), newest first; calls without a start come last. One ``ORDER BY`` over the
+        table's start column, no record unpickled (a damaged row still counts); a snapshot."""
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, got {limit}")
+        return [_mk(k) for (k,) in self._read(_NEWEST, (limit,))]
 
     def query(self, template: QueryCall) -> Iterator[DigestedCall]:
         """Every stored call matching ``template``: one scan of the table (of the function's
