@@ -70,8 +70,9 @@ class Readers:
         """``read(connection)`` on an idle connection (a new one if none is idle).
 
         The connection is given back unless ``read`` raised a ``DBAPIError`` saying it is lost
-        (``connection_invalidated``) or was interrupted mid-statement; then it is closed and the
-        error raised, for the caller to retry on a fresh one.
+        (``connection_invalidated``: then the idle ones are closed too, as after a server
+        restart) or was interrupted mid-statement; then it is closed and the error raised, for
+        the caller to retry on a fresh one.
         """
         try:
             conn = self.idle.pop()
@@ -81,7 +82,9 @@ class Readers:
             result = read(conn)
         except exc.DBAPIError as e:
             if e.connection_invalidated:
+                # Likely a server restart, which took the idle ones too: start afresh.
                 self._discard(conn)
+                self.close()
             else:
                 self._give_back(conn)
             raise
