@@ -40,14 +40,17 @@ def _close_all(idle: list[Any], pid: int) -> None:
 class Readers:
     """This process's autocommit DBAPI connections to one database, shared by its threads.
 
-    Thread-safe without a lock: taking and giving back are single list operations. Opened
-    through ``engine`` (so its connect-time setup applies), then detached from its pool, so they
-    never take a pool slot from writers. Closed by :meth:`close`, by ``engine.dispose()`` and
+    Thread-safe without a lock: taking and giving back are single list operations. Opened like
+    ``engine``'s (its connect-time setup applies) but apart from its pool, so they never take a
+    connection or a slot from writers. Closed by :meth:`close`, by ``engine.dispose()`` and
     when garbage-collected, in the process that opened them only; a forked child opens its own.
     """
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        # A pool of our own, made like the engine's (its connect-time setup included), that
+        # opens each new connection without taking one of the engine's.
+        self._source = engine.pool.recreate()
         self.pid = os.getpid()
         self.idle: list[Any] = []
         idle, pid = self.idle, self.pid
@@ -56,7 +59,7 @@ class Readers:
 
     def _open(self) -> Any:
         """A new DBAPI connection in autocommit."""
-        fairy = self.engine.raw_connection()
+        fairy = self._source.connect()
         fairy.detach()
         conn = fairy.dbapi_connection
         try:
