@@ -199,3 +199,18 @@ def test_close_closes_the_read_connections(server: Sql) -> None:
     server.close()
     assert server._connections.readers.idle == []
     assert server.load(key).result is not None  # usable again
+    other = server.save(_call(9))
+    assert {c.to_lookup_key() for c in server.query(QueryCall(name="area"))} == {key, other}
+
+
+def test_an_in_memory_sqlite_database_reads_what_it_wrote() -> None:
+    """Reads of an in-memory database use the engine's connections: a new one would see an
+    empty database."""
+    storage = Sql("sqlite://")
+    try:
+        key = storage.save(_call(2))
+        assert storage.contains(key)
+        assert storage.load(key).arguments == _call(2).digest().arguments
+        assert not storage._connections.readers.own
+    finally:
+        storage.close()

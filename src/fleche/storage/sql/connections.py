@@ -159,7 +159,7 @@ class Connections:
         self.snapshot = dialect.snapshot(engine)
         self.write = dialect.writer(engine)
         self.reads = {name: KeyRead(s, engine.dialect) for name, s in _READS.items()}
-        self.readers = Readers(engine)
+        self.readers = Readers(engine, dialect.own_read_connections)
         self.upsert = dialect.upsert()
         self.local = threading.local()
 

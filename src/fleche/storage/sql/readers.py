@@ -44,13 +44,18 @@ class Readers:
     ``engine``'s (its connect-time setup applies) but apart from its pool, so they never take a
     connection or a slot from writers. Closed by :meth:`close`, by ``engine.dispose()`` and
     when garbage-collected, in the process that opened them only; a forked child opens its own.
+    Without ``own`` (an in-memory SQLite database, which each new connection would see empty),
+    each read checks a connection out of the engine's pool instead.
     """
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, own: bool = True) -> None:
         self.engine = engine
+        self.own = own
+        """Whether reads run on connections of our own; else on the engine's pool (see
+        ``Dialect.own_read_connections``)."""
         # A pool of our own, made like the engine's (its connect-time setup included), that
         # opens each new connection without taking one of the engine's.
-        self._source = engine.pool.recreate()
+        self._source = engine.pool.recreate() if own else engine.pool
         self.pid = os.getpid()
         self.idle: list[Any] = []
         idle, pid = self.idle, self.pid
@@ -77,6 +82,8 @@ class Readers:
         restart) or was interrupted mid-statement; then it is closed and the error raised, for
         the caller to retry on a fresh one.
         """
+        if not self.own:
+            return self._run_pooled(read)
         try:
             conn = self.idle.pop()
         except IndexError:
@@ -96,6 +103,18 @@ class Readers:
             raise
         self._give_back(conn)
         return result
+
+    def _run_pooled(self, read: Callable[[Any], T]) -> T:
+        """``read(connection)`` on a connection of the engine's pool, returned to it after."""
+        fairy = self.engine.raw_connection()
+        try:
+            return read(fairy.dbapi_connection)
+        except exc.DBAPIError as e:
+            if e.connection_invalidated:
+                fairy.invalidate(e)
+            raise
+        finally:
+            fairy.close()
 
     def _give_back(self, conn: Any) -> None:
         if len(self.idle) < IDLE:

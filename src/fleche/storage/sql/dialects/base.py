@@ -133,6 +133,11 @@ class Dialect(abc.ABC):
     """Whether :meth:`hold_key` takes its lock on a connection (database servers) rather than
     outside the database (SQLite's lock files)."""
 
+    own_read_connections: bool = True
+    """Whether single-statement reads run on autocommit connections of their own, opened like
+    the engine's (:mod:`fleche.storage.sql.readers`), rather than on connections of the engine's
+    pool: true unless a new connection would see another database (SQLite in memory)."""
+
     def check_writable(self, what: str) -> None:
         """Raise :class:`~fleche.errors.DatabaseError` saying why, if this process cannot write
         the database (``what``: the operation refused, e.g. "save"); by default it can."""
