@@ -474,7 +474,14 @@ class CallDirectoryIndex(PerKeyLockMixin, InterProcessLockMixin, CallMixin, Dire
 
     keeps_inline_values = True
 
+    # CallMixin (and CallStorage's defaults) come before the backend in the MRO: these take
+    # the backend's SQL instead of a load per listed key.
+
     def query(self, template: QueryCall) -> Iterator[DigestedCall]:
-        # DirectoryIndexBackend's one scan, not CallMixin's load per listed key.
+        """See :meth:`DirectoryIndexBackend.query`: one scan of the table, a snapshot."""
         return DirectoryIndexBackend.query(self, template)
+
+    def newest(self, limit: int) -> list[Digest]:
+        """See :meth:`DirectoryIndexBackend.newest`: one ``ORDER BY``, a snapshot."""
+        return DirectoryIndexBackend.newest(self, limit)
 
