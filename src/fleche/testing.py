@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ __all__ = [
     "assert_corrupt_entry_is_reported_and_evictable",
     "flip_a_byte",
     "flip_a_byte_of_object",
+    "flip_a_byte_of_row",
 ]
 
 
@@ -521,6 +523,23 @@ def flip_a_byte_of_object(storage: ObjectStoreBackend, key: Digest, offset: int 
     fs.pipe_file(path, bytes(data))
 
 
+def flip_a_byte_of_row(storage: Any, key: Digest, offset: int = -3) -> None:
+    """Invert one byte of the payload of the value ``key`` in an
+    :class:`~fleche.storage.SqlValues` (by default in its last chunk), as a disk might: the
+    entry then reads as corrupt."""
+    import sqlalchemy as sa
+
+    from .storage.sql.schema import value_chunks, values
+
+    with storage.sql._connect().engine.begin() as conn:
+        chunks = conn.execute(sa.select(values.c.chunks).where(values.c.key == key)).scalar_one()
+        table = values if chunks == 1 else value_chunks
+        where = [table.c.key == key] + ([] if chunks == 1 else [table.c.n == chunks - 1])
+        data = bytearray(conn.execute(sa.select(table.c.data).where(*where)).scalar_one())
+        data[offset] ^= 0xFF
+        conn.execute(sa.update(table).where(*where).values(data=bytes(data)))
+
+
 _BIG = 4096  # characters: results this long are never kept inline in a call record
 
 
@@ -558,6 +577,13 @@ def _xs(calls: Any) -> list[Any]:
     return [c.arguments["x"] for c in calls]
 
 
+def _is_sql_values(storage: Any) -> bool:
+    """Whether ``storage`` is an ``SqlValues`` (without importing SQLAlchemy where no storage
+    can be one)."""
+    module = sys.modules.get("fleche.storage.sql.values")
+    return module is not None and isinstance(storage, module.SqlValueBackend)
+
+
 def _parity(i: int) -> str:
     return "odd" if i % 2 else "even"
 
@@ -568,7 +594,7 @@ class CacheTests:
     Subclasses implement :meth:`wrap`; :meth:`make_store` gives the writable
     :class:`~fleche.caches.Cache` underneath, which the tests also use as "another writer" to
     put entries where the cache under test should find them. The default store is in memory;
-    corrupt-entry tests need a store over :class:`~fleche.storage.FileStorage` storages (they
+    corrupt-entry tests need a store over file, object or SQL value storages (they
     skip otherwise), whose entries :meth:`damage` flips a byte of.
     """
 
@@ -611,7 +637,13 @@ class CacheTests:
             if isinstance(storage, ObjectStoreBackend) and storage.contains(key):
                 flip_a_byte_of_object(storage, storage.expand(key))
                 return
-        pytest.skip(f"{type(self).__name__}: only entries kept in files or objects can be damaged")
+            if _is_sql_values(storage) and storage.contains(key):
+                flip_a_byte_of_row(storage, storage.expand(key))
+                return
+        pytest.skip(
+            f"{type(self).__name__}: only entries kept in files, objects or value rows can be "
+            "damaged"
+        )
 
     @pytest.fixture
     def store(self, tmp_path: Any) -> Cache:
