@@ -813,7 +813,10 @@ class Cache(BaseCache):
         self.calls.close()
 
     def volume(self) -> int | None:
-        """The bytes both storages report, or ``None`` if either cannot say."""
+        """The bytes both storages report, or ``None`` if either cannot say; a database
+        keeping both the calls and the values counts once."""
+        if self.calls.counts_volume_of(self.values):
+            return self.calls.volume()
         parts = (self.values.volume(), self.calls.volume())
         return None if None in parts else sum(parts)  # type: ignore[arg-type]
 

@@ -461,6 +461,15 @@ class CallStorage(KeyManagement):
         """
         return write()
 
+    def counts_volume_of(self, values: ValueStorage) -> bool:
+        """Whether this storage's :meth:`volume` already counts what ``values`` keeps (values
+        in the same database), so a cache of both counts those bytes once.
+
+        Note for implementers: this default says no: the two storages keep their entries in
+        different places.
+        """
+        return False
+
     def transform(
         self, func: Callable[[DigestedCall], DigestedCall] | None = None
     ) -> None:

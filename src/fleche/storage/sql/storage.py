@@ -424,6 +424,14 @@ class Sql(PerKeyLockMixin, CallStorage):
             return write()
         return self._retrying(key, write)
 
+    def counts_volume_of(self, values: ValueStorage) -> bool:
+        """Whether ``values`` keeps its values in this storage's database (an
+        :class:`~fleche.storage.sql.SqlValues` on an equal ``Sql``), which :meth:`volume`
+        reports whole."""
+        from .values import SqlValueBackend  # builds on this module
+
+        return isinstance(values, SqlValueBackend) and values.sql == self
+
     def evict(self, key: Digest | str) -> None:
         """Remove the record under ``key``; ``KeyError`` if there is none.
 
