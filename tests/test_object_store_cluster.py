@@ -13,12 +13,9 @@ pytest.importorskip("distributed", reason="the dask extra is not installed")
 pytest.importorskip("sqlalchemy", reason="the sql extra is not installed")
 pytest.importorskip("fsspec", reason="the s3 extra is not installed")
 
-from distributed import Client, LocalCluster  # noqa: E402
-
+from cluster_sweeps import sweep  # noqa: E402
 
 import fleche  # noqa: E402
-import object_store_tasks as tasks  # noqa: E402
-from fleche.dask import FlecheCache  # noqa: E402
 from fleche.storage import ValueObjectStore  # noqa: E402
 
 POSTGRES = os.environ.get("FLECHE_TEST_POSTGRES_URL")
@@ -41,24 +38,6 @@ def spec(bucket):
     drop()
     yield spec
     drop()
-
-
-def sweep(spec: str, workdirs, temperatures) -> tuple[list, int]:
-    """Run ``simulate`` over ``temperatures`` on a new two-process cluster whose workers each
-    work in a directory of their own; return the results and how often the body ran."""
-    with LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None,
-        worker_dashboard_address=None,
-    ) as cluster, Client(cluster) as client:
-        workers = sorted(client.scheduler_info()["workers"])
-        for address, directory in zip(workers, workdirs):
-            directory.mkdir(exist_ok=True)
-            assert client.run(tasks.work_in, str(directory), workers=[address]) == {
-                address: str(directory)}
-        client.register_plugin(FlecheCache(spec))
-        results = client.gather(client.map(tasks.simulate, temperatures, pure=False))
-        runs = client.run(tasks.runs_here)
-    return results, sum(runs.values())
 
 
 def test_a_second_sweep_on_a_new_cluster_recomputes_nothing(spec, bucket, s3, tmp_path):

@@ -8,7 +8,6 @@ every test drops the fleche tables before and after itself.
 
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 from pathlib import Path
@@ -21,19 +20,19 @@ sa = pytest.importorskip("sqlalchemy")
 from fleche.caches import Cache  # noqa: E402
 from fleche.call import Call  # noqa: E402
 from fleche.digest import digest  # noqa: E402
-from fleche.errors import CorruptEntryError, SaveError, SignatureError  # noqa: E402
+from fleche.errors import SaveError, SignatureError  # noqa: E402
 from fleche.storage import SqlValues  # noqa: E402
 from fleche.storage.pickle_file import SECRET_KEY_ENV  # noqa: E402
 from fleche.storage.sql import CHUNK_BYTES, SCHEMA_VERSION, Sql  # noqa: E402
-from fleche.storage.sql.schema import schema, value_chunks, values, versions  # noqa: E402
+from fleche.storage.sql.schema import value_chunks, values, versions  # noqa: E402
+from test_storage_sql import _close, _drop_tables, _server_url  # noqa: E402
+
 from fleche.testing import (  # noqa: E402
     CacheTests,
     ValueStorageTests,
     assert_corrupt_entry_is_reported_and_evictable,
     flip_a_byte_of_row,
 )
-
-SERVERS = {"postgresql": "FLECHE_TEST_POSTGRES_URL", "mariadb": "FLECHE_TEST_MARIADB_URL"}
 
 
 @pytest.fixture(autouse=True)
@@ -42,25 +41,7 @@ def _no_env_key(monkeypatch: Any) -> None:
 
 
 def _url(kind: str, tmp_path: Path) -> str:
-    if kind == "sqlite":
-        return str(tmp_path / "store.sqlite")
-    url = os.environ.get(SERVERS[kind])
-    if not url:
-        pytest.skip(f"{SERVERS[kind]} is not set: {kind} tests need an empty database URL there")
-    return url
-
-
-def _drop_tables(url: str) -> None:
-    engine = sa.create_engine(Sql(url)._sqlalchemy_url())
-    try:
-        schema.drop_all(engine)
-    finally:
-        engine.dispose()
-
-
-def _close(storage: Sql) -> None:
-    if storage.engine is not None:
-        storage.engine.dispose()
+    return str(tmp_path / "store.sqlite") if kind == "sqlite" else _server_url(kind)
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
