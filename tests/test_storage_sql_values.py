@@ -8,6 +8,7 @@ every test drops the fleche tables before and after itself.
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 from pathlib import Path
@@ -291,3 +292,73 @@ def test_a_schema_3_database_gets_the_value_tables(db_url: str, tmp_path: Path) 
     with again.calls.engine.connect() as conn:
         assert conn.execute(sa.select(versions.c.value)).scalar() == SCHEMA_VERSION == 4
     _close(again.calls)
+
+
+# -- memory and processes -------------------------------------------------------------------------
+
+
+def test_a_large_value_is_never_held_twice_while_written_or_read(tmp_path: Path) -> None:
+    """Saving a value of five chunks holds its pickle (whose writer over-allocates by up to a
+    half as it grows) and a chunk or two, never a second copy of the pickle; loading holds the
+    one buffer the chunks are read into and the value made from it."""
+    import tracemalloc
+
+    calls = Sql(str(tmp_path / "store.sqlite"))
+    storage = SqlValues(calls)
+    storage.save(b"warm up")  # connects and creates the tables outside the measurement
+    size = 5 * CHUNK_BYTES - 1000
+    big = os.urandom(size)
+    tracemalloc.start()
+    try:
+        key = storage.save(big)
+        _, saving = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        loaded = storage.load(key)
+        _, loading = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert loaded == big
+    assert saving < 1.5 * size + 2 * CHUNK_BYTES, saving
+    assert loading < 2 * size + 3 * CHUNK_BYTES, loading
+    _close(calls)
+
+
+def _save_sharing_a_value(url: str, i: int, argument: str, start: Any) -> None:
+    calls = Sql(url, lock_timeout=60)
+    cache = Cache(SqlValues(calls, lock_timeout=60), calls, inline_bytes=0)
+    start.wait(60)
+    for n in range(5):
+        cache.save(Call("f", {"x": argument, "i": i * 100 + n}, result=(i, n)))
+    _close(calls)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_processes_saving_calls_that_share_a_new_value(kind: str, tmp_path: Path) -> None:
+    """Four processes at once save calls whose argument is the same new value, each call in one
+    transaction with its values: the conflicting inserts are retried, every call is stored and
+    the value is stored once."""
+    import multiprocessing
+
+    url = _url(kind, tmp_path)
+    _drop_tables(url)
+    argument = "shared " * 2000
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    workers = [
+        ctx.Process(target=_save_sharing_a_value, args=(url, i, argument, start)) for i in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    start.set()
+    for worker in workers:
+        worker.join(120)
+    try:
+        assert [w.exitcode for w in workers] == [0] * 4
+        calls = Sql(url)
+        store = Cache(SqlValues(calls), calls)
+        assert len(list(store.list())) == 20
+        assert digest(argument) in set(store.values.list())
+        assert {store.load(k).arguments["x"] for k in store.list()} == {argument}
+        _close(calls)
+    finally:
+        _drop_tables(url)
