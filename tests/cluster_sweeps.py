@@ -3,6 +3,7 @@ workers share nothing but the store (an object store, a database)."""
 
 from __future__ import annotations
 
+import numpy as np
 from distributed import Client, LocalCluster
 
 import object_store_tasks as tasks
@@ -25,3 +26,18 @@ def sweep(spec: str, workdirs, temperatures) -> tuple[list, int]:
         results = client.gather(client.map(tasks.simulate, temperatures, pure=False))
         runs = client.run(tasks.runs_here)
     return results, sum(runs.values())
+
+
+TEMPERATURES = [0.5 * i for i in range(1, 13)]
+
+
+def two_sweeps_compute_once(spec: str, tmp_path) -> None:
+    """Sweep :data:`TEMPERATURES` on a new cluster, then again on another: the first computes
+    each call once, the second nothing (every call a hit, on workers that never computed
+    anything), with equal results."""
+    first, ran = sweep(spec, [tmp_path / "a", tmp_path / "b"], TEMPERATURES)
+    assert ran == len(TEMPERATURES)
+    assert all((r == np.linspace(0.0, t, 5000)).all() for r, t in zip(first, TEMPERATURES))
+    second, ran_again = sweep(spec, [tmp_path / "c", tmp_path / "d"], TEMPERATURES)
+    assert ran_again == 0
+    assert all((a == b).all() for a, b in zip(first, second))

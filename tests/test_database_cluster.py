@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("distributed", reason="the dask extra is not installed")
 pytest.importorskip("sqlalchemy", reason="the sql extra is not installed")
 
-from cluster_sweeps import sweep  # noqa: E402
+from cluster_sweeps import TEMPERATURES, two_sweeps_compute_once  # noqa: E402
 from object_store_tasks import simulate  # noqa: E402
 
 import fleche  # noqa: E402
@@ -38,18 +37,11 @@ def spec():
 
 
 def test_a_second_sweep_on_a_new_cluster_recomputes_nothing(spec, tmp_path):
-    temperatures = [0.5 * i for i in range(1, 13)]
-    first, ran = sweep(spec, [tmp_path / "a", tmp_path / "b"], temperatures)
-    assert ran == len(temperatures)
-    assert all((r == np.linspace(0.0, t, 5000)).all() for r, t in zip(first, temperatures))
-
-    second, ran_again = sweep(spec, [tmp_path / "c", tmp_path / "d"], temperatures)
-    assert ran_again == 0  # every call was a hit, on workers that never computed anything
-    assert all((a == b).all() for a, b in zip(first, second))
+    two_sweeps_compute_once(spec, tmp_path)
 
     store = fleche.open(spec)
     assert isinstance(store.values, SqlValues) and store.values.sql is store.calls
-    assert len(list(store.list())) == len(temperatures)  # the records
+    assert len(list(store.list())) == len(TEMPERATURES)  # the records
     results = {store.calls.load(k).result for k in store.list()}
     assert results <= set(store.values.list())  # the results, rows of the same database
     assert simulate.digest(0.5) in set(store.list())

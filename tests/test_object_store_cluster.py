@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("distributed", reason="the dask extra is not installed")
 pytest.importorskip("sqlalchemy", reason="the sql extra is not installed")
 pytest.importorskip("fsspec", reason="the s3 extra is not installed")
 
-from cluster_sweeps import sweep  # noqa: E402
+from cluster_sweeps import TEMPERATURES, two_sweeps_compute_once  # noqa: E402
 
 import fleche  # noqa: E402
 from fleche.storage import ValueObjectStore  # noqa: E402
@@ -41,17 +40,10 @@ def spec(bucket):
 
 
 def test_a_second_sweep_on_a_new_cluster_recomputes_nothing(spec, bucket, s3, tmp_path):
-    temperatures = [0.5 * i for i in range(1, 13)]
-    first, ran = sweep(spec, [tmp_path / "a", tmp_path / "b"], temperatures)
-    assert ran == len(temperatures)
-    assert all((r == np.linspace(0.0, t, 5000)).all() for r, t in zip(first, temperatures))
-
-    second, ran_again = sweep(spec, [tmp_path / "c", tmp_path / "d"], temperatures)
-    assert ran_again == 0  # every call was a hit, on workers that never computed anything
-    assert all((a == b).all() for a, b in zip(first, second))
+    two_sweeps_compute_once(spec, tmp_path)
 
     store = fleche.open(spec)
     assert isinstance(store.values, ValueObjectStore)
-    assert len(list(store.list())) == len(temperatures)  # the records, in PostgreSQL
+    assert len(list(store.list())) == len(TEMPERATURES)  # the records, in PostgreSQL
     objects = s3.client().list_objects_v2(Bucket=bucket, Prefix="values/")["KeyCount"]
-    assert objects == len(temperatures)  # the results, one object each
+    assert objects == len(TEMPERATURES)  # the results, one object each
