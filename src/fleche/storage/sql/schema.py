@@ -123,7 +123,7 @@ values = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("chunks", sa.Integer, nullable=False),
     sa.Column("data", _LONG_BLOB, nullable=False),
-    sa.Column("used", sa.Float, nullable=False),  # saved or touched, seconds since the epoch
+    sa.Column("used", sa.Double, nullable=False),  # saved or touched, seconds since the epoch
     **_TABLE_ARGS,
 )
 
