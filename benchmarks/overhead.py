@@ -13,6 +13,9 @@ Run: python3 benchmarks/overhead.py [--calls 2000] [--rounds 3] [--json results.
 (``--postgres URL``, a scratch database: fleche's tables are created there), for the small
 result and for a 10 MB array. moto on loopback answers in milliseconds; a real S3 adds its own
 network latency (tens of milliseconds per request) and bandwidth.
+
+``--database`` adds stores that are a database alone (values in the database too): a SQLite
+file, and PostgreSQL (``--postgres URL``) for the small result and for a 10 MB array.
 """
 
 from __future__ import annotations
@@ -141,6 +144,19 @@ def _object_store(result: Callable[[int], Any], calls_in_postgres: bool) -> Fact
     return factory
 
 
+def _database_store(result: Callable[[int], Any], postgres: bool) -> Factory:
+    def factory(d: Path) -> Callable[[int], Any]:
+        import fleche as package
+
+        if postgres and not _OBJECTS.get("postgres"):
+            raise ImportError("PostgreSQL-only rows need --database and --postgres URL")
+        spec = _OBJECTS["postgres"] if postgres else f"sqlite:///{d}/store.db"
+        # version=: every run has keys of its own in the shared database
+        return fleche(cache=package.open(spec), version=d.name)(result)
+
+    return factory
+
+
 def _fresh_function() -> Callable[[int], Any]:
     def point(x: int) -> dict:
         return {"x": x, "y": [x, 2 * x], "name": "point"}
@@ -168,6 +184,13 @@ OBJECT_SYSTEMS: dict[str, tuple[Factory, float]] = {
     "fleche s3 + postgresql": (_object_store(result_of, calls_in_postgres=True), 0.1),
     "uncached call, 10 MB": (lambda _: big_result_of, 0.01),
     "fleche s3 + postgresql, 10 MB": (_object_store(big_result_of, calls_in_postgres=True), 0.01),
+}
+DATABASE_SYSTEMS: dict[str, tuple[Factory, float]] = {
+    "fleche sqlite only": (_database_store(result_of, postgres=False), 0.25),
+    "fleche postgresql only": (_database_store(result_of, postgres=True), 0.1),
+    "uncached call, 10 MB": (lambda _: big_result_of, 0.01),
+    "fleche sqlite only, 10 MB": (_database_store(big_result_of, postgres=False), 0.01),
+    "fleche postgresql only, 10 MB": (_database_store(big_result_of, postgres=True), 0.01),
 }
 PEERS = ["diskcache memoize", "joblib.Memory", "cachier (files)"]
 
@@ -252,8 +275,11 @@ def main() -> None:
                         help="only the systems whose name contains one of these")
     parser.add_argument("--s3", action="store_true",
                         help="add object-store rows against a local S3 server (moto) it starts")
+    parser.add_argument("--database", action="store_true",
+                        help="add stores that are a database alone (SQLite; PostgreSQL too "
+                        "with --postgres)")
     parser.add_argument("--postgres", default=os.environ.get("FLECHE_TEST_POSTGRES_URL"),
-                        help="PostgreSQL URL (a scratch database) for the S3 + PostgreSQL rows")
+                        help="PostgreSQL URL (a scratch database) for the PostgreSQL rows")
     args = parser.parse_args()
     systems = dict(SYSTEMS)
     server = None
@@ -265,6 +291,9 @@ def main() -> None:
         os.environ.update(server.environment())
         _OBJECTS.update(bucket=server.create_bucket("fleche-bench"), postgres=args.postgres or "")
         systems.update(OBJECT_SYSTEMS)
+    if args.database:
+        _OBJECTS.setdefault("postgres", args.postgres or "")
+        systems.update(DATABASE_SYSTEMS)
     if args.only:
         systems = {n: v for n, v in systems.items() if any(o in n for o in args.only)}
     try:

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("distributed", reason="the dask extra is not installed")
 pytest.importorskip("sqlalchemy", reason="the sql extra is not installed")
 pytest.importorskip("fsspec", reason="the s3 extra is not installed")
 
-from distributed import Client, LocalCluster  # noqa: E402
-
+from cluster_sweeps import TEMPERATURES, two_sweeps_compute_once  # noqa: E402
 
 import fleche  # noqa: E402
-import object_store_tasks as tasks  # noqa: E402
-from fleche.dask import FlecheCache  # noqa: E402
 from fleche.storage import ValueObjectStore  # noqa: E402
 
 POSTGRES = os.environ.get("FLECHE_TEST_POSTGRES_URL")
@@ -43,36 +39,11 @@ def spec(bucket):
     drop()
 
 
-def sweep(spec: str, workdirs, temperatures) -> tuple[list, int]:
-    """Run ``simulate`` over ``temperatures`` on a new two-process cluster whose workers each
-    work in a directory of their own; return the results and how often the body ran."""
-    with LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None,
-        worker_dashboard_address=None,
-    ) as cluster, Client(cluster) as client:
-        workers = sorted(client.scheduler_info()["workers"])
-        for address, directory in zip(workers, workdirs):
-            directory.mkdir(exist_ok=True)
-            assert client.run(tasks.work_in, str(directory), workers=[address]) == {
-                address: str(directory)}
-        client.register_plugin(FlecheCache(spec))
-        results = client.gather(client.map(tasks.simulate, temperatures, pure=False))
-        runs = client.run(tasks.runs_here)
-    return results, sum(runs.values())
-
-
 def test_a_second_sweep_on_a_new_cluster_recomputes_nothing(spec, bucket, s3, tmp_path):
-    temperatures = [0.5 * i for i in range(1, 13)]
-    first, ran = sweep(spec, [tmp_path / "a", tmp_path / "b"], temperatures)
-    assert ran == len(temperatures)
-    assert all((r == np.linspace(0.0, t, 5000)).all() for r, t in zip(first, temperatures))
-
-    second, ran_again = sweep(spec, [tmp_path / "c", tmp_path / "d"], temperatures)
-    assert ran_again == 0  # every call was a hit, on workers that never computed anything
-    assert all((a == b).all() for a, b in zip(first, second))
+    two_sweeps_compute_once(spec, tmp_path)
 
     store = fleche.open(spec)
     assert isinstance(store.values, ValueObjectStore)
-    assert len(list(store.list())) == len(temperatures)  # the records, in PostgreSQL
+    assert len(list(store.list())) == len(TEMPERATURES)  # the records, in PostgreSQL
     objects = s3.client().list_objects_v2(Bucket=bucket, Prefix="values/")["KeyCount"]
-    assert objects == len(temperatures)  # the results, one object each
+    assert objects == len(TEMPERATURES)  # the results, one object each

@@ -89,14 +89,32 @@ def test_h5_spec():
 
 def test_sql_specs(tmp_path):
     pytest.importorskip("sqlalchemy")
+    from fleche.storage import SqlValues
+
     cache = fleche.open(f"sqlite:///{tmp_path}/calls.db")
     assert cache.calls.url == f"{tmp_path}/calls.db"
+    assert isinstance(cache.values, SqlValues) and cache.values.sql is cache.calls
+    assert spec_of(cache) == f"sqlite:///{tmp_path}/calls.db"
+    (tmp_path / "calls.db-values").mkdir()  # a store made before values lived in the database
+    cache = fleche.open(f"sqlite:///{tmp_path}/calls.db")
     assert cache.values.root == Path(f"{tmp_path}/calls.db-values")  # next to it, like -wal
+    assert spec_of(cache) == f"sqlite:///{tmp_path}/calls.db"
+    cache = fleche.open(f"sqlite:///{tmp_path}/new.db?values={tmp_path}/new.db-values")
+    assert spec_of(cache) == f"sqlite:///{tmp_path}/new.db?values={tmp_path}/new.db-values"
     cache = fleche.open(f"sqlite:///{tmp_path}/calls.db?values={tmp_path}/v&format=cloudpickle")
     assert cache.values.root == tmp_path / "v" and cache.values.serializer == "cloudpickle"
     cache = fleche.open("postgresql://me:pw@db-host/fleche?values=/shared/v&sslmode=require")
     assert cache.calls.url == "postgresql+psycopg://me:pw@db-host/fleche?sslmode=require"
     assert fleche.open("mysql://me@db/fleche?values=/v").calls.url == "mysql+pymysql://me@db/fleche"
+    alone = fleche.open("postgresql://me:s3cret@db-host/fleche?format=cloudpickle&compression=zlib")
+    assert isinstance(alone.values, SqlValues) and alone.values.sql is alone.calls
+    assert alone.values.serializer == "cloudpickle" and alone.values.compression == "zlib"
+    assert spec_of(alone) == (
+        "postgresql+psycopg://me:***@db-host/fleche?format=cloudpickle&compression=zlib"
+    )
+    assert "s3cret" not in repr(alone) and "s3cret" not in repr(parse("postgresql://me:s3cret@h/f"))
+    assert spec_of(alone, reveal=True).startswith("postgresql+psycopg://me:s3cret@")
+    assert isinstance(fleche.open("mysql://me@db/fleche").values, SqlValues)
     assert fleche.open("mariadb+pymysql://db/f?values=/v").calls.url == "mariadb+pymysql://db/f"
 
 
@@ -113,7 +131,7 @@ def test_memory_is_one_cache_per_spec_and_process():
         ("   ", "empty"),
         ("ftp://host/x", "unknown scheme 'ftp://'"),
         ("postgres://db/x?values=/v", "write postgresql://"),
-        ("postgresql://me:s3cret@db/x", "needs values=DIR"),
+        ("postgresql://me:s3cret@db/x?format=h5", "format=h5 keeps values as HDF5 files"),
         ("/data?valeus=/v", "unknown option 'valeus'"),
         ("sqlite:///x.db?vaules=/v", "did you mean 'values'"),
         ("/data?values=/v", "'values' does not apply"),

@@ -299,7 +299,7 @@ def _make_schema_2(db_url: str, tmp_path: Path) -> str:
 
 
 def test_a_schema_2_database_is_migrated_in_place(db_url: str, tmp_path: Path) -> None:
-    """Opening a database written by the previous fleche (schema 2) migrates it to schema 3:
+    """Opening a database written by an older fleche (schema 2) migrates it to schema 4:
     every call loads as it was, old inline values included, and integer versions can be saved."""
     url = _make_schema_2(db_url, tmp_path)
     expected = _schema_2_rows()["fleche_calls"]
@@ -318,10 +318,10 @@ def test_a_schema_2_database_is_migrated_in_place(db_url: str, tmp_path: Path) -
     engine = _engine(url)
     try:
         with engine.begin() as conn:
-            assert conn.execute(sa.select(versions.c.value)).scalar() == SCHEMA_VERSION == 3
+            assert conn.execute(sa.select(versions.c.value)).scalar() == SCHEMA_VERSION == 4
     finally:
         engine.dispose()
-    again = Sql(url)  # a second opening finds schema 3 and changes nothing
+    again = Sql(url)  # a second opening finds schema 4 and changes nothing
     assert again.load(key).version == 5 and len(again.list()) == len(expected) + 1
     _close(again)
 
@@ -1217,7 +1217,10 @@ def test_a_read_only_schema_2_database_is_refused_clearly(tmp_path: Path) -> Non
     )
     done = _on_read_only_mount(source, tmp_path / "ro", code, f"{tmp_path}/ro/calls.sqlite")
     assert done.returncode == 0, done.stderr
-    assert "cannot migrate its fleche tables from schema version 2 to 3" in done.stdout
+    assert (
+        f"cannot migrate its fleche tables from schema version 2 to {SCHEMA_VERSION}"
+        in done.stdout
+    )
     assert "read-only filesystem" in done.stdout and f"{tmp_path}/ro/calls.sqlite" in done.stdout
 
 

@@ -449,12 +449,14 @@ class Cache(BaseCache):
         stored already also writes again any value that lost a part (a destructured container
         whose element is gone), so a call that read as a miss for it is a hit afterwards. If a
         value cannot be stored, the record is not written and ``SaveError`` names the argument
-        (or the result) it was and the cause; values already written stay until :meth:`gc`.
+        (or the result) it was and the cause; values already written stay until :meth:`gc`,
+        unless the call storage writes values and record in one transaction
+        (``CallStorage.save_together``: ``Sql`` with ``SqlValues`` on it), which then
+        commits neither.
         """
         record = call.digest()
         key = record.to_lookup_key()
         limit = self.inline_bytes if self.calls.keeps_inline_values else 0
-        inline: dict[Digest, Any] = {}
         arguments = call.arguments
         stored: list[bool] = []
 
@@ -463,7 +465,9 @@ class Cache(BaseCache):
                 stored.append(self.calls.contains(key))
             return stored[0]
 
-        with self._operation_context(key):
+        def write() -> None:  # repeatable: the call storage may run it again (save_together)
+            inline: dict[Digest, Any] = {}
+            stored.clear()
             for name, value_key in record.arguments.items():
                 self._store_value(
                     f"argument {name!r}", lambda n=name: arguments[n], value_key, limit, inline,
@@ -474,6 +478,9 @@ class Cache(BaseCache):
                 stored_again,
             )
             self.calls.save(record.replace(inline=inline or None) if inline else record)
+
+        with self._operation_context(key):
+            self.calls.save_together(key, self.values, write)
         return key
 
     def _store_value(
@@ -806,7 +813,10 @@ class Cache(BaseCache):
         self.calls.close()
 
     def volume(self) -> int | None:
-        """The bytes both storages report, or ``None`` if either cannot say."""
+        """The bytes both storages report, or ``None`` if either cannot say; a database
+        keeping both the calls and the values counts once."""
+        if self.calls.counts_volume_of(self.values):
+            return self.calls.volume()
         parts = (self.values.volume(), self.calls.volume())
         return None if None in parts else sum(parts)  # type: ignore[arg-type]
 

@@ -97,7 +97,10 @@ def _describe(spec: StoreSpec) -> dict[str, str]:
         return {"calls": "memory of this process", "values": "memory of this process"}
     packed = f", {spec.compression}-compressed" if spec.compression else ""
     values = f"{files[spec.format]}{packed} in {spec.values}"
-    if spec.values_are_objects:
+    if spec.kind == "sql" and spec.values is None:
+        kind = files[spec.format].replace("files", "entries").replace("HDF5", "pickle")
+        values = f"{kind}{packed} in the same database (table fleche_values)"
+    elif spec.values_are_objects:
         values = (f"{files[spec.format].replace('files', 'objects')}{packed} in "
                   f"{_object_url(spec.values)}")
     if spec.kind == "objects":

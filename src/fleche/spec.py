@@ -10,12 +10,14 @@ specs too. The forms:
                                                   calls in the SQLite index ``DIR/index.sqlite``
 ``DIR?layout=files``                              ... calls as pickle files in ``DIR/calls``
 ``DIR?format=h5``                                 values as HDF5 files
-``sqlite:///path.db``                             calls in a SQLite file, values as pickle files
-                                                  in ``path.db-values`` next to it
+``sqlite:///path.db``                             calls and values in a SQLite file (values as
+                                                  pickle files in ``path.db-values`` next to it
+                                                  where that directory exists)
 ``sqlite:///path.db?values=DIR``                  ... values in ``DIR``
-``postgresql://user:pw@host/db?values=DIR``       calls in PostgreSQL (psycopg 3), values in
-                                                  ``DIR``, which every host must reach
-``mysql://user:pw@host/db?values=DIR``            ... in MariaDB/MySQL (pymysql)
+``postgresql://user:pw@host/db``                  calls and values in PostgreSQL (psycopg 3)
+``mysql://user:pw@host/db``                       ... in MariaDB/MySQL (pymysql)
+``postgresql://user:pw@host/db?values=DIR``       calls in PostgreSQL, values in ``DIR``, which
+                                                  every host must reach
 ``memory://`` or ``memory://NAME``                in this process's memory; one cache per spec
                                                   string and process
 ``s3://bucket/prefix`` (``gs://``, ``az://``)     objects: values under ``.../values``, calls
@@ -25,6 +27,10 @@ specs too. The forms:
                                                   filesystem) or ``fsspec+file:///DIR``
 ``postgresql://...?values=s3://bucket/prefix``    calls in PostgreSQL, values as objects
 ================================================  =============================================
+
+A SQL store without ``values=`` keeps its values in the database (``SqlValues``: rows of
+``fleche_values``, large values in chunks of 4 MiB), written in the transaction of the call
+record that needs them.
 
 Options, after ``?`` and joined by ``&``: ``values=DIR`` (SQL stores), ``format=pickle``
 (default), ``cloudpickle`` or ``dill`` (values stored with cloudpickle or dill) or ``h5``;
@@ -147,7 +153,8 @@ class StoreSpec:
 
     ``kind`` is ``"directory"``, ``"sql"``, ``"objects"`` or ``"memory"``; ``calls`` is the
     directory, the database URL, the object store's URL (as a spec spells it) or the memory name;
-    ``values`` the values directory or object store (``None`` for memory); ``url_query`` the
+    ``values`` the values directory or object store (``None`` for memory, and for a SQL store
+    whose values are in its database); ``url_query`` the
     options left for the database or the object store's filesystem.
     Building it touches nothing; :meth:`open` creates no file and opens no connection either
     (storages do that on first use). ``str`` and ``repr`` mask the database password (see
@@ -183,7 +190,9 @@ class StoreSpec:
         options: dict[str, str] = {}
         if self.kind == "memory":
             return f"memory://{self.calls}"
-        if self.kind == "sql" and self.values != _sqlite_values_default(self.calls):
+        if self.kind == "sql" and self.values is not None and not _is_default_values(
+            self.calls, self.values
+        ):
             options["values"] = str(self.values)
         if self.format != "pickle":
             options["format"] = self.format
@@ -217,16 +226,22 @@ class StoreSpec:
             return _object_cache(self)
         self._check_places()
         settings = {"lock_timeout": self.lock_timeout, "durable": self.durable}
-        values = _value_storage(self.format, self.values or "", settings, self.compression)
         if self.kind == "directory":
+            values = _value_storage(self.format, self.values or "", settings, self.compression)
             if self.resolved_layout() == "index":
                 return Cache(values, CallDirectoryIndex(Path(self.calls), **settings))
             return Cache(values, _call_storage(self.format, Path(self.calls) / "calls", settings))
-        from .storage.sql import Sql
+        from .storage.sql import Sql, SqlValues
 
-        return Cache(
-            values, Sql(_sql_argument(self.calls, self.url_query), lock_timeout=self.lock_timeout)
-        )
+        calls = Sql(_sql_argument(self.calls, self.url_query), lock_timeout=self.lock_timeout)
+        if self.values is None:  # values in the database, on the call storage's connections
+            values = SqlValues(
+                calls, serializer=self.format, compression=self.compression,
+                lock_timeout=self.lock_timeout,
+            )
+        else:
+            values = _value_storage(self.format, self.values, settings, self.compression)
+        return Cache(values, calls)
 
     def _check_places(self) -> None:
         """Refuse a store whose directories, or SQLite file, are something else on disk (which
@@ -334,8 +349,18 @@ def _sql_argument(url: str, query: tuple[tuple[str, str], ...]) -> str:
 
 
 def _sqlite_values_default(url: str) -> str | None:
-    # Next to the database, named like SQLite's own companions (path.db-wal, path.db-shm).
-    return url.split(":///", 1)[1] + "-values" if url.startswith("sqlite") else None
+    """The values directory a ``sqlite:///path.db`` spec without ``values=`` uses, if it
+    exists: ``path.db-values``, next to the database, named like SQLite's own companions
+    (path.db-wal, path.db-shm). Stores made before values could live in the database keep it."""
+    if not url.startswith("sqlite"):
+        return None
+    directory = url.split(":///", 1)[1] + "-values"
+    return directory if os.path.isdir(directory) else None
+
+
+def _is_default_values(url: str, values: str) -> bool:
+    """Whether a spec of ``url`` without ``values=`` means the values directory ``values``."""
+    return values == _sqlite_values_default(url)
 
 
 def _absolute(path: str) -> str:
@@ -417,7 +442,7 @@ def parse(spec: str | os.PathLike[str]) -> StoreSpec:
 
     Relative paths become absolute against the current directory. Raises
     :class:`~fleche.errors.SpecError` naming what is wrong: an unknown scheme or option, a
-    missing path, a server database without ``values=``, a secret key.
+    missing path, a secret key.
     """
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
@@ -486,15 +511,14 @@ def _sql(text: str, scheme: str, backend: str, driver: str, base: str, query: st
             )
         db = _absolute(urllib.parse.unquote(path[1:]))
         url = f"{scheme}:///{db}"
-        default_values = db + "-values"
     else:
         url = f"{backend}+{driver or _SQL_BACKENDS[backend]}://{base.split('://', 1)[1]}"
-        default_values = None
-        if values is None:
-            raise SpecError(
-                text, f"a {backend} store needs values=DIR, a directory every host using it can "
-                f"reach, e.g. {mask(url)}?values=/shared/fleche-values"
-            )
+    default_values = _sqlite_values_default(url)
+    if values is None and default_values is None and settings["format"] == "h5":
+        raise SpecError(
+            text, "format=h5 keeps values as HDF5 files: give values=DIR (values in the "
+            "database are pickles)"
+        )
     return StoreSpec(
         "sql", url, _values_location(text, values) if values else default_values,
         url_query=tuple(rest), **settings,
@@ -560,7 +584,15 @@ def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
             if known is cache:
                 return StoreSpec("memory", name)
     values, calls = cache.values, cache.calls
-    if isinstance(values, ObjectStoreBackend):
+    if _instance_of(values, "sql.values", "SqlValueBackend"):
+        if values.sql != calls:
+            return None
+        location = None
+        settings = {
+            "format": values.serializer, "compression": values.compression,
+            "lock_timeout": values.lock_timeout,
+        }
+    elif isinstance(values, ObjectStoreBackend):
         if isinstance(calls, ObjectStoreBackend):
             return _object_spec_of(values, calls)
         location = _object_location_of(values)

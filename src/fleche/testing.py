@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -523,18 +524,32 @@ def flip_a_byte_of_object(storage: ObjectStoreBackend, key: Digest, offset: int 
     fs.pipe_file(path, bytes(data))
 
 
-def flip_a_byte_of_row(storage: DirectoryIndexBackend, key: Digest, offset: int = -3) -> None:
-    """Invert one byte of the entry in the index row of ``key`` (by default inside the
-    payload), written back in place as a bad sector would leave it: the row then reads as
-    corrupt."""
-    import sqlite3
+def flip_a_byte_of_row(storage: Any, key: Digest, offset: int = -3) -> None:
+    """Invert one byte of the database row that holds the entry ``key``, written back in place
+    as a bad sector would leave it, so the entry then reads as corrupt: the call record's row
+    of a :class:`~fleche.storage.directory_index.CallDirectoryIndex`, or the value's last chunk
+    in a :class:`~fleche.storage.SqlValues` (by default a byte inside the payload)."""
+    if isinstance(storage, DirectoryIndexBackend):
+        import sqlite3
 
-    with sqlite3.connect(storage.index_path()) as conn:
-        (entry,) = conn.execute("SELECT entry FROM calls WHERE key = ?", (key,)).fetchone()
-        data = bytearray(entry)
+        with sqlite3.connect(storage.index_path()) as conn:
+            (entry,) = conn.execute("SELECT entry FROM calls WHERE key = ?", (key,)).fetchone()
+            data = bytearray(entry)
+            data[offset] ^= 0xFF
+            conn.execute("UPDATE calls SET entry = ? WHERE key = ?", (bytes(data), key))
+        conn.close()
+        return
+    import sqlalchemy as sa
+
+    from .storage.sql.schema import value_chunks, values
+
+    with storage.sql._connect().engine.begin() as conn:
+        chunks = conn.execute(sa.select(values.c.chunks).where(values.c.key == key)).scalar_one()
+        table = values if chunks == 1 else value_chunks
+        where = [table.c.key == key] + ([] if chunks == 1 else [table.c.n == chunks - 1])
+        data = bytearray(conn.execute(sa.select(table.c.data).where(*where)).scalar_one())
         data[offset] ^= 0xFF
-        conn.execute("UPDATE calls SET entry = ? WHERE key = ?", (bytes(data), key))
-    conn.close()
+        conn.execute(sa.update(table).where(*where).values(data=bytes(data)))
 
 
 _BIG = 4096  # characters: results this long are never kept inline in a call record
@@ -574,6 +589,13 @@ def _xs(calls: Any) -> list[Any]:
     return [c.arguments["x"] for c in calls]
 
 
+def _is_sql_values(storage: Any) -> bool:
+    """Whether ``storage`` is an ``SqlValues`` (without importing SQLAlchemy where no storage
+    can be one)."""
+    module = sys.modules.get("fleche.storage.sql.values")
+    return module is not None and isinstance(storage, module.SqlValueBackend)
+
+
 def _parity(i: int) -> str:
     return "odd" if i % 2 else "even"
 
@@ -584,7 +606,7 @@ class CacheTests:
     Subclasses implement :meth:`wrap`; :meth:`make_store` gives the writable
     :class:`~fleche.caches.Cache` underneath, which the tests also use as "another writer" to
     put entries where the cache under test should find them. The default store is in memory;
-    corrupt-entry tests need a store over :class:`~fleche.storage.FileStorage` storages (they
+    corrupt-entry tests need a store over file, object or SQL value storages (they
     skip otherwise), whose entries :meth:`damage` flips a byte of.
     """
 
@@ -621,7 +643,9 @@ class CacheTests:
         """Flip a byte of the entry ``key`` (a call record or a value) in ``store``'s files or
         objects."""
         for storage in (store.calls, store.values):
-            if isinstance(storage, DirectoryIndexBackend) and storage.contains(key):
+            if (
+                isinstance(storage, DirectoryIndexBackend) or _is_sql_values(storage)
+            ) and storage.contains(key):
                 flip_a_byte_of_row(storage, storage.expand(key))
                 return
             if isinstance(storage, FileStorage) and storage.contains(key):
@@ -630,7 +654,10 @@ class CacheTests:
             if isinstance(storage, ObjectStoreBackend) and storage.contains(key):
                 flip_a_byte_of_object(storage, storage.expand(key))
                 return
-        pytest.skip(f"{type(self).__name__}: only entries kept in files or objects can be damaged")
+        pytest.skip(
+            f"{type(self).__name__}: only entries kept in files, objects or value rows can be "
+            "damaged"
+        )
 
     @pytest.fixture
     def store(self, tmp_path: Any) -> Cache:

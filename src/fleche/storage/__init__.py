@@ -4,8 +4,8 @@ Value storages keep values under their content digest; call storages keep
 :class:`~fleche.call.DigestedCall` records under their lookup key. Each concrete storage is a
 frozen dataclass composed of mixins (locking, destructuring, the domain layer) over a backend.
 
-Storages that need optional dependencies (``Sql``: the ``sql`` extra; the HDF5 storages: the
-``h5`` extra) are imported on first access, so ``import fleche.storage`` needs neither; the
+Storages that need optional dependencies (``Sql`` and ``SqlValues``: the ``sql`` extra; the
+HDF5 storages: the ``h5`` extra) are imported on first access, so ``import fleche.storage`` needs neither; the
 object storages (``ValueObjectStore``, ``CallObjectStore``: the ``s3`` extra) import fsspec
 only when first used.
 """
@@ -77,6 +77,7 @@ __all__ = [
 # Storages that need optional dependencies or later modules: name -> submodule.
 _LAZY: dict[str, str] = {
     "Sql": "sql",
+    "SqlValues": "sql",
     "BagOfHoldingH5FileBackend": "h5_file",
     "CallBagOfHoldingH5File": "h5_file",
     "ValueBagOfHoldingH5File": "h5_file",

@@ -17,7 +17,7 @@ import bisect
 import contextlib
 import enum
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar, NamedTuple, overload
+from typing import Any, ClassVar, NamedTuple, TypeVar, overload
 
 from ..call import Call, DigestedCall, QueryCall
 from ..errors import AmbiguousDigestError, CorruptEntryError, LockTimeout, SaveError
@@ -38,6 +38,8 @@ __all__ = [
     "ValueMixin",
     "ValueStorage",
 ]
+
+T = TypeVar("T")
 
 
 class Intent(enum.StrEnum):
@@ -445,6 +447,28 @@ class CallStorage(KeyManagement):
     @abc.abstractmethod
     def query(self, template: QueryCall) -> Iterable[DigestedCall]:
         """Every stored call that matches ``template``."""
+
+    def save_together(self, key: Digest, values: ValueStorage, write: Callable[[], T]) -> T:
+        """Run ``write``, which stores the values of the call ``key`` in ``values`` and then its
+        record here (what ``Cache.save`` does), and return what it returns.
+
+        A storage that can write both in one transaction overrides this, so the values and the
+        record commit together or not at all in every process, and it may run ``write`` again
+        after a transient conflict (so ``write`` must be repeatable). Note for implementers:
+        this default runs ``write`` once, as it is: each value and the record are written by
+        their own operations, values first, so a reader never finds the record without its
+        values, and values written before a failure stay until ``gc``.
+        """
+        return write()
+
+    def counts_volume_of(self, values: ValueStorage) -> bool:
+        """Whether this storage's :meth:`volume` already counts what ``values`` keeps (values
+        in the same database), so a cache of both counts those bytes once.
+
+        Note for implementers: this default says no: the two storages keep their entries in
+        different places.
+        """
+        return False
 
     def transform(
         self, func: Callable[[DigestedCall], DigestedCall] | None = None

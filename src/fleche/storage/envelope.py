@@ -248,13 +248,27 @@ class Envelope:
         """``payload`` in its envelope: header, HMAC if signed, payload, compressed with
         ``compression`` (one of :data:`COMPRESSIONS`) where that makes it smaller. ``location``
         (where the entry will live) decides whether an unsigned entry warns."""
+        header, payload = self.seal_parts(payload, key, secrets, flags, compression, location)
+        return header + bytes(payload)
+
+    def seal_parts(
+        self,
+        payload: bytes | memoryview,
+        key: str,
+        secrets: Sequence[bytes] = (),
+        flags: int = 0,
+        compression: str | None = None,
+        location: str | None = None,
+    ) -> tuple[bytes, bytes | memoryview]:
+        """What :meth:`seal` makes, as the header and the payload apart (the payload itself
+        where it is not compressed, not a copy): for backends that store them apart."""
         flags &= ~COMPRESSION_BITS
         if compression is not None:
             bits, compress, _ = _CODECS[compression]
             packed = compress(bytes(payload))
             if len(packed) < len(payload):
                 payload, flags = packed, flags | bits
-        return self.header(payload, key, secrets, flags, location) + bytes(payload)
+        return self.header(payload, key, secrets, flags, location), payload
 
     def header_size(self, data: bytes | memoryview) -> int:
         """How many bytes of ``data`` (which starts with a header) the header and HMAC take."""
@@ -280,12 +294,24 @@ class Envelope:
         """
         view = memoryview(data)
         end = self.header_size(view)
-        flags = self.check(view[:end], view[end:], key, location, secrets)
+        return self.open_parts(view[:end], view[end:], key, location, secrets)
+
+    def open_parts(
+        self,
+        header: bytes | memoryview,
+        payload: bytes | memoryview,
+        key: str,
+        location: str,
+        secrets: Sequence[bytes] = (),
+    ) -> tuple[int, memoryview | bytes]:
+        """:meth:`open` for an entry whose header and payload are stored apart (see
+        :meth:`seal_parts`); raises as :meth:`open` does."""
+        flags = self.check(header, payload, key, location, secrets)
         if not flags & COMPRESSION_BITS:
-            return flags, view[end:]
+            return flags, payload
         name, decompress = _BY_BITS[flags & COMPRESSION_BITS]
         try:
-            return flags, decompress(view[end:])
+            return flags, decompress(payload)
         except Exception as e:  # noqa: BLE001 - each codec raises its own kinds
             raise CorruptEntryError(
                 key, location, f"checked, but its {name} data cannot be decompressed: "

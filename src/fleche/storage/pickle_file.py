@@ -127,6 +127,20 @@ def seal_pickle(
     if given, compressed with ``compression`` where that shrinks it; ``location`` is where it
     will live (whether an unsigned entry warns). :class:`~fleche.errors.SaveError` if
     ``serializer`` cannot pickle the value."""
+    header, payload = seal_pickle_parts(value, key, serializer, secrets, compression, location)
+    return header + bytes(payload)
+
+
+def seal_pickle_parts(
+    value: Any,
+    key: Digest,
+    serializer: str,
+    secrets: Sequence[bytes],
+    compression: str | None = None,
+    location: str | None = None,
+) -> tuple[bytes, bytes | memoryview]:
+    """:func:`seal_pickle`'s entry as its header and its payload apart, the payload not copied
+    again: for storages that keep large payloads in pieces (``SqlValues``)."""
     try:
         if serializer == "cloudpickle":
             import cloudpickle
@@ -144,7 +158,7 @@ def seal_pickle(
             + (" (serializer='cloudpickle' handles lambdas and local classes)"
                if serializer == "pickle" else "")
         ) from e
-    return ENVELOPE.seal(payload, key, secrets, _FLAGS[serializer], compression, location)
+    return ENVELOPE.seal_parts(payload, key, secrets, _FLAGS[serializer], compression, location)
 
 
 def open_pickle(data: bytes, key: Digest, location: str, secrets: Sequence[bytes]) -> Any:
@@ -152,6 +166,24 @@ def open_pickle(data: bytes, key: Digest, location: str, secrets: Sequence[bytes
     anything is unpickled: :class:`~fleche.errors.CorruptEntryError` (or ``SignatureError``)
     naming ``location``."""
     flags, payload = ENVELOPE.open(data, key, location, secrets)
+    return _unpickled(flags, payload, key, location)
+
+
+def open_pickle_parts(
+    header: bytes | memoryview,
+    payload: bytes | memoryview,
+    key: Digest,
+    location: str,
+    secrets: Sequence[bytes],
+) -> Any:
+    """:func:`open_pickle` for an entry whose header and payload are stored apart (see
+    :func:`seal_pickle_parts`); raises as it does."""
+    flags, payload = ENVELOPE.open_parts(header, payload, key, location, secrets)
+    return _unpickled(flags, payload, key, location)
+
+
+def _unpickled(flags: int, payload: bytes | memoryview, key: Digest, location: str) -> Any:
+    """The value in a checked ``payload`` written with the serializer ``flags`` name."""
     loads = _dill().loads if flags & _DILL else pickle.loads  # no dill: not corrupt, says so
     try:
         return loads(payload)

@@ -1,8 +1,10 @@
-"""The ``Sql`` call storage: call records in SQLite, PostgreSQL or MariaDB/MySQL (``sql`` extra).
+"""The ``Sql`` call storage and the ``SqlValues`` value storage: call records and values in
+SQLite, PostgreSQL or MariaDB/MySQL (``sql`` extra).
 
 One module per concern:
 
-- :mod:`.storage`: the storage itself, :class:`Sql`;
+- :mod:`.storage`: the call storage itself, :class:`Sql`;
+- :mod:`.values`: values in the same database, :class:`SqlValues`;
 - :mod:`.connections`: connections per process and the one retry loop;
 - :mod:`.dialects`: one object per database (upsert, key lock, JSON paths, isolation, schema
   lock), so a new database is one module;
@@ -17,5 +19,6 @@ from ...extras import needs_extra
 with needs_extra("sql", "fleche.storage.Sql"):
     from .schema import SCHEMA_VERSION
     from .storage import Sql
+    from .values import CHUNK_BYTES, SqlValues
 
-__all__ = ["SCHEMA_VERSION", "Sql"]
+__all__ = ["CHUNK_BYTES", "SCHEMA_VERSION", "Sql", "SqlValues"]

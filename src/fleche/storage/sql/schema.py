@@ -21,16 +21,20 @@ __all__ = [
     "ensure_schema",
     "metadata_sections",
     "schema",
+    "value_chunks",
+    "values",
     "versions",
 ]
 
-SCHEMA_VERSION = 3
-"""Version of the table layout below. A database of version 2 is migrated in place on opening
-(see :data:`MIGRATIONS`); one of any other version is refused.
+SCHEMA_VERSION = 4
+"""Version of the table layout below. A database of version 2 or 3 is migrated in place on
+opening (see :data:`MIGRATIONS`); one of any other version is refused.
 
 2: ``fleche_calls`` holds each whole record (``record``, ``inline``), so a load reads one row.
 3: ``fleche_calls.version_type`` says which type a call's ``version`` has (NULL: a ``str``;
 ``"int"``: an ``int``, written in decimal in ``version``).
+4: ``fleche_values`` and ``fleche_value_chunks`` hold values (``SqlValues``), so a database URL
+alone is a complete store.
 """
 
 _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
@@ -108,6 +112,35 @@ metadata_sections = sa.Table(
     **_TABLE_ARGS,
 )
 
+values = sa.Table(
+    "fleche_values",
+    schema,
+    sa.Column("key", sa.String(DIGEST_LENGTH), primary_key=True),
+    # The envelope's header (and HMAC), then the payload: its length, in how many chunks it is
+    # stored, and the first chunk (the only one of most values); chunk n >= 1 is in
+    # fleche_value_chunks. Written in one transaction with the chunks.
+    sa.Column("header", sa.LargeBinary, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("chunks", sa.Integer, nullable=False),
+    sa.Column("data", _LONG_BLOB, nullable=False),
+    sa.Column("used", sa.Double, nullable=False),  # saved or touched, seconds since the epoch
+    **_TABLE_ARGS,
+)
+
+value_chunks = sa.Table(
+    "fleche_value_chunks",
+    schema,
+    sa.Column(
+        "key",
+        sa.String(DIGEST_LENGTH),
+        sa.ForeignKey("fleche_values.key", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("n", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("data", _LONG_BLOB, nullable=False),
+    **_TABLE_ARGS,
+)
+
 
 def _add_version_type(conn: sa.Connection) -> None:
     """Migrate schema 2 to 3: add ``fleche_calls.version_type``. Every existing row keeps its
@@ -118,7 +151,14 @@ def _add_version_type(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {calls.name} ADD COLUMN version_type {column}"))
 
 
-MIGRATIONS = {2: _add_version_type}
+def _add_value_tables(conn: sa.Connection) -> None:
+    """Migrate schema 3 to 4: add the value tables; nothing else changes (stores whose values
+    live in a directory or an object store keep working)."""
+    for table in (values, value_chunks):  # MySQL commits DDL at once: a rerun may find them
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {2: _add_version_type, 3: _add_value_tables}
 """For each older schema version, the step that brings it to the next version."""
 
 

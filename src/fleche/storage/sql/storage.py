@@ -22,10 +22,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -35,7 +35,14 @@ from ...call import Call, DigestedCall, QueryCall
 from ...counters import BYTES_WRITTEN
 from ...digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, _mk
 from ...errors import DatabaseError, SaveError
-from ..base import CallStorage, EntryUsage, Intent, _check_key_text, _unique_match
+from ..base import (
+    CallStorage,
+    EntryUsage,
+    Intent,
+    ValueStorage,
+    _check_key_text,
+    _unique_match,
+)
 from ..envelope import as_secrets, environment_secrets
 from ..thread_safe import PerKeyLockMixin
 from . import connections as _connections
@@ -56,6 +63,8 @@ from .records import (
 from .schema import calls
 
 __all__ = ["Sql"]
+
+T = TypeVar("T")
 
 _CHUNK = 500
 """Keys per ``IN (...)`` when loading many calls at once."""
@@ -407,6 +416,29 @@ class Sql(PerKeyLockMixin, CallStorage):
             raise SaveError(str(e)) from e
         self._retrying(key, lambda: self._persist_call(row, record, key))
         return key
+
+    def save_together(self, key: Digest, values: ValueStorage, write: Callable[[], T]) -> T:
+        """Run ``write`` (a call's values, then its record) in one transaction under the call
+        key's lock when ``values`` keeps its values in this storage's database through this
+        very storage (an :class:`~fleche.storage.sql.SqlValues` built on it, as
+        ``fleche.open`` makes them): the values and the record commit together or not at all,
+        seen by every process at once, and ``write`` runs again after a transient conflict
+        (two processes inserting the same new value). With any other value storage, as
+        ``CallStorage.save_together``: ``write`` once, each write its own transaction.
+        """
+        from .values import SqlValueBackend  # builds on this module
+
+        if not (isinstance(values, SqlValueBackend) and values.sql is self):
+            return write()
+        return self._retrying(key, write)
+
+    def counts_volume_of(self, values: ValueStorage) -> bool:
+        """Whether ``values`` keeps its values in this storage's database (an
+        :class:`~fleche.storage.sql.SqlValues` on an equal ``Sql``), which :meth:`volume`
+        reports whole."""
+        from .values import SqlValueBackend  # builds on this module
+
+        return isinstance(values, SqlValueBackend) and values.sql == self
 
     def evict(self, key: Digest | str) -> None:
         """Remove the record under ``key``; ``KeyError`` if there is none.
