@@ -1,5 +1,6 @@
 """Call records, their lookup keys and query templates."""
 
+import dataclasses
 import pickle
 
 import pytest
@@ -70,3 +71,25 @@ def test_query_call_matches():
     assert not QueryCall(metadata={"other": {}}).matches(record)
     # An undigested call matches the same way.
     assert QueryCall(arguments={"a": 1}).matches(Call.from_call(g, 1))
+
+
+def test_a_record_remembers_its_lookup_key_and_forgets_it_when_its_identity_changes(monkeypatch):
+    import fleche.call as call_module
+
+    computed = []
+    real = call_module._lookup_key
+    monkeypatch.setattr(call_module, "_lookup_key", lambda c: computed.append(c) or real(c))
+    call = Call("f", {"x": 1}, result=2)
+    key = call.to_lookup_key()
+    record = call.digest().replace(metadata={"runtime": {}}, inline={})
+    assert record.to_lookup_key() == key and call.to_lookup_key() == key
+    assert len(computed) == 1  # digest() and replace() of metadata/result keep the key
+    for change in ({"name": "g"}, {"arguments": {"x": 2}}, {"module": "m"}, {"version": "2"},
+                   {"code_digest": "c"}):
+        changed = record.replace(**change)
+        assert changed.to_lookup_key() != key
+        assert changed.to_lookup_key() == dataclasses.replace(record, **change).to_lookup_key()
+    # The remembered key is not part of the record: equal, and pickled without it.
+    fresh = Call("f", {"x": 1}, result=2).digest().replace(metadata={"runtime": {}}, inline={})
+    assert record == fresh and pickle.dumps(record) == pickle.dumps(fresh)
+    assert pickle.loads(pickle.dumps(record)).to_lookup_key() == key
