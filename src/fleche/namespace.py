@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .call import Call, KnownArguments, QueryCall
+from .call import Call, QueryCall
 from .caches import BaseCache, ReadOnlyError
 from .digest import Digest
 from .digest_arguments import by_value
