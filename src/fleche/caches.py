@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .call import Call, DigestedCall, LazyArguments, QueryCall
+from .call import Call, DigestedCall, LazyArguments, QueryCall, with_lookup_key
 from .digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, Indigestible, _mk, digest
 from .errors import CorruptEntryError, FlecheError, FlecheWarning, LockTimeout, SaveError
 from .query import QueryIterator, copy_calls
@@ -466,6 +466,8 @@ class Cache(BaseCache):
         """
         record = call.digest()
         key = record.to_lookup_key()
+        if record is not call:  # made here: the call storage need not digest it again
+            with_lookup_key(record, key)
         limit = self.inline_bytes if self.calls.keeps_inline_values else 0
         inline: dict[Digest, Any] = {}
         arguments = call.arguments

@@ -88,8 +88,9 @@ _KEYLESS = frozenset({"metadata", "result", "inline"})
 
 
 def with_lookup_key(call: CallT, key: Digest) -> CallT:
-    """``call``, remembering ``key`` as its lookup key: for a caller that computed it from the
-    same identity and argument digests (the decorator), so no step after it digests again."""
+    """``call``, remembering ``key`` as its lookup key: for the code that just made ``call`` and
+    computed its key from the same identity and argument digests (the decorator, a cache's
+    save), so no step after it digests again. Only for a record no one changes afterwards."""
     call.__dict__[_KEY] = key
     return call
 
@@ -184,12 +185,11 @@ class Call:
 
     def to_lookup_key(self) -> Digest:
         """The key under which this call is stored: a digest of name, module, version, code digest
-        and arguments; metadata and result are not part of it. Computed once per record (records
-        are immutable; :meth:`replace` of an identity field forgets it)."""
+        and arguments; metadata and result are not part of it. Digested anew on each call,
+        unless the record was handed its key by :func:`with_lookup_key` (which :meth:`digest`
+        and :meth:`replace` of other fields keep): arguments may be mutable values."""
         known = self.__dict__.get(_KEY)
-        if known is None:
-            known = self.__dict__[_KEY] = _lookup_key(self)
-        return known
+        return _lookup_key(self) if known is None else known
 
     def digest(self) -> DigestedCall:
         """This call as a record: every argument and the result replaced by its digest."""
