@@ -71,7 +71,6 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -429,8 +428,9 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 atexit.register(lambda: _registry.close_all_idle())
 
 
-@contextlib.contextmanager
-def hold(directory: str, key: str, *, timeout: float | None = 1.0) -> Iterator[None]:
+def hold(
+    directory: str, key: str, *, timeout: float | None = 1.0
+) -> contextlib.AbstractContextManager[None]:
     """Hold ``key``'s lock against every thread and process locking it through the lock
     ``directory`` (a store's ``.locks``, its root resolved).
 
@@ -439,25 +439,77 @@ def hold(directory: str, key: str, *, timeout: float | None = 1.0) -> Iterator[N
     :class:`~fleche.errors.LockTimeout` holding nothing; raises :class:`~fleche.errors.LockError`
     if the lock file cannot be used. A lock held by a process that died is free at once.
     """
-    deadline = lock_deadline(timeout)
-    registry = _registry
-    lock_file = registry.checkout(directory)
-    try:
-        key_lock = registry.key_lock(lock_file, key)
-        left = wait_time(deadline)
-        if not key_lock.acquire(timeout=-1 if left is None else left):
-            raise LockTimeout(key, lock_file.path, timeout)  # type: ignore[arg-type]
+    return _Hold(directory, key, timeout)
+
+
+class _Hold:
+    """What :func:`hold` returns, for one entry (a class: it is on the path of every write)."""
+
+    __slots__ = ("_directory", "_key", "_timeout", "_registry", "_lock_file", "_key_lock")
+
+    def __init__(self, directory: str, key: str, timeout: float | None) -> None:
+        self._directory, self._key, self._timeout = directory, key, timeout
+
+    def __enter__(self) -> None:
+        deadline = lock_deadline(self._timeout)
+        registry = _registry
+        lock_file = registry.checkout(self._directory)
         try:
-            if not lock_file.enter(key, deadline):
-                raise LockTimeout(key, lock_file.path, timeout)  # type: ignore[arg-type]
+            key_lock = registry.key_lock(lock_file, self._key)
+            left = wait_time(deadline)
+            if not key_lock.acquire(timeout=-1 if left is None else left):
+                raise LockTimeout(self._key, lock_file.path, self._timeout)  # type: ignore[arg-type]
             try:
-                yield
-            finally:
-                lock_file.leave(key)
+                if not lock_file.enter(self._key, deadline):
+                    raise LockTimeout(self._key, lock_file.path, self._timeout)  # type: ignore[arg-type]
+            except BaseException:
+                key_lock.release()
+                raise
+        except BaseException:
+            registry.checkin(lock_file)
+            raise
+        self._registry, self._lock_file, self._key_lock = registry, lock_file, key_lock
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._lock_file.leave(self._key)
         finally:
-            key_lock.release()
-    finally:
-        registry.checkin(lock_file)
+            try:
+                self._key_lock.release()
+            finally:
+                self._registry.checkin(self._lock_file)
+
+
+class _Nested:
+    """Enter ``outer``, then ``inner``; leave in reverse order (``contextlib.ExitStack`` for two,
+    without its cost on every write)."""
+
+    __slots__ = ("_outer", "_inner")
+
+    def __init__(
+        self, outer: contextlib.AbstractContextManager[None],
+        inner: contextlib.AbstractContextManager[None],
+    ) -> None:
+        self._outer, self._inner = outer, inner
+
+    def __enter__(self) -> None:
+        self._outer.__enter__()
+        try:
+            self._inner.__enter__()
+        except BaseException:
+            if not self._outer.__exit__(*sys.exc_info()):
+                raise
+
+    def __exit__(self, *exc: Any) -> bool:
+        try:
+            suppressed = bool(self._inner.__exit__(*exc))
+        except BaseException:
+            if not self._outer.__exit__(*sys.exc_info()):
+                raise
+            return True
+        if suppressed:
+            exc = (None, None, None)
+        return bool(self._outer.__exit__(*exc)) or suppressed
 
 
 @dataclass(frozen=True)
@@ -476,12 +528,9 @@ class InterProcessLockMixin(FileStorage):
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
     ) -> contextlib.AbstractContextManager[None]:
-        if intent is Intent.READ:  # no generator layer on the hit path
+        if intent is Intent.READ:  # no lock layer on the hit path
             return super()._operation_context(key, intent=intent)
-        return self._write_context(key, intent)
-
-    @contextlib.contextmanager
-    def _write_context(self, key: Digest | str, intent: Intent) -> Iterator[None]:
-        with hold(self._lock_directory(), str(key), timeout=self.lock_timeout):
-            with super()._operation_context(key, intent=intent):
-                yield
+        return _Nested(
+            hold(self._lock_directory(), str(key), timeout=self.lock_timeout),
+            super()._operation_context(key, intent=intent),
+        )
