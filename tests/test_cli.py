@@ -362,6 +362,7 @@ def test_every_command_handles_a_value_where_a_call_record_belongs(planted, tmp_
     listed = run_here("ls", spec)
     assert "unreadable" in listed.stderr and len(listed.stdout.splitlines()) == 7
     assert len(run_json("ls", spec, "--where", "x=2", here=True)) == 1
+    assert len(run_json("ls", spec, "--limit", "20", here=True)) == 6  # newest skips it
     shown = run_here("show", spec, key, status=1)
     assert "not a call record" in shown.stderr and "verify --repair" in shown.stderr
     run_here("show", spec, tasks.square.digest(2))

@@ -467,10 +467,14 @@ class CallStorage(KeyManagement):
         ``start``), newest first; calls without a start come last, unreadable records are
         left out. A snapshot: calls saved or evicted meanwhile may or may not count.
 
-        Note for implementers: this default loads every record (O(entries)); a storage that
-        keeps the start in an index overrides it.
+        Note for implementers: this default reads every record (O(entries), through
+        :meth:`query`, record by record past a damaged one); a storage that keeps the start in
+        an index overrides it.
         """
-        return newest_first(self._readable_records(), limit)
+        try:
+            return newest_first(((c.to_lookup_key(), c) for c in self.query(QueryCall())), limit)
+        except CorruptEntryError:
+            return newest_first(self._readable_records(), limit)
 
     def _readable_records(self) -> Iterator[tuple[Digest, DigestedCall]]:
         for key in list(self.list()):
