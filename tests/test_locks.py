@@ -564,3 +564,24 @@ def _child_error(storage, key) -> str:
         return queue.get(timeout=60)
     finally:
         p.join(60)
+
+
+def test_posix_record_locks_where_open_file_description_locks_are_missing(tmp_path, monkeypatch):
+    """The lockf fallback excludes other processes and keeps threads of this one apart by key."""
+    from fleche.storage import locks
+
+    monkeypatch.setattr(locks, "_ofd", False)
+    monkeypatch.setattr(locks, "_registry", locks._Registry())  # descriptors opened from here on
+    values = ValuePickleFile(tmp_path / "store", lock_timeout=0.2)
+    k1, k2 = _keys_in(same=True)
+    with values.locked(k1):
+        assert _child_result(SPAWN, values, k1) == "timeout"
+        assert _child_result(SPAWN, values, k2) == "timeout"  # the same byte
+        done: list = []
+        t = threading.Thread(target=_try_lock, args=(values, k2, 0.2, done))
+        t.start()
+        t.join(60)
+        assert done == ["acquired"]  # a thread of this process waits only for the same key
+        assert _child_result(SPAWN, values, k1) == "timeout"  # its release kept the byte held
+        assert not locks._ofd
+    assert _child_result(SPAWN, values, k1) == "acquired"
