@@ -1,7 +1,8 @@
 """Latency of the ``Sql`` call storage on the cache's hot path, next to diskcache.
 
-Measures, in one process and one directory: ``Sql.save``, ``Sql.load`` and ``Sql.contains`` of a
-small record, and misses and hits of one function cached by ``@fleche`` with
+Measures, in one process and one directory: ``Sql.save``, ``Sql.load`` (of a stored and of a
+missing key) and ``Sql.contains`` of a small record, ``Cache.load_result`` of a small stored
+result, and misses and hits of one function cached by ``@fleche`` with
 ``Cache(ValuePickleFile, Sql)`` and by ``diskcache.Cache.memoize``. Prints medians and p90 in
 microseconds. SQLite always; a server database when its URL is given (``--url``, repeatable; the
 fleche tables in it are dropped first and afterwards).
@@ -67,15 +68,25 @@ def storage_ops(url: str, n: int) -> dict[str, list[float]]:
     storage = Sql(url)
     records = [_record(i) for i in range(n)]
     keys = [r.to_lookup_key() for r in records]
+    absent = [_record(-2 - i).to_lookup_key() for i in range(n)]
     storage.save(_record(-1))  # connect and create the tables outside the timings
     result = {
         "Sql.save (new)": _samples(lambda i: storage.save(records[i]), n),
         "Sql.save (replace)": _samples(lambda i: storage.save(records[i]), n),
         "Sql.load": _samples(lambda i: storage.load(keys[i]), n),
+        "Sql.load (missing)": _samples(lambda i: _missing(storage, absent[i]), n),
         "Sql.contains": _samples(lambda i: storage.contains(keys[i]), n),
     }
-    storage.engine.dispose()
+    storage.close()
     return result
+
+
+def _missing(storage: Sql, key: str) -> None:
+    try:
+        storage.load(key)
+    except KeyError:
+        return
+    raise AssertionError(f"{key} is stored")
 
 
 def cache_ops(directory: Path, url: str, n: int) -> dict[str, list[float]]:
@@ -85,7 +96,10 @@ def cache_ops(directory: Path, url: str, n: int) -> dict[str, list[float]]:
     f(-1)
     out["@fleche Sql+pickle miss"] = _samples(f, n)
     out["@fleche Sql+pickle hit"] = _samples(f, n)
-    calls.engine.dispose()
+    cache = Cache(ValuePickleFile(directory / "values"), calls)
+    stored = [cache.save(Call("result_of", {"x": i}, module="bench", result=i)) for i in range(n)]
+    out["Cache.load_result hit"] = _samples(lambda i: cache.load_result(stored[i]), n)
+    calls.close()
     try:
         import diskcache
     except ImportError:
@@ -127,7 +141,7 @@ def main() -> None:
                 for name, s in storage_ops(url, args.n).items():
                     print(f"  {name:<26} {_stats(s)}")
                 for name, s in cache_ops(d / "server", url, args.n).items():
-                    if name.startswith("@fleche"):
+                    if not name.startswith("diskcache"):
                         print(f"  {name:<26} {_stats(s)}")
             finally:
                 _drop(url)

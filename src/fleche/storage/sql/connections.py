@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from ...errors import DatabaseError
 from ..base import Intent
 from .dialects import Dialect, dialect_for
+from .readers import Readers
 from .statements import CONTAINS, SELECT_RECORD, KeyRead
 
 __all__ = [
@@ -146,7 +147,8 @@ class Connections:
 
     ``snapshot`` runs read transactions of several statements (one snapshot), ``write`` write
     transactions (see the dialect); ``reads`` are the single-row reads by key, compiled once,
-    ``upsert`` the dialect's upsert of a calls row.
+    run on ``readers`` (autocommit connections, no pool); ``upsert`` the dialect's upsert of a
+    calls row.
     Thread-safe; made again in a forked child (see ``pid``).
     """
 
@@ -157,6 +159,7 @@ class Connections:
         self.snapshot = dialect.snapshot(engine)
         self.write = dialect.writer(engine)
         self.reads = {name: KeyRead(s, engine.dialect) for name, s in _READS.items()}
+        self.readers = Readers(engine, dialect.own_read_connections)
         self.upsert = dialect.upsert()
         self.local = threading.local()
 
@@ -261,13 +264,25 @@ class Connections:
         """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds.
 
         A single statement reads one consistent snapshot in every supported database, so outside
-        an operation it runs on its own, without an explicit transaction; inside one it uses the
-        operation's connection.
+        an operation it runs on its own, in autocommit on one of :attr:`readers`; a connection
+        found lost (a server restart, a killed session) is replaced and the read run once more.
+        Inside an operation it uses the operation's connection.
         """
         current = self.current()
         if current is not None:
             return current.execute(_READS[read], {"key": key}).first()
-        return self.reads[read].first(self.engine, key)
+        statement = self.reads[read]
+        return retrying(
+            lambda: self.readers.run(lambda conn: statement.first(conn, key)),
+            lambda e: e.connection_invalidated,
+            attempts=2,
+        )
+
+    def close(self) -> None:
+        """Close this process's idle connections (pool and readers); the next operation opens
+        new ones."""
+        self.readers.close()
+        self.engine.dispose()
 
 
 def connect(url: str | None, echo: bool) -> Connections:

@@ -6,6 +6,7 @@ constructed and looked up anew; values go in as parameters (``key``, ``keys``, c
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import sqlalchemy as sa
@@ -62,11 +63,11 @@ INSERT_ARGUMENTS = sa.insert(arguments)
 INSERT_METADATA = sa.insert(metadata_sections)
 
 class KeyRead:
-    """A one-row SELECT by ``key`` compiled once for a dialect, run on a pooled DBAPI connection.
+    """A one-row SELECT by ``key`` compiled once for a dialect, run on a bare DBAPI connection.
 
-    This skips SQLAlchemy's per-execution machinery (connection wrapper, events, result
-    processing), which costs several times the query itself on a cache hit. Only for statements
-    whose columns need no result processing on the supported drivers (text and bytes).
+    This skips SQLAlchemy's per-execution machinery (pool checkout, connection wrapper, events,
+    result processing), which costs several times the query itself on a cache hit. Only for
+    statements whose columns need no result processing on the supported drivers (text and bytes).
     """
 
     __slots__ = ("sql", "_positional", "_dialect")
@@ -79,33 +80,27 @@ class KeyRead:
         self._positional = bool(compiled.positional)
         self._dialect = dialect
 
-    def first(self, engine: sa.Engine, key: str) -> Any:
-        """The first row for ``key`` (a tuple) or None, read without an explicit transaction.
+    def first(self, dbapi_connection: Any, key: str) -> Any:
+        """The first row for ``key`` (a tuple) or None, read on ``dbapi_connection``.
 
-        A connection the server dropped is replaced and the read repeated once; other driver
-        errors are raised as SQLAlchemy's ``DBAPIError`` subclasses, like SQLAlchemy would.
+        Driver errors are raised as SQLAlchemy's ``DBAPIError`` subclasses, like SQLAlchemy
+        would, with ``connection_invalidated`` set where the connection is lost (the caller
+        replaces it).
         """
         params: Any = (key,) if self._positional else {"key": key}
         dbapi_error = self._dialect.loaded_dbapi.Error
-        for attempt in (0, 1):
-            raw = engine.raw_connection()
-            cursor = None
-            try:
-                cursor = raw.cursor()
-                cursor.execute(self.sql, params)
-                return cursor.fetchone()
-            except dbapi_error as e:
-                disconnect = self._dialect.is_disconnect(e, raw.dbapi_connection, cursor)
-                if disconnect:
-                    raw.invalidate(e)
-                    if attempt == 0:
-                        continue
-                raise exc.DBAPIError.instance(
-                    self.sql, params, e, dbapi_error,
-                    connection_invalidated=disconnect, dialect=self._dialect,
-                ) from e
-            finally:
-                if cursor is not None:
+        cursor = None
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute(self.sql, params)
+            return cursor.fetchone()
+        except dbapi_error as e:
+            raise exc.DBAPIError.instance(
+                self.sql, params, e, dbapi_error,
+                connection_invalidated=self._dialect.is_disconnect(e, dbapi_connection, cursor),
+                dialect=self._dialect,
+            ) from e
+        finally:
+            if cursor is not None:
+                with contextlib.suppress(dbapi_error):
                     cursor.close()
-                raw.close()
-        raise AssertionError("unreachable")

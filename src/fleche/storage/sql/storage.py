@@ -176,6 +176,14 @@ class Sql(PerKeyLockMixin, CallStorage):
             object.__setattr__(self, "_connections", state)
             return state
 
+    def close(self) -> None:
+        """Close this process's idle connections to the database (its pool and its read
+        connections); operations running in other threads keep theirs. The next operation
+        connects again; other handles and processes are not affected."""
+        state = self._connections
+        if state is not None and state.pid == os.getpid():
+            state.close()
+
     def _sqlalchemy_url(self) -> URL:
         """The SQLAlchemy URL of this storage's database."""
         return _connections.sqlalchemy_url(self.url)

@@ -133,6 +133,11 @@ class Dialect(abc.ABC):
     """Whether :meth:`hold_key` takes its lock on a connection (database servers) rather than
     outside the database (SQLite's lock files)."""
 
+    own_read_connections: bool = True
+    """Whether single-statement reads run on autocommit connections of their own, opened like
+    the engine's (:mod:`fleche.storage.sql.readers`), rather than on connections of the engine's
+    pool: true unless a new connection would see another database (SQLite in memory)."""
+
     def check_writable(self, what: str) -> None:
         """Raise :class:`~fleche.errors.DatabaseError` saying why, if this process cannot write
         the database (``what``: the operation refused, e.g. "save"); by default it can."""
@@ -164,7 +169,12 @@ class Dialect(abc.ABC):
 class ServerDialect(Dialect):
     """A database server (PostgreSQL, MariaDB/MySQL): engines whose connections run in READ
     COMMITTED, so each statement of a replacing save sees what the previous writer committed;
-    reads of several statements switch to REPEATABLE READ for one snapshot."""
+    reads of several statements switch to REPEATABLE READ for one snapshot.
+
+    Engines pre-ping pooled connections: a transaction cannot be run again by the code that
+    opened it, so a connection lost since its last use is replaced before one begins (a round
+    trip per transaction). Single-key reads skip the pool (:mod:`fleche.storage.sql.readers`)
+    and retry on the error instead."""
 
     def snapshot(self, engine: sa.Engine) -> Any:
         return engine.execution_options(isolation_level="REPEATABLE READ")

@@ -52,8 +52,15 @@ class MysqlDialect(ServerDialect):
     def json_text(self, data: Any, entry: str) -> Any | None:
         if SIMPLE_KEY.fullmatch(entry) is None:
             return None  # JSON path quoting differs between SQLite and MySQL; check in Python
-        # MariaDB compares a JSON value with a string by meaning; the cast compares text.
-        return sa.cast(sa.func.json_extract(data, sa.literal(f'$."{entry}"')), sa.String)
+        # MariaDB compares a JSON value with a string by meaning; the cast compares text, in a
+        # binary collation (the connection's is case-insensitive: '"H1"' = '"h1"'). The path
+        # goes in as a binary string: as text in the connection's collation, MariaDB's optimizer
+        # takes json_extract(data, '$."Host"') and json_extract(data, '$."host"') for one
+        # expression and drops or contradicts one of two conditions on them, so a template
+        # naming both entries matched nothing.
+        path = sa.literal(f'$."{entry}"'.encode(), sa.LargeBinary)
+        text = sa.cast(sa.func.json_extract(data, path), mysql.CHAR(charset="utf8mb4"))
+        return text.collate("utf8mb4_bin")
 
     @contextlib.contextmanager
     def schema_lock(self, conn: sa.Connection) -> Iterator[None]:

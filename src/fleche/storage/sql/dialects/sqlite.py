@@ -113,6 +113,7 @@ class SqliteDialect(Dialect):
             None if self.path is None or self.read_only else f"{self.path}-locks"
         )
         """Where the key lock files are; ``None`` where only this process's threads can write."""
+        self.own_read_connections = self.path is not None  # each memory connection: its own
 
     def check_writable(self, what: str) -> None:
         if self.read_only:
