@@ -1,10 +1,11 @@
 """Call records, their lookup keys and query templates."""
 
+import dataclasses
 import pickle
 
 import pytest
 
-from fleche.call import Call, DigestedCall, QueryCall
+from fleche.call import Call, DigestedCall, QueryCall, with_lookup_key
 from fleche.digest import Digest, digest
 
 
@@ -70,3 +71,41 @@ def test_query_call_matches():
     assert not QueryCall(metadata={"other": {}}).matches(record)
     # An undigested call matches the same way.
     assert QueryCall(arguments={"a": 1}).matches(Call.from_call(g, 1))
+
+
+def test_a_record_handed_its_lookup_key_keeps_it_until_its_identity_changes(monkeypatch):
+    import fleche.call as call_module
+
+    computed = []
+    real = call_module._lookup_key
+    monkeypatch.setattr(call_module, "_lookup_key", lambda c: computed.append(c) or real(c))
+    plain = Call("f", {"x": 1}, result=2)
+    key = plain.to_lookup_key()
+    assert plain.to_lookup_key() == key and len(computed) == 2  # a plain record digests anew
+    call = with_lookup_key(Call("f", {"x": 1}, result=2), key)
+    record = call.digest().replace(metadata={"runtime": {}}, inline={})
+    assert record.to_lookup_key() == key and call.to_lookup_key() == key
+    assert len(computed) == 2  # digest() and replace() of metadata/result/inline keep the key
+    for change in ({"name": "g"}, {"arguments": {"x": 2}}, {"module": "m"}, {"version": "2"},
+                   {"code_digest": "c"}):
+        changed = record.replace(**change)
+        assert changed.to_lookup_key() != key
+        assert changed.to_lookup_key() == dataclasses.replace(record, **change).to_lookup_key()
+    # The remembered key is not part of the record: equal, and pickled without it.
+    fresh = Call("f", {"x": 1}, result=2).digest().replace(metadata={"runtime": {}}, inline={})
+    assert record == fresh and pickle.dumps(record) == pickle.dumps(fresh)
+    assert pickle.loads(pickle.dumps(record)).to_lookup_key() == key
+
+
+def test_a_miss_digests_its_lookup_key_once(tmp_path, monkeypatch):
+    import fleche
+    import fleche.call as call_module
+
+    computed = []
+    real = call_module._lookup_key
+    monkeypatch.setattr(call_module, "_lookup_key", lambda c: computed.append(c) or real(c))
+    cache = fleche.open(str(tmp_path))
+    f = fleche.fleche(cache=cache)(g)
+    assert f(5) == 5 and cache.contains(f.digest(5)) and computed == []  # the decorator's only
+    cache.save(Call("f", {"x": 1}, result=2))
+    assert len(computed) == 1  # a cache's save digests once, for the record and its storage

@@ -386,6 +386,7 @@ def test_every_command_handles_a_value_where_a_call_record_belongs(planted, kind
     listed = run_here("ls", spec)
     assert "unreadable" in listed.stderr and len(listed.stdout.splitlines()) == 7
     assert len(run_json("ls", spec, "--where", "x=2", here=True)) == 1
+    assert len(run_json("ls", spec, "--limit", "20", here=True)) == 6  # newest skips it
     shown = run_here("show", spec, key, status=1)
     assert "not a call record" in shown.stderr and "verify --repair" in shown.stderr
     run_here("show", spec, tasks.square.digest(2))
@@ -506,3 +507,31 @@ def test_clear_asks_at_a_terminal(tmp_path, answer, left):
     assert len(run_json("ls", spec, here=True)) == left
     if left:
         assert "cancelled: nothing removed" in err
+
+
+def test_gc_and_info_draw_a_progress_bar_when_asked(tmp_path):
+    spec = spec_for("pickle", tmp_path)
+    populate(spec)
+    done = run("info", spec, "--progress", "always")
+    assert "info [" in done.stderr and "6/6 100%" in done.stderr and "6 in" in done.stdout
+    done = run("gc", spec, "--dry-run", "--progress", "always")
+    assert "gc [" in done.stderr and "6/6 100%" in done.stderr
+    for command in ("info", "gc"):
+        assert run(command, spec).stderr == ""  # no bar where standard error is no terminal
+        assert run(command, spec, "--progress", "never").stderr == ""
+
+
+def test_ls_limit_asks_the_store_for_its_newest_calls(tmp_path, monkeypatch):
+    from fleche.caches import Cache
+
+    spec = spec_for("pickle", tmp_path)
+    populate(spec)
+    everything = [row["key"] for row in run_json("ls", spec, here=True)]
+    asked = []
+    real = Cache.newest
+    monkeypatch.setattr(Cache, "newest", lambda self, n: asked.append(n) or real(self, n))
+    newest = [row["key"] for row in run_json("ls", spec, "--limit", "2", here=True)]
+    assert asked == [2] and newest == everything[:2]
+    # With a filter, ls reads the matching calls itself.
+    square = run_json("ls", spec, "--limit", "2", "--name", "square", here=True)
+    assert asked == [2] and [r["function"] for r in square] == ["square", "square"]

@@ -16,7 +16,7 @@ import pytest
 from fleche.digest import digest
 from fleche.errors import LockError, LockTimeout
 from fleche.storage import CallPickleFile, ValuePickleFile
-from fleche.storage.locks import STRIPES, hold, stripe_path
+from fleche.storage.locks import LOCK_FILE, STRIPES, hold, lock_path, stripe
 
 SPAWN = multiprocessing.get_context("spawn")
 FORK = multiprocessing.get_context("fork")
@@ -27,7 +27,7 @@ def _keys_in(same: bool, n: int = 2) -> list[str]:
     seen: dict[str, list[str]] = {}
     for i in range(100000):
         key = digest(i)
-        slot = stripe_path("d", key)
+        slot = stripe(key)
         if same:
             seen.setdefault(slot, []).append(key)
             if len(seen[slot]) == n:
@@ -44,8 +44,8 @@ def _pair_in_another_stripe(key: str) -> list[str]:
     seen: dict[str, list[str]] = {}
     for i in range(100000):
         k = digest(("other", i))
-        slot = stripe_path("d", k)
-        if slot != stripe_path("d", key):
+        slot = stripe(k)
+        if slot != stripe(key):
             seen.setdefault(slot, []).append(k)
             if len(seen[slot]) == 2:
                 return seen[slot]
@@ -153,13 +153,16 @@ def test_keys_sharing_a_stripe_do_not_block_threads_of_one_process(tmp_path):
     assert values.load(k3) == f"v{k3}" and values.load(k4) == f"v{k4}"
 
 
-def test_lock_files_are_the_stripes_of_the_keys(tmp_path):
+def test_one_lock_file_made_by_the_first_lock_guards_every_key(tmp_path):
     values = ValuePickleFile(tmp_path)
+    first = values.save(-1)
+    made = (tmp_path / ".locks" / LOCK_FILE).stat()
     keys = [values.save(i) for i in range(300)]
-    lock_files = {p.name for p in (tmp_path / ".locks").iterdir()}
-    assert lock_files == {os.path.basename(stripe_path("d", k)) for k in keys}
-    assert all(int(name[:4], 16) < STRIPES and name.endswith(".lock") for name in lock_files)
-    assert len(list(values.list())) == 300
+    assert len({stripe(k) for k in keys}) > 250  # the keys spread over many stripes
+    assert [p.name for p in (tmp_path / ".locks").iterdir()] == [LOCK_FILE]
+    assert (tmp_path / ".locks" / LOCK_FILE).stat().st_ino == made.st_ino
+    assert all(0 <= stripe(k) < STRIPES for k in [first, *keys])
+    assert len(list(values.list())) == 301
 
 
 def test_nested_stripes_release_in_reverse_order(tmp_path):
@@ -189,14 +192,13 @@ def test_lock_timeout_while_another_process_holds_the_key(tmp_path):
         err = info.value
         assert isinstance(err, TimeoutError)
         assert err.key == key and err.timeout == 0.2
-        assert err.lock_path == stripe_path(str(tmp_path / ".locks"), key)
+        assert err.lock_path == lock_path(str(tmp_path / ".locks"))
         assert key in str(err) and err.lock_path in str(err) and "0.2" in str(err)
         with pytest.raises(LockTimeout):
             values.evict(key)
         assert values.load(key) == "before"  # reads take no lock, and nothing changed
         # Keys of other stripes are free.
-        other = next(k for k in (digest(i) for i in range(100))
-                     if stripe_path("d", k) != stripe_path("d", key))
+        other = next(k for k in (digest(i) for i in range(100)) if stripe(k) != stripe(key))
         values.save("other", other)
     finally:
         release.set()
@@ -270,7 +272,7 @@ def test_fork_child_does_not_inherit_held_locks(tmp_path):
         # The child's registry is fresh: it must not believe it shares the parent's file lock.
         assert _child_result(FORK, values, key) == "timeout"
         other = _keys_in(same=False)
-        free = next(k for k in other if stripe_path("d", k) != stripe_path("d", key))
+        free = next(k for k in other if stripe(k) != stripe(key))
         assert _child_result(FORK, values, free) == "acquired"
     assert _child_result(FORK, values, key) == "acquired"
 
@@ -331,29 +333,34 @@ def test_lock_files_stay_open_between_holds_but_are_bounded(tmp_path, monkeypatc
             if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path))
         )
 
+    store = str(tmp_path / "store")
     key = digest("kept open")
-    with hold(str(tmp_path), key):
+    with hold(store, key):
         pass
     assert open_lock_files() == 1  # kept for the next hold: no open/close per lock
-    with hold(str(tmp_path), key):
+    with hold(store, key):
         assert open_lock_files() == 1
-    for i in range(300):
-        with hold(str(tmp_path), digest(i)):
+    for i in range(300):  # every key of a store: still one descriptor
+        with hold(store, digest(i)):
+            pass
+    assert open_lock_files() == 1
+    for i in range(40):  # many stores: bounded
+        with hold(str(tmp_path / f"other{i}"), key):
             pass
     assert open_lock_files() <= 16
-    # A stripe whose file was closed while idle locks again.
-    with hold(str(tmp_path), key):
-        assert not _another_process_can_lock(str(tmp_path), key)
-    assert _another_process_can_lock(str(tmp_path), key)
+    # A store whose file was closed while idle locks again.
+    with hold(store, key):
+        assert not _another_process_can_lock(store, key)
+    assert _another_process_can_lock(store, key)
 
 
 def _probe_lock(directory, key, results):
-    """Another program's view: a plain lockf on the lock file."""
+    """Another program's view: a plain lockf on the key's byte of the lock file."""
     import fcntl
 
-    with open(stripe_path(directory, key), "a") as f:
+    with open(lock_path(directory), "a") as f:
         try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, stripe(key), os.SEEK_SET)
         except OSError:
             results.put(False)
         else:
@@ -494,7 +501,7 @@ def test_a_store_reached_through_a_symlink_shares_the_locks(tmp_path):
 def test_a_deleted_lock_file_is_followed_to_the_new_one(tmp_path):
     values = ValuePickleFile(tmp_path, lock_timeout=0.3)
     key = values.save("before", digest("deleted lock"))  # this process keeps the lock file open
-    lock_file = Path(stripe_path(str(tmp_path / ".locks"), key))
+    lock_file = Path(lock_path(str(tmp_path / ".locks")))
     lock_file.unlink()
     holding, release = SPAWN.Event(), SPAWN.Event()
     p = SPAWN.Process(target=_hold_keys, args=(tmp_path, [key], holding, release))
@@ -529,7 +536,7 @@ def test_a_symlinked_lock_directory_is_refused(tmp_path):
 def test_a_lock_file_replaced_by_a_directory_is_a_clear_error(tmp_path):
     values = ValuePickleFile(tmp_path, lock_timeout=0.3)
     key = values.save("before", digest("lock dir"))
-    lock_file = Path(stripe_path(str(tmp_path / ".locks"), key))
+    lock_file = Path(lock_path(str(tmp_path / ".locks")))
     lock_file.unlink()
     lock_file.mkdir()
     with pytest.raises(LockError, match="is a directory") as info:
@@ -557,3 +564,24 @@ def _child_error(storage, key) -> str:
         return queue.get(timeout=60)
     finally:
         p.join(60)
+
+
+def test_posix_record_locks_where_open_file_description_locks_are_missing(tmp_path, monkeypatch):
+    """The lockf fallback excludes other processes and keeps threads of this one apart by key."""
+    from fleche.storage import locks
+
+    monkeypatch.setattr(locks, "_ofd", False)
+    monkeypatch.setattr(locks, "_registry", locks._Registry())  # descriptors opened from here on
+    values = ValuePickleFile(tmp_path / "store", lock_timeout=0.2)
+    k1, k2 = _keys_in(same=True)
+    with values.locked(k1):
+        assert _child_result(SPAWN, values, k1) == "timeout"
+        assert _child_result(SPAWN, values, k2) == "timeout"  # the same byte
+        done: list = []
+        t = threading.Thread(target=_try_lock, args=(values, k2, 0.2, done))
+        t.start()
+        t.join(60)
+        assert done == ["acquired"]  # a thread of this process waits only for the same key
+        assert _child_result(SPAWN, values, k1) == "timeout"  # its release kept the byte held
+        assert not locks._ofd
+    assert _child_result(SPAWN, values, k1) == "acquired"

@@ -1058,14 +1058,14 @@ def _save_others(url: str, records: list[DigestedCall], done: Any) -> None:
 def test_a_long_section_keeps_no_other_writer_waiting(db_url: str) -> None:
     """While one process holds ``locked(k1)`` (released by an event), another saves other keys
     without waiting for it, and a waiter on ``k1`` gives up at its deadline."""
-    from fleche.storage.locks import stripe_path
+    from fleche.storage.locks import stripe
 
     storage = Sql(db_url, lock_timeout=0.3)
     k1 = storage.save(_call(1))
     bound = storage.lock_timeout + OVERSHOOT_S + _connection_time(storage)
     # Keys whose SQLite lock file differs from k1's, so that only the database could hold them up.
     others = [r for r in (_call(i) for i in range(100, 160))
-              if stripe_path("", r.to_lookup_key()) != stripe_path("", k1)][:20]
+              if stripe(r.to_lookup_key()) != stripe(k1)][:20]
     ctx = multiprocessing.get_context("spawn")
     with _Holder(db_url, k1):
         done = ctx.Event()

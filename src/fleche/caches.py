@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .call import Call, DigestedCall, LazyArguments, QueryCall
+from .call import Call, DigestedCall, LazyArguments, QueryCall, with_lookup_key
 from .digest import DIGEST_LENGTH, MIN_PREFIX_LENGTH, Digest, Indigestible, _mk, digest
 from .errors import CorruptEntryError, FlecheError, FlecheWarning, LockTimeout, SaveError
 from .query import QueryIterator, copy_calls
@@ -36,6 +36,7 @@ from .storage.base import (
     ValueStorage,
     _check_key_text,
     _unique_match,
+    newest_first,
 )
 from .storage.file import FileStorage
 from .storage.memory import CallMemory, ValueMemory
@@ -114,6 +115,15 @@ class BaseCache(OperationContext):
                 if self.contains(key):
                     found.add(self.expand(key))
         return found
+
+    def newest(self, limit: int) -> list[Digest]:
+        """The keys of the ``limit`` calls started last (``runtime`` metadata ``start``), newest
+        first; calls without a start come last (a snapshot, as :meth:`find`).
+
+        Note for implementers: this default reads every call (O(entries)); :class:`Cache` asks
+        its call storage, which may keep an index.
+        """
+        return newest_first(((c.to_lookup_key(), c) for c in self.find(QueryCall())), limit)
 
     @abc.abstractmethod
     def evict(self, key: Digest | str) -> None:
@@ -224,9 +234,12 @@ class BaseCache(OperationContext):
         """
 
     @abc.abstractmethod
-    def gc(self, dry_run: bool = False) -> set[Digest]:
+    def gc(
+        self, dry_run: bool = False, *, progress: Callable[[int, int], None] | None = None
+    ) -> set[Digest]:
         """Remove the values no stored call needs and return the keys actually removed
-        (``dry_run``: the keys it would remove, removing nothing)."""
+        (``dry_run``: the keys it would remove, removing nothing). ``progress(done, total)``
+        is called as the call records are read (the long part), from the calling thread."""
 
     def clear(self) -> int:
         """Evict every stored call, then remove every value no call needs (:meth:`gc`);
@@ -456,6 +469,8 @@ class Cache(BaseCache):
         """
         record = call.digest()
         key = record.to_lookup_key()
+        if record is not call:  # made here: the call storage need not digest it again
+            with_lookup_key(record, key)
         limit = self.inline_bytes if self.calls.keeps_inline_values else 0
         arguments = call.arguments
         stored: list[bool] = []
@@ -609,6 +624,11 @@ class Cache(BaseCache):
     def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
         """The stored ones among ``keys``: one batch question to the call storage."""
         return self.calls.contains_many(keys)
+
+    def newest(self, limit: int) -> list[Digest]:
+        """The call storage's :meth:`~fleche.storage.base.CallStorage.newest`: as cheap as it
+        is there (an index, or one pass over the records)."""
+        return self.calls.newest(limit)
 
     def evict(self, key: Digest | str) -> None:
         key = self.calls._normalize_key(key)
@@ -772,7 +792,9 @@ class Cache(BaseCache):
             return record  # a value is gone: the record stays as it is (fleche verify finds it)
         return record.replace(arguments=arguments, result=result, inline=fresh_inline or None)
 
-    def gc(self, dry_run: bool = False) -> set[Digest]:
+    def gc(
+        self, dry_run: bool = False, *, progress: Callable[[int, int], None] | None = None
+    ) -> set[Digest]:
         """Remove values that no stored call refers to, directly or as a part; return the keys
         it removed (``dry_run``: those it would remove).
 
@@ -786,7 +808,12 @@ class Cache(BaseCache):
         O(calls + values).
         """
         candidates = set(self.values.list())
-        roots = [d for key in list(self.calls.list()) for d in self._record_values(key)]
+        keys = list(self.calls.list())
+        roots = []
+        for done, key in enumerate(keys, 1):
+            roots += self._record_values(key)
+            if progress is not None:
+                progress(done, len(keys))
         try:
             reachable = self._reachable(roots, skip_missing=True)
         except CorruptEntryError as e:
@@ -962,6 +989,22 @@ class CacheStack(BaseCache):
             found |= layer.contains_many(k for k in wanted if k not in found)
         return found
 
+    def newest(self, limit: int) -> list[Digest]:
+        """The newest of each layer's ``limit`` newest calls: loads at most ``limit`` records
+        per layer beyond what the layers' own ``newest`` read."""
+        candidates = dict.fromkeys(k for layer in self.layers for k in layer.newest(limit))
+        found = []
+        for key in candidates:
+            with contextlib.suppress(KeyError, CorruptEntryError):
+                found.append((key, self._record(key)))
+        return newest_first(found, limit)
+
+    def _record(self, key: Digest) -> Call:
+        for layer in self.layers:
+            with contextlib.suppress(KeyError):
+                return layer.load(key)
+        raise KeyError(key)
+
     def evict(self, key: Digest | str) -> None:
         """Evict from every writable layer that has the call; ``KeyError`` if none had it."""
         found = False
@@ -1041,11 +1084,14 @@ class CacheStack(BaseCache):
         """Re-key every writable layer; the calls moved in all of them together."""
         return sum(layer.redigest() for layer in self._writable_layers("re-key calls"))
 
-    def gc(self, dry_run: bool = False) -> set[Digest]:
-        """Collect garbage in every writable layer; the union of the keys each removed."""
+    def gc(
+        self, dry_run: bool = False, *, progress: Callable[[int, int], None] | None = None
+    ) -> set[Digest]:
+        """Collect garbage in every writable layer; the union of the keys each removed
+        (``progress`` is told of each layer's calls in turn)."""
         removed: set[Digest] = set()
         for layer in self._writable_layers("collect garbage"):
-            removed |= layer.gc(dry_run=dry_run)
+            removed |= layer.gc(dry_run=dry_run, progress=progress)
         return removed
 
     def close(self) -> None:
@@ -1116,6 +1162,9 @@ class CacheWrapper(BaseCache):
     def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
         return self.cache.contains_many(keys)
 
+    def newest(self, limit: int) -> list[Digest]:
+        return self.cache.newest(limit)
+
     def evict(self, key: Digest | str) -> None:
         self.cache.evict(key)
 
@@ -1149,8 +1198,10 @@ class CacheWrapper(BaseCache):
     def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
         return self.cache.locked(key)
 
-    def gc(self, dry_run: bool = False) -> set[Digest]:
-        return self.cache.gc(dry_run=dry_run)
+    def gc(
+        self, dry_run: bool = False, *, progress: Callable[[int, int], None] | None = None
+    ) -> set[Digest]:
+        return self.cache.gc(dry_run=dry_run, progress=progress)
 
     def transfer(
         self,
@@ -1209,7 +1260,9 @@ class ReadOnlyCache(CacheWrapper):
     def locked(self, key: Digest | str) -> contextlib.AbstractContextManager[Digest]:
         raise self._refuse(f"lock {key} (its lock guards writes)")
 
-    def gc(self, dry_run: bool = False) -> set[Digest]:
+    def gc(
+        self, dry_run: bool = False, *, progress: Callable[[int, int], None] | None = None
+    ) -> set[Digest]:
         raise self._refuse("collect garbage")
 
     def stash(self, call: Call) -> DigestedCall:

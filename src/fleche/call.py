@@ -22,7 +22,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .digest import Digest, callable_name, digest, digest_mapping, digest_sequence
 
@@ -38,7 +38,10 @@ __all__ = [
     "Metadata",
     "QueryCall",
     "lookup_key",
+    "with_lookup_key",
 ]
+
+CallT = TypeVar("CallT", bound="Call")
 
 Metadata = Mapping[str, Mapping[str, Any]]
 """Metadata of a call: named sections (e.g. ``"runtime"``) of JSON-compatible entries."""
@@ -76,6 +79,20 @@ def lookup_key(
     return digest_sequence(
         tuple, [*_identity_digests(name, module, version, code_digest), digest_mapping(dict, pairs)]
     )
+
+
+_KEY = "_lookup_key"
+"""Where a record remembers its lookup key (in its ``__dict__``, outside the dataclass fields)."""
+_KEYLESS = frozenset({"metadata", "result", "inline"})
+"""The fields a lookup key does not depend on."""
+
+
+def with_lookup_key(call: CallT, key: Digest) -> CallT:
+    """``call``, remembering ``key`` as its lookup key: for the code that just made ``call`` and
+    computed its key from the same identity and argument digests (the decorator, a cache's
+    save), so no step after it digests again. Only for a record no one changes afterwards."""
+    call.__dict__[_KEY] = key
+    return call
 
 
 def _lookup_key(call: Call | DigestedCall) -> Digest:
@@ -168,12 +185,15 @@ class Call:
 
     def to_lookup_key(self) -> Digest:
         """The key under which this call is stored: a digest of name, module, version, code digest
-        and arguments; metadata and result are not part of it."""
-        return _lookup_key(self)
+        and arguments; metadata and result are not part of it. Digested anew on each call,
+        unless the record was handed its key by :func:`with_lookup_key` (which :meth:`digest`
+        and :meth:`replace` of other fields keep): arguments may be mutable values."""
+        known = self.__dict__.get(_KEY)
+        return _lookup_key(self) if known is None else known
 
     def digest(self) -> DigestedCall:
         """This call as a record: every argument and the result replaced by its digest."""
-        return DigestedCall(
+        record = DigestedCall(
             name=self.name,
             arguments=_argument_digests(self.arguments),
             metadata=self.metadata,
@@ -182,6 +202,17 @@ class Call:
             code_digest=self.code_digest,
             result=digest(self.result),
         )
+        known = self.__dict__.get(_KEY)
+        if known is not None:  # a digest stands in for its value: the same lookup key
+            record.__dict__[_KEY] = known
+        return record
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The remembered lookup key is not part of the record: stored records stay as they were.
+        state = self.__dict__
+        if _KEY in state:
+            state = {k: v for k, v in state.items() if k != _KEY}
+        return state
 
     def stash(self, cache: BaseCache) -> DigestedCall:
         """Store this call's argument and result values in ``cache`` (not the call itself) and
@@ -199,6 +230,8 @@ class Call:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
+        if not _KEYLESS.issuperset(changes):
+            new.__dict__.pop(_KEY, None)
         return new
 
 

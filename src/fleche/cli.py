@@ -47,6 +47,7 @@ from .digest import Digest
 from .errors import AmbiguousDigestError, CorruptEntryError, FlecheError, SpecError
 from .query import start_time
 from .spec import CACHE_ENV, StoreSpec, default_spec, mask, parse
+from .storage.base import start_text
 from .verify import repair, verify
 
 __all__ = ["main"]
@@ -215,12 +216,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         spec, cache = _open(args.spec)
     functions: dict[str, int] = {}
     unreadable = 0
-    for _, record in cache.records():
-        if isinstance(record, CorruptEntryError):
-            unreadable += 1
-            continue
-        name = _function(record)
-        functions[name] = functions.get(name, 0) + 1
+    bar = Progress("info", args.progress)
+    total = len(list(cache.calls.list())) if bar.enabled else 0  # listed only for the bar
+    try:
+        for done, (_, record) in enumerate(cache.records(), 1):
+            bar.update(min(done, total), total)
+            if isinstance(record, CorruptEntryError):
+                unreadable += 1
+                continue
+            name = _function(record)
+            functions[name] = functions.get(name, 0) + 1
+    finally:
+        bar.close()
     n_values = len(list(cache.values.list()))
     n_calls = sum(functions.values()) + unreadable
     where = _describe(spec)
@@ -270,10 +277,9 @@ def _name_matches(record: DigestedCall, name: str | None) -> bool:
     return name is None or name in (record.name, _function(record), f"{record.module}:{record.name}")
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 0:
-        raise UsageError(f"--limit must be 0 or more, got {args.limit}")
-    _, cache = _open(args.spec)
+def _matching(cache: Cache, args: argparse.Namespace) -> list[tuple[Digest, DigestedCall]]:
+    """Every readable call record that ``--where`` and ``--name`` select (one pass over them),
+    with a note on standard error counting the unreadable ones."""
     template = QueryCall(arguments=_where(args.where) or None)
     found, unreadable = [], 0
     for key, record in cache.records(template):
@@ -284,9 +290,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if unreadable:
         print(f"skipped {count(unreadable, 'unreadable call record')} (run: fleche verify)",
               file=sys.stderr)
-    found.sort(key=lambda kr: str(_runtime(kr[1]).get("start", "")), reverse=True)
-    if args.limit is not None:
-        found = found[: args.limit]
+    return found
+
+
+def _newest(cache: Cache, limit: int) -> list[tuple[Digest, DigestedCall]]:
+    """The ``limit`` calls started last, from the store's ``newest`` (evicted or damaged since
+    are left out)."""
+    found = []
+    for key in cache.newest(limit):
+        try:
+            found.append((key, cache.calls.load(key)))
+        except (KeyError, CorruptEntryError):
+            continue
+    return found
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 0:
+        raise UsageError(f"--limit must be 0 or more, got {args.limit}")
+    _, cache = _open(args.spec)
+    if args.limit is not None and not args.where and args.name is None:
+        found = _newest(cache, args.limit)  # what an index answers without reading every call
+    else:
+        found = _matching(cache, args)
+        found.sort(key=lambda kr: start_text(kr[1]), reverse=True)
+        if args.limit is not None:
+            found = found[: args.limit]
     keys = [key for key, _ in found]
     shorts: Sequence[Digest] = ()
     if keys:
@@ -500,7 +529,11 @@ def cmd_clear(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     spec, cache = _open(args.spec)
     before = _disk_size(spec, cache)
-    garbage = sorted(cache.gc(dry_run=args.dry_run))  # removed (or, dry run, to be removed)
+    bar = Progress("gc", args.progress)
+    try:  # removed (or, dry run, to be removed)
+        garbage = sorted(cache.gc(dry_run=args.dry_run, progress=bar.update))
+    finally:
+        bar.close()
     after = None if args.dry_run else _disk_size(spec, cache)
     if args.json:
         _emit_json({"dry_run": args.dry_run, "values": garbage,
@@ -605,6 +638,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("info", "where a store is, how many calls and values, size, functions", cmd_info)
     sub.add_argument("spec", metavar="SPEC", nargs="?", help="the store (default: the store "
                      f"decorated functions use without a cache: {CACHE_ENV}, else the user cache)")
+    progress_flag(sub)
     json_flag(sub)
 
     sub = command("ls", "a table of stored calls, newest first", cmd_ls)
@@ -641,6 +675,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("gc", "remove values no stored call needs", cmd_gc)
     sub.add_argument("spec", metavar="SPEC")
     sub.add_argument("--dry-run", action="store_true", help="only count them")
+    progress_flag(sub)
     json_flag(sub)
 
     sub = command("verify", "load every entry; report corrupt and dangling ones", cmd_verify)

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, overload
 
 from .caches import BaseCache
-from .call import Call, KnownArguments, lookup_key
+from .call import Call, KnownArguments, lookup_key, with_lookup_key
 from .digest import (
     Digest,
     Indigestible,
@@ -359,12 +359,18 @@ class _Cached:
         except TypeError:
             return None
         try:
-            template = self.identity()
-            key, digests = self.key(arguments, template)
+            return self.keyed_call(arguments)
         except Indigestible as e:  # digest() raises nothing else: the call runs, uncached
             _warn(f"{self.name} ran uncached: {e}", stacklevel=4)
             return None
-        return key, template.replace(arguments=KnownArguments(arguments, digests))
+
+    def keyed_call(self, arguments: Mapping[str, Any]) -> tuple[Digest, Call]:
+        """The lookup key and the ``Call`` of these bound arguments under :meth:`identity`, the
+        call remembering its key and its arguments' digests, so no later step digests again;
+        ``Indigestible`` as :meth:`key`."""
+        template = self.identity()
+        key, digests = self.key(arguments, template)
+        return key, with_lookup_key(template.replace(arguments=KnownArguments(arguments, digests)), key)
 
     def run(self, args: tuple, kwargs: dict) -> Any:
         cache = self.resolve_cache()

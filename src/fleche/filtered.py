@@ -102,6 +102,11 @@ class FilteredCache(ReadOnlyCache):
     def contains_many(self, keys: Iterable[Digest | str]) -> set[Digest]:
         return {self.expand(k) for k in keys if self.contains(k)}
 
+    def newest(self, limit: int) -> list[Digest]:
+        """The newest matching calls: one pass over them (the wrapped cache's newest may all
+        lie outside this view)."""
+        return BaseCache.newest(self, limit)
+
     def list(self) -> Iterable[Digest]:
         return [call.to_lookup_key() for call in self.find(QueryCall())]
 

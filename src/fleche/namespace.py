@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .call import Call, KnownArguments, QueryCall
+from .call import Call, QueryCall
 from .caches import BaseCache, ReadOnlyError
 from .digest import Digest
 from .digest_arguments import by_value
@@ -139,10 +139,7 @@ class FunctionNamespace:
 
     def _key_and_call(self, args: tuple, kwargs: dict) -> tuple[Digest, Call]:
         cached = self._cached
-        arguments = cached.bind(args, kwargs)
-        template = cached.identity()
-        key, digests = cached.key(arguments, template)
-        return key, template.replace(arguments=KnownArguments(arguments, digests))
+        return cached.keyed_call(cached.bind(args, kwargs))
 
     def rerun(self, *args: Any, **kwargs: Any) -> Any:
         """Make this call with every decorated call inside it recomputed and its entry replaced

@@ -455,6 +455,18 @@ class CallStorageTests(StorageTests):
         assert storage.save(call) == call.to_lookup_key()
 
     @pytest.mark.persistent
+    def test_newest(self, storage: Any) -> None:
+        starts = ["2026-01-03T00:00:00+00:00", "2026-01-01T00:00:00+00:00", None,
+                  "2026-01-02T00:00:00+00:00"]
+        keys = []
+        for i, start in enumerate(starts):
+            runtime = {"host": "h"} if start is None else {"start": start}
+            keys.append(storage.save(self.item(i).replace(metadata={"runtime": runtime})))
+        assert storage.newest(2) == [keys[0], keys[3]]
+        assert storage.newest(10) == [keys[0], keys[3], keys[1], keys[2]]  # no start: last
+        assert storage.newest(0) == []
+
+    @pytest.mark.persistent
     def test_save_accepts_undigested_call(self, storage: Any) -> None:
         call = Call.from_call(_sample_function, [1, 2]).replace(result=[1, 2])
         key = storage.save(call)
@@ -701,6 +713,14 @@ class CacheTests:
         short = cache.shrink(key)
         assert key.startswith(short) and cache.expand(short) == key
         assert cache.shrink(key, key) == (short, short)
+
+    def test_newest(self, store: Cache, cache: BaseCache) -> None:
+        keys = [
+            store.save(_sample_call(i).replace(metadata={"runtime": {"start": f"2026-01-0{d}"}}))
+            for i, d in enumerate([2, 3, 1])
+        ]
+        assert cache.newest(2) == [keys[1], keys[0]]
+        assert cache.newest(5) == [keys[1], keys[0], keys[2]]
 
     def test_shrink_of_a_key_not_stored(self, store: Cache, cache: BaseCache) -> None:
         stored = store.save(_sample_call(1))

@@ -16,6 +16,7 @@ import abc
 import bisect
 import contextlib
 import enum
+import heapq
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, NamedTuple, TypeVar, overload
 
@@ -429,6 +430,21 @@ class ValueMixin(ValueStorage, StorageBackend):
             return self.get(key)
 
 
+def start_text(call: Call) -> str:
+    """The ``start`` of a call's ``runtime`` metadata as text (ISO 8601, so it sorts by time),
+    ``""`` for a call recorded without one: what "newest" orders calls by."""
+    runtime = (call.metadata or {}).get("runtime")
+    return str(runtime.get("start", "")) if isinstance(runtime, dict) else ""
+
+
+def newest_first(calls: Iterable[tuple[Digest, Call]], limit: int) -> list[Digest]:
+    """The keys of the ``limit`` calls among ``(key, call)`` pairs started last, newest first;
+    ties keep the pairs' order, calls without a start come last."""
+    if limit < 0:
+        raise ValueError(f"limit must be 0 or more, got {limit}")
+    return [key for key, _ in heapq.nlargest(limit, calls, key=lambda kc: start_text(kc[1]))]
+
+
 class CallStorage(KeyManagement):
     """Abstract domain interface for call storage: :class:`DigestedCall` records by lookup key."""
 
@@ -469,6 +485,27 @@ class CallStorage(KeyManagement):
         different places.
         """
         return False
+
+    def newest(self, limit: int) -> list[Digest]:
+        """The keys of the ``limit`` calls started last (their ``runtime`` metadata's
+        ``start``), newest first; calls without a start come last, unreadable records are
+        left out. A snapshot: calls saved or evicted meanwhile may or may not count.
+
+        Note for implementers: this default reads every record (O(entries), through
+        :meth:`query`, record by record past a damaged one); a storage that keeps the start in
+        an index overrides it.
+        """
+        try:
+            return newest_first(((c.to_lookup_key(), c) for c in self.query(QueryCall())), limit)
+        except CorruptEntryError:
+            return newest_first(self._readable_records(), limit)
+
+    def _readable_records(self) -> Iterator[tuple[Digest, DigestedCall]]:
+        for key in list(self.list()):
+            try:
+                yield key, self.load(key)
+            except (KeyError, CorruptEntryError):  # evicted since listed, or damaged
+                continue
 
     def transform(
         self, func: Callable[[DigestedCall], DigestedCall] | None = None

@@ -66,23 +66,30 @@ def wait_time(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-@contextlib.contextmanager
-def acquiring_until(deadline: float | None) -> Iterator[None]:
+class acquiring_until:  # noqa: N801 - used as a function: ``with acquiring_until(d):``
     """Lock layers acquired in this block (by this thread) share ``deadline``.
 
     Enter only the acquisition of the inner layers in it, not the work done under the lock: a
     nested operation there starts an acquisition, and a deadline, of its own. Where an outer
     acquisition is already running, its deadline stays in force; ``None`` (no deadline) leaves
-    the inner layers their own timeouts.
+    the inner layers their own timeouts. (A class: it is on the path of every write.)
     """
-    if _ACQUISITION.active or deadline is None:
-        yield
-        return
-    _ACQUISITION.active, _ACQUISITION.deadline = True, deadline
-    try:
-        yield
-    finally:
-        _ACQUISITION.active, _ACQUISITION.deadline = False, None
+
+    __slots__ = ("_deadline", "_own")
+
+    def __init__(self, deadline: float | None) -> None:
+        self._deadline = deadline
+        self._own = False
+
+    def __enter__(self) -> None:
+        if not _ACQUISITION.active and self._deadline is not None:
+            _ACQUISITION.active, _ACQUISITION.deadline = True, self._deadline
+            self._own = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._own:
+            _ACQUISITION.active, _ACQUISITION.deadline = False, None
+            self._own = False
 
 
 # Locks copied into a child by fork may be held by a thread that does not exist there; every lock
@@ -229,19 +236,38 @@ class PerKeyLockMixin(OperationContext):
         # reader never waits for a long ``locked`` section.
         if intent is Intent.READ and self._atomic_writes:
             return super()._operation_context(key, intent=intent)
-        return self._locked_context(key, intent)
+        return _KeyLocked(
+            self._get_key_lock(key), str(key), self.lock_timeout,
+            super()._operation_context(key, intent=intent),
+        )
 
-    @contextlib.contextmanager
-    def _locked_context(self, key: Digest | str, intent: Intent) -> Iterator[None]:
-        deadline = lock_deadline(self.lock_timeout)
-        lock = self._get_key_lock(key)
+
+class _KeyLocked:
+    """Hold a key's thread lock, then enter the later layers' context (``inner``) within the
+    same deadline. A class rather than a generator: it is on the path of every write."""
+
+    __slots__ = ("_lock", "_key", "_timeout", "_inner")
+
+    def __init__(
+        self, lock: Any, key: str, timeout: float | None,
+        inner: contextlib.AbstractContextManager[None],
+    ) -> None:
+        self._lock, self._key, self._timeout, self._inner = lock, key, timeout, inner
+
+    def __enter__(self) -> None:
+        deadline = lock_deadline(self._timeout)
         left = wait_time(deadline)
-        if not lock.acquire(timeout=-1 if left is None else left):
-            raise LockTimeout(str(key), "a thread lock of this process", self.lock_timeout)
+        if not self._lock.acquire(timeout=-1 if left is None else left):
+            raise LockTimeout(self._key, "a thread lock of this process", self._timeout)  # type: ignore[arg-type]
         try:
-            with contextlib.ExitStack() as inner:
-                with acquiring_until(deadline):  # the later layers' locks: the same deadline
-                    inner.enter_context(super()._operation_context(key, intent=intent))
-                yield
+            with acquiring_until(deadline):  # the later layers' locks: the same deadline
+                self._inner.__enter__()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        try:
+            return self._inner.__exit__(*exc)
         finally:
-            lock.release()
+            self._lock.release()
