@@ -256,11 +256,104 @@ def test_nested_containers_round_trip(tmp_path, value):
 
 @_ROUND_TRIP
 @given(value=nested_inlinable)
+@example(value={"00": None, "0": None})  # HDF5 lists a group's members by name: "0" first
 def test_inlined_containers_round_trip(tmp_path, value):
     """With ``remaining_depth`` low sub-trees are kept inside their parent's file."""
     values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=2)
     key = values.save(value, digest("top"))  # an explicit key: see the report on depth > 0
     assert_same(values.load(key), value)
+
+
+class Holder:
+    """Not destructured: bagofholding stores its ``__dict__``, dicts inside it included."""
+
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Holder and _orders(other.payload) == _orders(self.payload)
+
+    def __digest__(self) -> Any:
+        return _orders(self.payload)
+
+
+class Record(dict):
+    pass
+
+
+def _orders(value: Any) -> Any:
+    """``value`` with every dict replaced by its list of (key, value) pairs, in order."""
+    if isinstance(value, dict):
+        return (type(value), [(k, _orders(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return (type(value), [_orders(v) for v in value])
+    if isinstance(value, Holder):
+        return (Holder, _orders(value.payload))
+    return value
+
+
+UNSORTED_DICTS = [
+    {"b": 1, "a": 2},
+    {"00": None, "0": None},
+    {"z": {"y": 1, "x": {"w": 2, "v": 3}}, "a": [{"d": 1, "c": 2}, ({"f": 1, "e": 2},)]},
+    {f"k{i}": i for i in range(12, 0, -1)},
+    {"é": 1, "e": 2, "Z": 3},
+    Record(b=1, a={"d": 1, "c": 2}),
+    Holder({"b": 1, "a": {"d": 1, "c": 2}}),
+    [Holder([{"b": 1, "a": 2}])],
+]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_dicts_keep_their_key_order(tmp_path, depth):
+    """A dict comes back with its keys in the order it was saved in, whether it is stored as
+    parts, inlined into its parent's file, or inside an object stored whole."""
+    values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=depth)
+    for i, value in enumerate(UNSORTED_DICTS):
+        loaded = values.load(values.save(value, digest(("unsorted", i))))
+        assert _orders(loaded) == _orders(value), (depth, value)
+
+
+def test_dicts_written_before_order_was_kept_load_as_they_did(tmp_path, no_env_key):
+    """An entry bagofholding wrote without creation order loads, keys in name order."""
+    from bagofholding import H5Bag
+
+    key = digest("written by an earlier fleche")
+    _entry(tmp_path, key).parent.mkdir(parents=True)
+    assert not h5py.get_config().track_order
+    H5Bag.save({"b": 1, "a": {"d": 1, "c": 2}}, _entry(tmp_path, key))
+    loaded = ValueBagOfHoldingH5File(tmp_path).load(key)
+    assert _orders(loaded) == _orders({"a": {"c": 2, "d": 1}, "b": 1})
+
+
+@pytest.mark.parametrize("setting", [False, True])
+def test_saving_leaves_h5pys_order_setting_as_it_was(tmp_path, setting):
+    """Saves from several threads at once each keep their dicts' order, and afterwards h5py's
+    process-wide ``track_order`` default is what it was before."""
+    config = h5py.get_config()
+    config.track_order = setting
+    try:
+        values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=3)
+        start = threading.Barrier(4)
+        failures: list[Any] = []
+
+        def save_many(t: int) -> None:
+            start.wait()
+            for i in range(5):
+                value = {f"k{j}": [t, i] for j in range(6, 0, -1)}
+                loaded = values.load(values.save(value, digest(("threads", t, i))))
+                if list(loaded) != list(value):
+                    failures.append(list(loaded))
+
+        threads = [threading.Thread(target=save_many, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert config.track_order is setting
+    finally:
+        config.track_order = False
 
 
 @dataclass(frozen=True)
