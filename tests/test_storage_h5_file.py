@@ -38,9 +38,11 @@ from fleche.storage import (  # noqa: E402
 from fleche.storage.envelope import SECRET_KEY_ENV  # noqa: E402
 from fleche.storage.h5_file import USER_BLOCK  # noqa: E402
 from fleche.testing import (  # noqa: E402
+    UNSORTED_DICTS,
     CallStorageTests,
     ValueStorageTests,
     assert_corrupt_entry_is_reported_and_evictable,
+    key_orders,
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -264,46 +266,6 @@ def test_inlined_containers_round_trip(tmp_path, value):
     assert_same(values.load(key), value)
 
 
-class Holder:
-    """Not destructured: bagofholding stores its ``__dict__``, dicts inside it included."""
-
-    def __init__(self, payload: Any) -> None:
-        self.payload = payload
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is Holder and _orders(other.payload) == _orders(self.payload)
-
-    def __digest__(self) -> Any:
-        return _orders(self.payload)
-
-
-class Record(dict):
-    pass
-
-
-def _orders(value: Any) -> Any:
-    """``value`` with every dict replaced by its list of (key, value) pairs, in order."""
-    if isinstance(value, dict):
-        return (type(value), [(k, _orders(v)) for k, v in value.items()])
-    if isinstance(value, (list, tuple)):
-        return (type(value), [_orders(v) for v in value])
-    if isinstance(value, Holder):
-        return (Holder, _orders(value.payload))
-    return value
-
-
-UNSORTED_DICTS = [
-    {"b": 1, "a": 2},
-    {"00": None, "0": None},
-    {"z": {"y": 1, "x": {"w": 2, "v": 3}}, "a": [{"d": 1, "c": 2}, ({"f": 1, "e": 2},)]},
-    {f"k{i}": i for i in range(12, 0, -1)},
-    {"é": 1, "e": 2, "Z": 3},
-    Record(b=1, a={"d": 1, "c": 2}),
-    Holder({"b": 1, "a": {"d": 1, "c": 2}}),
-    [Holder([{"b": 1, "a": 2}])],
-]
-
-
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
 def test_dicts_keep_their_key_order(tmp_path, depth):
     """A dict comes back with its keys in the order it was saved in, whether it is stored as
@@ -311,7 +273,7 @@ def test_dicts_keep_their_key_order(tmp_path, depth):
     values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=depth)
     for i, value in enumerate(UNSORTED_DICTS):
         loaded = values.load(values.save(value, digest(("unsorted", i))))
-        assert _orders(loaded) == _orders(value), (depth, value)
+        assert key_orders(loaded) == key_orders(value), (depth, value)
 
 
 def test_dicts_written_before_order_was_kept_load_as_they_did(tmp_path, no_env_key):
@@ -323,7 +285,7 @@ def test_dicts_written_before_order_was_kept_load_as_they_did(tmp_path, no_env_k
     assert not h5py.get_config().track_order
     H5Bag.save({"b": 1, "a": {"d": 1, "c": 2}}, _entry(tmp_path, key))
     loaded = ValueBagOfHoldingH5File(tmp_path).load(key)
-    assert _orders(loaded) == _orders({"a": {"c": 2, "d": 1}, "b": 1})
+    assert key_orders(loaded) == key_orders({"a": {"c": 2, "d": 1}, "b": 1})
 
 
 @pytest.mark.parametrize("setting", [False, True])
