@@ -374,6 +374,20 @@ def test_call_records_json_cannot_express_still_round_trip(tmp_path):
     assert calls.load(key).metadata["m"]["pair"] == (1, 2)
 
 
+def _zyx(z, y, x):
+    return z
+
+
+def test_call_records_json_cannot_express_keep_key_order(tmp_path):
+    """bagofholding's structural form of a record keeps arguments and metadata in order."""
+    calls = CallBagOfHoldingH5File(tmp_path)
+    metadata = {"m": {"pair": (1, 2), "b": 1, "a": 2}, "c": {}}
+    call = Call.from_call(_zyx, 1, 2, 3).replace(result=1, metadata=metadata).digest()
+    loaded = calls.load(calls.save(call))
+    assert list(loaded.arguments) == ["z", "y", "x"]
+    assert key_orders(loaded.metadata) == key_orders(metadata)
+
+
 def test_container_file_lists_its_element_keys(tmp_path):
     values = ValueBagOfHoldingH5File(tmp_path)
     key = values.save({"a": 1, "b": [2]})

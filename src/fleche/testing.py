@@ -80,6 +80,10 @@ def _sample_function(x: Any, y: Any = 0) -> Any:
     return (x, y)
 
 
+def _unsorted_parameters(zeta: Any, alpha: Any, mid: Any) -> Any:
+    return (zeta, alpha, mid)
+
+
 class StorageTests:
     """Contract shared by value and call storages: keys, short digests, pickling, threads."""
 
@@ -518,6 +522,16 @@ class CallStorageTests(StorageTests):
         assert storage.newest(2) == [keys[0], keys[3]]
         assert storage.newest(10) == [keys[0], keys[3], keys[1], keys[2]]  # no start: last
         assert storage.newest(0) == []
+
+    @pytest.mark.persistent
+    def test_dicts_keep_their_key_order(self, storage: Any) -> None:
+        """Arguments come back in the function's parameter order and metadata dicts in the
+        order they were saved in."""
+        metadata = {"runtime": {"start": None, "host": "h"}, "b": {"y": [{"d": 1, "c": 2}]}, "a": {}}
+        call = Call.from_call(_unsorted_parameters, 1, 2, 3).replace(result=[1], metadata=metadata)
+        loaded = storage.load(storage.save(call.digest()))
+        assert list(loaded.arguments) == ["zeta", "alpha", "mid"]
+        assert key_orders(loaded.metadata) == key_orders(metadata)
 
     @pytest.mark.persistent
     def test_save_accepts_undigested_call(self, storage: Any) -> None:

@@ -4,7 +4,9 @@ call storages on them.
 Each entry is one HDF5 file, ``root/<first two hex digits>/<key>.h5``, written by
 :class:`bagofholding.H5Bag`: the stored object's structure becomes groups under ``/object``, numpy
 arrays become datasets with their dtype and shape, and every node's attrs say what it holds. So a
-stored file opens with plain ``h5py`` (or HDFView, ``h5ls``) and shows the data.
+stored file opens with plain ``h5py`` (or HDFView, ``h5ls``) and shows the data. Its groups track
+creation order, so a dict stored as a group comes back with its keys in insertion order (entries
+written before fleche did this load them in name order).
 
 The file's first 512 bytes are an HDF5 *user block*, which HDF5 tools skip (``h5py`` reports it
 as ``userblock_size``). It holds the envelope of :mod:`fleche.storage.envelope` (magic
