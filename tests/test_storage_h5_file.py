@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,22 +298,18 @@ def test_saving_leaves_h5pys_order_setting_as_it_was(tmp_path, setting):
     try:
         values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=3)
         start = threading.Barrier(4)
-        failures: list[Any] = []
 
-        def save_many(t: int) -> None:
+        def save_many(t: int) -> list[bool]:
             start.wait()
+            kept = []
             for i in range(5):
                 value = {f"k{j}": [t, i] for j in range(6, 0, -1)}
                 loaded = values.load(values.save(value, digest(("threads", t, i))))
-                if list(loaded) != list(value):
-                    failures.append(list(loaded))
+                kept.append(list(loaded) == list(value))
+            return kept
 
-        threads = [threading.Thread(target=save_many, args=(t,)) for t in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert failures == []
+        with ThreadPoolExecutor(4) as pool:
+            assert all(all(kept) for kept in pool.map(save_many, range(4)))
         assert config.track_order is setting
     finally:
         config.track_order = False
