@@ -43,6 +43,7 @@ from ..pickle_file import check_serializer, open_pickle_parts, seal_pickle_parts
 from ..thread_safe import PerKeyLockMixin
 from . import connections as _connections
 from .connections import is_transient, retrying, safe_url
+from .dialects.base import BINARY_RESULTS
 from .schema import value_chunks, values
 from .storage import Sql
 
@@ -53,14 +54,17 @@ CHUNK_BYTES = 4 * 2**20
 in ``fleche_value_chunks``."""
 
 _KEY = sa.bindparam("key", type_=values.c.key.type)
-_SELECT = sa.select(values.c.header, values.c.size, values.c.chunks, values.c.data).where(
-    values.c.key == _KEY
+_SELECT = (
+    sa.select(values.c.header, values.c.size, values.c.chunks, values.c.data)
+    .where(values.c.key == _KEY)
+    .execution_options(**{BINARY_RESULTS: True})  # payload bytes as bytes, not hex text
 )
 _SELECT_CHUNKS = (
     sa.select(value_chunks.c.n, value_chunks.c.data)
     .where(value_chunks.c.key == _KEY)
     .order_by(value_chunks.c.n)
-    .execution_options(yield_per=1)  # one chunk in memory at a time, on every driver
+    # one chunk in memory at a time, on every driver; its bytes as bytes, not hex text
+    .execution_options(yield_per=1, **{BINARY_RESULTS: True})
 )
 _CONTAINS = sa.select(values.c.key).where(values.c.key == _KEY)
 _LIST = sa.select(values.c.key).order_by(values.c.key)
