@@ -10,6 +10,12 @@ is written chunk by chunk from its pickle and read chunk by chunk into one buffe
 rows are written in one transaction under the key's lock, and read in one snapshot, so a reader
 in any process sees the old value or the new one, whole.
 
+Payload bytes travel as bytes where the driver can: psycopg 3 sends chunks as binary parameters
+and, for the statements marked :data:`~.dialects.base.BINARY_RESULTS`, receives them in binary
+format (its default text format sends ``bytea`` as hex, twice the bytes, to decode); PyMySQL
+receives a ``BLOB`` as its bytes but writes it into the statement as a hex literal, having no
+binary parameters.
+
 Built on an :class:`~fleche.storage.sql.Sql` call storage and its connections (one URL, one
 pool): a :class:`~fleche.caches.Cache` of ``SqlValues(calls)`` and ``calls`` writes a call's
 values and its record in one transaction (``Sql.save_together``).
@@ -168,14 +174,16 @@ class SqlValueBackend(StorageBackend):
             params = {"key": key}
             conn.execute(_DELETE_CHUNKS, params)
             conn.execute(_DELETE, params)
+            # Chunks go to the driver as views of the pickle: psycopg and sqlite3 send them as
+            # they are (binary parameters), PyMySQL copies each into its statement.
             row = {
                 "key": key, "header": header, "size": size, "chunks": chunks,
-                "data": bytes(view[:CHUNK_BYTES]), "used": time.time(),
+                "data": view[:CHUNK_BYTES], "used": time.time(),
             }
             conn.execute(_INSERT, row)
             for n in range(1, chunks):
                 start = n * CHUNK_BYTES
-                data = bytes(view[start : start + CHUNK_BYTES])
+                data = view[start : start + CHUNK_BYTES]
                 conn.execute(_INSERT_CHUNK, {"key": key, "n": n, "data": data})
 
         self._writing(key, work)
