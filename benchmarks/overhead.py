@@ -15,7 +15,8 @@ result and for a 10 MB array. moto on loopback answers in milliseconds; a real S
 network latency (tens of milliseconds per request) and bandwidth.
 
 ``--database`` adds stores that are a database alone (values in the database too): a SQLite
-file, and PostgreSQL (``--postgres URL``) for the small result and for a 10 MB array.
+file, PostgreSQL (``--postgres URL``) and MariaDB (``--mariadb URL``) for the small result and
+for a 10 MB array.
 """
 
 from __future__ import annotations
@@ -144,13 +145,16 @@ def _object_store(result: Callable[[int], Any], calls_in_postgres: bool) -> Fact
     return factory
 
 
-def _database_store(result: Callable[[int], Any], postgres: bool) -> Factory:
+def _database_store(result: Callable[[int], Any], server: str | None) -> Factory:
+    """A store that is one database: a SQLite file in the run's directory, or the scratch
+    database given for ``server`` (``"postgres"`` or ``"mariadb"``)."""
+
     def factory(d: Path) -> Callable[[int], Any]:
         import fleche as package
 
-        if postgres and not _OBJECTS.get("postgres"):
-            raise ImportError("PostgreSQL-only rows need --database and --postgres URL")
-        spec = _OBJECTS["postgres"] if postgres else f"sqlite:///{d}/store.db"
+        if server is not None and not _OBJECTS.get(server):
+            raise ImportError(f"{server} rows need --database and --{server} URL")
+        spec = _OBJECTS[server] if server is not None else f"sqlite:///{d}/store.db"
         # version=: every run has keys of its own in the shared database
         return fleche(cache=package.open(spec), version=d.name)(result)
 
@@ -186,11 +190,13 @@ OBJECT_SYSTEMS: dict[str, tuple[Factory, float]] = {
     "fleche s3 + postgresql, 10 MB": (_object_store(big_result_of, calls_in_postgres=True), 0.01),
 }
 DATABASE_SYSTEMS: dict[str, tuple[Factory, float]] = {
-    "fleche sqlite only": (_database_store(result_of, postgres=False), 0.25),
-    "fleche postgresql only": (_database_store(result_of, postgres=True), 0.1),
+    "fleche sqlite only": (_database_store(result_of, None), 0.25),
+    "fleche postgresql only": (_database_store(result_of, "postgres"), 0.1),
+    "fleche mariadb only": (_database_store(result_of, "mariadb"), 0.1),
     "uncached call, 10 MB": (lambda _: big_result_of, 0.01),
-    "fleche sqlite only, 10 MB": (_database_store(big_result_of, postgres=False), 0.01),
-    "fleche postgresql only, 10 MB": (_database_store(big_result_of, postgres=True), 0.01),
+    "fleche sqlite only, 10 MB": (_database_store(big_result_of, None), 0.01),
+    "fleche postgresql only, 10 MB": (_database_store(big_result_of, "postgres"), 0.01),
+    "fleche mariadb only, 10 MB": (_database_store(big_result_of, "mariadb"), 0.01),
 }
 PEERS = ["diskcache memoize", "joblib.Memory", "cachier (files)"]
 
@@ -276,10 +282,12 @@ def main() -> None:
     parser.add_argument("--s3", action="store_true",
                         help="add object-store rows against a local S3 server (moto) it starts")
     parser.add_argument("--database", action="store_true",
-                        help="add stores that are a database alone (SQLite; PostgreSQL too "
-                        "with --postgres)")
+                        help="add stores that are a database alone (SQLite; PostgreSQL and "
+                        "MariaDB too with --postgres, --mariadb)")
     parser.add_argument("--postgres", default=os.environ.get("FLECHE_TEST_POSTGRES_URL"),
                         help="PostgreSQL URL (a scratch database) for the PostgreSQL rows")
+    parser.add_argument("--mariadb", default=os.environ.get("FLECHE_TEST_MARIADB_URL"),
+                        help="MariaDB/MySQL URL (a scratch database) for the MariaDB rows")
     args = parser.parse_args()
     systems = dict(SYSTEMS)
     server = None
@@ -293,6 +301,7 @@ def main() -> None:
         systems.update(OBJECT_SYSTEMS)
     if args.database:
         _OBJECTS.setdefault("postgres", args.postgres or "")
+        _OBJECTS.setdefault("mariadb", args.mariadb or "")
         systems.update(DATABASE_SYSTEMS)
     if args.only:
         systems = {n: v for n, v in systems.items() if any(o in n for o in args.only)}

@@ -10,6 +10,12 @@ is written chunk by chunk from its pickle and read chunk by chunk into one buffe
 rows are written in one transaction under the key's lock, and read in one snapshot, so a reader
 in any process sees the old value or the new one, whole.
 
+Payload bytes travel as bytes where the driver can: psycopg 3 sends chunks as binary parameters
+and, for the statements marked :data:`~.dialects.base.BINARY_RESULTS`, receives them in binary
+format (its default text format sends ``bytea`` as hex, twice the bytes, to decode); PyMySQL
+receives a ``BLOB`` as its bytes but writes it into the statement as a hex literal, having no
+binary parameters.
+
 Built on an :class:`~fleche.storage.sql.Sql` call storage and its connections (one URL, one
 pool): a :class:`~fleche.caches.Cache` of ``SqlValues(calls)`` and ``calls`` writes a call's
 values and its record in one transaction (``Sql.save_together``).
@@ -43,6 +49,7 @@ from ..pickle_file import check_serializer, open_pickle_parts, seal_pickle_parts
 from ..thread_safe import PerKeyLockMixin
 from . import connections as _connections
 from .connections import is_transient, retrying, safe_url
+from .dialects.base import BINARY_RESULTS
 from .schema import value_chunks, values
 from .storage import Sql
 
@@ -53,14 +60,17 @@ CHUNK_BYTES = 4 * 2**20
 in ``fleche_value_chunks``."""
 
 _KEY = sa.bindparam("key", type_=values.c.key.type)
-_SELECT = sa.select(values.c.header, values.c.size, values.c.chunks, values.c.data).where(
-    values.c.key == _KEY
+_SELECT = (
+    sa.select(values.c.header, values.c.size, values.c.chunks, values.c.data)
+    .where(values.c.key == _KEY)
+    .execution_options(**{BINARY_RESULTS: True})  # payload bytes as bytes, not hex text
 )
 _SELECT_CHUNKS = (
     sa.select(value_chunks.c.n, value_chunks.c.data)
     .where(value_chunks.c.key == _KEY)
     .order_by(value_chunks.c.n)
-    .execution_options(yield_per=1)  # one chunk in memory at a time, on every driver
+    # one chunk in memory at a time, on every driver; its bytes as bytes, not hex text
+    .execution_options(yield_per=1, **{BINARY_RESULTS: True})
 )
 _CONTAINS = sa.select(values.c.key).where(values.c.key == _KEY)
 _LIST = sa.select(values.c.key).order_by(values.c.key)
@@ -164,14 +174,16 @@ class SqlValueBackend(StorageBackend):
             params = {"key": key}
             conn.execute(_DELETE_CHUNKS, params)
             conn.execute(_DELETE, params)
+            # Chunks go to the driver as views of the pickle: psycopg and sqlite3 send them as
+            # they are (binary parameters), PyMySQL copies each into its statement.
             row = {
                 "key": key, "header": header, "size": size, "chunks": chunks,
-                "data": bytes(view[:CHUNK_BYTES]), "used": time.time(),
+                "data": view[:CHUNK_BYTES], "used": time.time(),
             }
             conn.execute(_INSERT, row)
             for n in range(1, chunks):
                 start = n * CHUNK_BYTES
-                data = bytes(view[start : start + CHUNK_BYTES])
+                data = view[start : start + CHUNK_BYTES]
                 conn.execute(_INSERT_CHUNK, {"key": key, "n": n, "data": data})
 
         self._writing(key, work)

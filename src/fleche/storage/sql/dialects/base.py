@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL
 from ..schema import calls
 
 __all__ = [
+    "BINARY_RESULTS",
     "SIMPLE_KEY",
     "UPDATED_COLUMNS",
     "Dialect",
@@ -33,6 +34,12 @@ __all__ = [
 
 SIMPLE_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 """Metadata entry names that need no quoting in a SQLite or MySQL JSON path."""
+
+BINARY_RESULTS = "fleche_binary_results"
+"""Execution option (``stmt.execution_options(**{BINARY_RESULTS: True})``) asking for a
+statement's rows in the driver's binary format, where a large ``bytea``/``BLOB`` comes as its
+bytes rather than as text to decode (PostgreSQL's hex). A dialect whose engine honours it says
+so in its ``create_engine``; on the others the rows are already bytes and it changes nothing."""
 
 UPDATED_COLUMNS = tuple(c.name for c in calls.columns if c.name != "key")
 """The columns an upsert replaces in an existing calls row."""

@@ -12,7 +12,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql
 
 from ....errors import LockTimeout
-from .base import ServerDialect, lock_id, on_conflict_upsert
+from .base import BINARY_RESULTS, ServerDialect, lock_id, on_conflict_upsert
 
 __all__ = ["PostgresqlDialect"]
 
@@ -34,9 +34,26 @@ _VOLUME = sa.text(
 )
 
 
+def _binary_results(
+    conn: sa.Connection, cursor: Any, statement: str, parameters: Any, context: Any,
+    executemany: bool,
+) -> None:
+    """Rows of a statement marked :data:`BINARY_RESULTS` come in PostgreSQL's binary format: a
+    ``bytea`` as its bytes, where the text format sends twice as many hex digits to decode. Set
+    per cursor (SQLAlchemy makes one per statement, named for a server-side one), before its
+    query is sent."""
+    if context is not None and context.execution_options.get(BINARY_RESULTS):
+        from psycopg import pq  # the engine's driver, so importable
+
+        cursor.format = pq.Format.BINARY
+
+
 class PostgresqlDialect(ServerDialect):
     """PostgreSQL: writes in READ COMMITTED, reads of several statements in REPEATABLE READ, key
     locks as session-level advisory locks.
+
+    Through psycopg 3, statements marked :data:`~.base.BINARY_RESULTS` (the reads of stored
+    values) get their rows in binary format.
 
     A key lock is tried first (one statement); a waiter then waits in the server with
     ``lock_timeout`` set for that one statement, so it wakes as soon as the holder releases and
@@ -53,7 +70,10 @@ class PostgresqlDialect(ServerDialect):
         }
         if "connect_timeout" not in self.url.query:
             kwargs["connect_args"] = {"connect_timeout": 15}
-        return sa.create_engine(self.url, **kwargs)
+        engine = sa.create_engine(self.url, **kwargs)
+        if engine.dialect.driver == "psycopg":  # psycopg2 and others have no binary results
+            sa.event.listen(engine, "before_cursor_execute", _binary_results)
+        return engine
 
     def upsert(self) -> Any:
         return on_conflict_upsert(postgresql.insert)
