@@ -1030,6 +1030,34 @@ def test_a_held_key_times_out_at_one_deadline(db_url: str) -> None:
     _close(storage)
 
 
+def test_stores_in_two_databases_of_one_server_do_not_share_key_locks() -> None:
+    """MariaDB's lock names are one namespace per server: a key held in one database must not
+    make the same key wait in another database there, and still excludes within its own."""
+    url = _server_url("mariadb")
+    here = Sql(url)._sqlalchemy_url()
+    other = here.set(database=f"{here.database}_other")
+    admin = sa.create_engine(here, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE IF NOT EXISTS `{other.database}`"))
+    try:
+        mine = Sql(url, lock_timeout=0.2)
+        theirs = Sql(other.render_as_string(hide_password=False), lock_timeout=0.2)
+        key = mine.save(_call(1))
+        assert theirs.save(_call(1)) == key
+        with _Holder(url, key):
+            with theirs.locked(key):  # another database: free
+                theirs.save(_call(1, result=2))
+            with pytest.raises(LockTimeout):  # the same database: held
+                with mine.locked(key):
+                    pass
+        _close(mine)
+        _close(theirs)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{other.database}`"))
+        admin.dispose()
+
+
 def test_a_dead_holders_lock_is_free(db_url: str) -> None:
     """A process killed inside ``locked(k)`` leaves nothing held: the kernel (SQLite's lock
     files) or the server (a connection that is gone) frees its lock."""

@@ -154,9 +154,13 @@ class Dialect(abc.ABC):
         by default it cannot."""
         return None
 
+    def key_lock_name(self, key: str) -> str:
+        """The name of ``key``'s lock in the database; by default :func:`lock_name`."""
+        return lock_name(key)
+
     def key_lock_location(self, key: str) -> str:
         """Where ``key``'s lock lives, for error messages."""
-        return f"{self.safe_url} lock {lock_name(key)!r}"
+        return f"{self.safe_url} lock {self.key_lock_name(key)!r}"
 
     @contextlib.contextmanager
     def _released_on_exit(self, conn: sa.Connection, release: Any, params: Any) -> Iterator[None]:

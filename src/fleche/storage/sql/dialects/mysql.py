@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ from sqlalchemy.dialects import mysql
 
 from ....errors import DatabaseError, LockTimeout
 from ..schema import calls
-from .base import SIMPLE_KEY, UPDATED_COLUMNS, ServerDialect, lock_name
+from .base import SIMPLE_KEY, UPDATED_COLUMNS, ServerDialect
 
 __all__ = ["MysqlDialect"]
 
@@ -40,6 +41,15 @@ class MysqlDialect(ServerDialect):
 
     names = ("mysql", "mariadb")
 
+    def key_lock_name(self, key: str) -> str:
+        """``GET_LOCK`` names are one namespace for the whole server, so the name carries the
+        database's too (a digest of it, within MySQL's 64 characters): stores in two databases
+        of one server never wait for each other's keys."""
+        return f"fleche:{self._database_tag()}:{key[:48]}"
+
+    def _database_tag(self) -> str:
+        return hashlib.sha256((self.url.database or "").encode()).hexdigest()[:8]
+
     def create_engine(self, echo: bool) -> sa.Engine:
         return sa.create_engine(
             self.url, echo=echo, pool_pre_ping=True, isolation_level="READ COMMITTED"
@@ -65,12 +75,13 @@ class MysqlDialect(ServerDialect):
     @contextlib.contextmanager
     def schema_lock(self, conn: sa.Connection) -> Iterator[None]:
         # DDL commits implicitly in MySQL, so this lock lives on the session, not a transaction.
-        if conn.execute(sa.select(sa.func.get_lock("fleche_schema", 60))).scalar() != 1:
-            raise exc.OperationalError("GET_LOCK('fleche_schema')", {}, Exception("timed out"))
+        name = f"fleche_schema:{self._database_tag()}"
+        if conn.execute(sa.select(sa.func.get_lock(name, 60))).scalar() != 1:
+            raise exc.OperationalError(f"GET_LOCK({name!r})", {}, Exception("timed out"))
         try:
             yield
         finally:
-            conn.execute(sa.select(sa.func.release_lock("fleche_schema")))
+            conn.execute(sa.select(sa.func.release_lock(name)))
 
     def is_transient(self, error: exc.DBAPIError) -> bool:
         args = getattr(error.orig, "args", None)
@@ -86,7 +97,7 @@ class MysqlDialect(ServerDialect):
         self, conn: sa.Connection | None, key: str, timeout: float | None, *, section: bool
     ) -> Iterator[None]:
         assert conn is not None
-        params = {"name": lock_name(key)}
+        params = {"name": self.key_lock_name(key)}
         wait = _YEAR_S if timeout is None else max(0.0, timeout)
         taken = conn.execute(_GET_LOCK, {**params, "timeout": wait}).scalar()
         if taken == 0:
