@@ -163,3 +163,27 @@ def test_references_keep_their_wrapper_and_depth_zero_is_unchanged():
     every = ValueMemory()  # remaining_depth=0: every element apart, empty containers wrapped
     assert isinstance(every.storage[every.save([])], DigestedIterable)
     assert isinstance(every.storage[every.save([1])], DigestedIterable)
+
+
+@dataclass(frozen=True)
+class _CountingValueMemory(ValueMemory):
+    """A memory value storage that counts the writes of each key."""
+
+    writes: dict = dataclasses.field(default_factory=dict)
+
+    def put(self, value, key):
+        self.writes[key] = self.writes.get(key, 0) + 1
+        return super().put(value, key)
+
+
+def test_a_part_that_occurs_twice_in_one_value_is_written_once():
+    """A repeated part is one write per save: on a database a second write of it could wait for
+    the first's uncommitted row under a key lock another thread took meanwhile."""
+    storage = _CountingValueMemory()
+    part = [1, 2, 3]
+    key = storage.save({"a": part, "b": part, "c": [part, [part]]})
+    assert storage.load(key) == {"a": part, "b": part, "c": [part, [part]]}
+    assert storage.writes[digest(part)] == 1
+    assert max(storage.writes.values()) == 1
+    storage.save([part, part])  # a new save writes the part again (it may have been evicted)
+    assert storage.writes[digest(part)] == 2

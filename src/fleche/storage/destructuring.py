@@ -10,6 +10,7 @@ value (digests are Merkle trees, so the two agree).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -222,7 +223,8 @@ class DestructuringMixin(ValueStorage):
     remaining_depth: int = 0
 
     def _intern_rec(
-        self, value: Any, key: Digest | None = None, *, top: bool = False
+        self, value: Any, key: Digest | None = None, *, top: bool = False,
+        written: set[Digest] | None = None,
     ) -> tuple[Any, int | float]:
         """Post-order traversal: recurse to leaves, decide inline-vs-store on the way back up.
 
@@ -238,7 +240,7 @@ class DestructuringMixin(ValueStorage):
         if destructure is None:
             raw, depth = value, 0
         else:
-            raw, depth = destructure(self._intern_rec, value)
+            raw, depth = destructure(functools.partial(self._intern_rec, written=written), value)
         if key is None and not top and depth < self.remaining_depth:
             return value, depth
         if key is None:
@@ -247,6 +249,13 @@ class DestructuringMixin(ValueStorage):
             key = digest(value) if top or not isinstance(raw, Digested) else raw.key()
         if self.remaining_depth and isinstance(raw, Digested) and _all_inline(raw):
             raw = value  # nothing stored apart: the plain container, an entry without parts
+        if written is not None:
+            # A part that occurs twice in one value is written once: a second write could wait
+            # for the first's uncommitted row (one transaction on a database) under a key lock
+            # another thread took meanwhile.
+            if key in written:
+                return key, depth
+            written.add(key)
         return super().save(raw, key), depth
 
     def save(self, value: Any, key: Digest | None = None) -> Digest:
@@ -261,7 +270,7 @@ class DestructuringMixin(ValueStorage):
             return self._normalize_key(value)
         if key is not None:
             key = self._normalize_key(key)
-        result, _ = self._intern_rec(value, key, top=True)
+        result, _ = self._intern_rec(value, key, top=True, written=set())
         return result
 
     def load(self, key: Digest | str) -> Any:
