@@ -193,7 +193,10 @@ class Call:
 
     def digest(self) -> DigestedCall:
         """This call as a record: every argument and the result replaced by its digest."""
-        record = DigestedCall(
+        # Made as replace() makes records (a frozen dataclass's __init__ sets each field with
+        # object.__setattr__): this is on the path of every save.
+        record = object.__new__(DigestedCall)
+        record.__dict__.update(
             name=self.name,
             arguments=_argument_digests(self.arguments),
             metadata=self.metadata,
@@ -201,6 +204,7 @@ class Call:
             version=self.version,
             code_digest=self.code_digest,
             result=digest(self.result),
+            inline=None,
         )
         known = self.__dict__.get(_KEY)
         if known is not None:  # a digest stands in for its value: the same lookup key

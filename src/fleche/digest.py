@@ -167,11 +167,16 @@ def _mk(hexstr: str) -> Digest:
     return str.__new__(Digest, hexstr)
 
 
+_new_str = str.__new__
+_sha256 = hashlib.sha256
+
+
 def _h(tag: bytes, payload: bytes | str) -> Digest:
-    # Tags are fixed ASCII words without ':', so tag + ':' + payload is prefix-free.
+    # Tags are fixed ASCII words without ':', so tag + ':' + payload is prefix-free. (_mk
+    # inlined: every node of every digested value comes through here.)
     if isinstance(payload, str):
         payload = payload.encode("utf-8", "surrogatepass")
-    return _mk(hashlib.sha256(tag + b":" + payload).hexdigest())
+    return _new_str(Digest, _sha256(tag + b":" + payload).hexdigest())
 
 
 def module_name(obj: Any) -> str | None:
@@ -300,9 +305,10 @@ _EXACT: dict[type, Callable[[Any], Digest]] = {
     str: lambda v: _h(b"str", v),
     bytes: lambda v: _h(b"bytes", v),
     bytearray: lambda v: _h(b"bytearray", bytes(v)),
-    tuple: lambda v: digest_sequence(tuple, [_digest(x) for x in v]),
-    list: lambda v: digest_sequence(list, [_digest(x) for x in v]),
-    dict: lambda v: digest_mapping(dict, [(_digest(k), _digest(x)) for k, x in v.items()]),
+    # digest_sequence and digest_mapping for the builtin classes, spelled out (the hot path)
+    tuple: lambda v: _h(b"tuple", "".join([_digest(x) for x in v])),
+    list: lambda v: _h(b"list", "".join([_digest(x) for x in v])),
+    dict: lambda v: _h(b"dict", "".join(sorted([_digest(k) + _digest(x) for k, x in v.items()]))),
     set: _set,
     frozenset: _set,
     range: _range,
