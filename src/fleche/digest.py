@@ -294,6 +294,25 @@ def _class(v: type) -> Digest:
 
 
 _NONE = _h(b"none", b"")
+
+_SHORT_STRS: dict[str, Digest] = {}
+"""Digests of the short strings digested lately (dict keys and field names recur in every
+result), at most :data:`_SHORT_STRS_MAX`; emptied when full. Thread-safe: single dict steps."""
+_SHORT_STRS_MAX = 4096
+
+
+def _str(v: str) -> Digest:
+    if type(v) is not str:  # a subclass (through its base's encoder) may compare differently
+        return _h(b"str", v)
+    known = _SHORT_STRS.get(v)
+    if known is None:
+        known = _h(b"str", v)
+        if len(v) <= 64:
+            if len(_SHORT_STRS) >= _SHORT_STRS_MAX:
+                _SHORT_STRS.clear()
+            _SHORT_STRS[v] = known
+    return known
+
 _LRU_CACHE_WRAPPER = type(functools.lru_cache()(len))
 
 _EXACT: dict[type, Callable[[Any], Digest]] = {
@@ -302,7 +321,7 @@ _EXACT: dict[type, Callable[[Any], Digest]] = {
     int: _int,
     float: lambda v: _h(b"float", _float_bytes(v)),
     complex: lambda v: _h(b"complex", _float_bytes(v.real) + _float_bytes(v.imag)),
-    str: lambda v: _h(b"str", v),
+    str: _str,
     bytes: lambda v: _h(b"bytes", v),
     bytearray: lambda v: _h(b"bytearray", bytes(v)),
     # digest_sequence and digest_mapping for the builtin classes, spelled out (the hot path)
