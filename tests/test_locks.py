@@ -15,7 +15,7 @@ import pytest
 
 from fleche.digest import digest
 from fleche.errors import LockError, LockTimeout
-from fleche.storage import CallPickleFile, ValuePickleFile
+from fleche.storage import CallPickleFile, ValuePickleFile, locks
 from fleche.storage.locks import LOCK_FILE, STRIPES, hold, lock_path, stripe
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -417,9 +417,13 @@ def test_lock_timeout_is_one_deadline_for_every_layer(tmp_path):
         assert holding.wait(60)
         first = threading.Thread(target=save, args=("first",))
         first.start()
-        thread_lock = values._get_key_lock(key)
-        while thread_lock.acquire(blocking=False):  # until the first waiter holds the thread
-            thread_lock.release()                   # lock and polls for the file lock
+        # The key's thread lock in this process (the registry's, one per lock file and key).
+        lock_file, thread_lock = locks._registry.checkout(values._lock_directory(), key)
+        try:
+            while thread_lock.acquire(blocking=False):  # until the first waiter holds the
+                thread_lock.release()                   # thread lock and polls the file lock
+        finally:
+            locks._registry.checkin(lock_file, key)
         second = threading.Thread(target=save, args=("second",))
         second.start()
         first.join(30)

@@ -483,28 +483,29 @@ class Cache(BaseCache):
         def write() -> None:  # repeatable: the call storage may run it again (save_together)
             inline: dict[Digest, Any] = {}
             stored.clear()
+            # A value whose key is inline already (an argument repeated) is not read again: a
+            # loaded call's arguments load on access.
             for name, value_key in record.arguments.items():
+                if value_key not in inline:
+                    self._store_value(
+                        name, arguments[name], value_key, limit, inline, overwrite, stored_again
+                    )
+            if record.result not in inline:
                 self._store_value(
-                    f"argument {name!r}", lambda n=name: arguments[n], value_key, limit, inline,
-                    overwrite, stored_again,
+                    None, call.result, record.result, limit, inline, overwrite, stored_again
                 )
-            self._store_value(
-                "result", lambda: call.result, record.result, limit, inline, overwrite,
-                stored_again,
-            )
-            self.calls.save(record.replace(inline=inline or None) if inline else record)
+            self.calls.save(record.replace(inline=inline) if inline else record)
 
         with self._operation_context(key):
             self.calls.save_together(key, self.values, write)
         return key
 
     def _store_value(
-        self, what: str, get: Any, key: Digest, limit: int, inline: dict, overwrite: bool,
-        stored_again: Callable[[], bool],
+        self, argument: str | None, value: Any, key: Digest, limit: int, inline: dict,
+        overwrite: bool, stored_again: Callable[[], bool],
     ) -> None:
-        if key in inline:
-            return
-        value = get()
+        """Keep ``value`` (the argument named so, or the result for ``None``) in ``inline`` if
+        it is small enough, else in the value storage unless it is there and complete."""
         if limit and _fits(value, limit) is not None:
             inline[key] = value
         elif (
@@ -519,6 +520,7 @@ class Cache(BaseCache):
             except (SaveError, OSError) as e:  # unstorable, or a disk full, read-only, denied
                 kind = type(value)
                 cause = str(e) if isinstance(e, SaveError) else f"{type(e).__name__}: {e}"
+                what = "result" if argument is None else f"argument {argument!r}"
                 raise SaveError(
                     f"the {what} (a {kind.__module__}.{kind.__qualname__}) cannot be stored: "
                     f"{cause}"
@@ -755,11 +757,8 @@ class Cache(BaseCache):
         arguments = call.arguments
         with self._operation_context(record.to_lookup_key()):
             for name, value_key in record.arguments.items():
-                self._store_value(
-                    f"argument {name!r}", lambda n=name: arguments[n], value_key, 0, {}, False,
-                    _ALWAYS,
-                )
-            self._store_value("result", lambda: call.result, record.result, 0, {}, False, _ALWAYS)
+                self._store_value(name, arguments[name], value_key, 0, {}, False, _ALWAYS)
+            self._store_value(None, call.result, record.result, 0, {}, False, _ALWAYS)
         return record
 
     def redigest(self) -> int:

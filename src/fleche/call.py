@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .digest import Digest, callable_name, digest, digest_mapping, digest_sequence
+from .digest import Digest, _h, callable_name, digest
 
 if TYPE_CHECKING:
     from .caches import BaseCache
@@ -56,8 +56,9 @@ def _argument_digests(arguments: Mapping[str, Any]) -> dict[str, Digest]:
 @functools.lru_cache(maxsize=4096)
 def _identity_digests(
     name: str, module: str | None, version: str | None, code_digest: str | None
-) -> tuple[Digest, ...]:
-    return tuple(digest(part) for part in ("fleche.call", name, module, version, code_digest))
+) -> str:
+    """The digests of the identity's parts, joined: what every lookup key of it starts with."""
+    return "".join(digest(part) for part in ("fleche.call", name, module, version, code_digest))
 
 
 _name_digest = functools.lru_cache(maxsize=4096)(digest)
@@ -75,10 +76,11 @@ def lookup_key(
     Equal to ``digest(("fleche.call", name, module, version, code_digest, arguments))``; the
     identity part is digested once per function, which keeps the decorator's hit path short.
     """
-    pairs = [(_name_digest(k), d) for k, d in argument_digests.items()]
-    return digest_sequence(
-        tuple, [*_identity_digests(name, module, version, code_digest), digest_mapping(dict, pairs)]
-    )
+    # digest_sequence(tuple, ...) of the identity's digests and digest_mapping(dict, ...) of the
+    # arguments', spelled out: on the path of every hit.
+    pairs = sorted([_name_digest(k) + d for k, d in argument_digests.items()])
+    arguments = _h(b"dict", "".join(pairs))
+    return _h(b"tuple", _identity_digests(name, module, version, code_digest) + arguments)
 
 
 _KEY = "_lookup_key"
@@ -193,7 +195,10 @@ class Call:
 
     def digest(self) -> DigestedCall:
         """This call as a record: every argument and the result replaced by its digest."""
-        record = DigestedCall(
+        # Made as replace() makes records (a frozen dataclass's __init__ sets each field with
+        # object.__setattr__): this is on the path of every save.
+        record = object.__new__(DigestedCall)
+        record.__dict__.update(
             name=self.name,
             arguments=_argument_digests(self.arguments),
             metadata=self.metadata,
@@ -201,6 +206,7 @@ class Call:
             version=self.version,
             code_digest=self.code_digest,
             result=digest(self.result),
+            inline=None,
         )
         known = self.__dict__.get(_KEY)
         if known is not None:  # a digest stands in for its value: the same lookup key
@@ -222,16 +228,22 @@ class Call:
 
     def replace(self, **changes: Any) -> Call:
         """A copy with the given fields changed (records are immutable)."""
-        unknown = changes.keys() - self.__dict__.keys()
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
+        fields = self.__dict__
+        keyless = True
+        for name in changes:
+            if name not in fields:
+                unknown = sorted(changes.keys() - fields.keys())
+                raise TypeError(f"{type(self).__name__} has no field(s) {unknown}")
+            if name not in _KEYLESS:
+                keyless = False
         # Copying the instance dict is several times faster than dataclasses.replace, which
         # matters on the decorator's miss path; records have no __post_init__ to re-run.
         new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.__dict__.update(changes)
-        if not _KEYLESS.issuperset(changes):
-            new.__dict__.pop(_KEY, None)
+        state = new.__dict__
+        state.update(fields)
+        state.update(changes)
+        if not keyless:
+            state.pop(_KEY, None)
         return new
 
 

@@ -590,11 +590,13 @@ class _Cached:
         """Save the call with its result and metadata (``runtime``, ``function`` and the
         sections of ``meta=``); whether it was saved. A failure of any kind is a warning naming
         the cause (the result is returned all the same), never an exception."""
-        call = call.replace(result=result)
         metadata = {"runtime": runtime_metadata(started, wall), "function": self.info}
-        if self.meta:
+        if self.meta:  # the providers see the call with its result
+            call = call.replace(result=result)
             metadata.update(collect(self.meta, call, self.name))
-        call = call.replace(metadata=metadata)
+            call = call.replace(metadata=metadata)
+        else:
+            call = call.replace(result=result, metadata=metadata)
         name = self.name
         try:
             cache.save(call, overwrite=overwrite)

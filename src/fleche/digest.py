@@ -167,11 +167,16 @@ def _mk(hexstr: str) -> Digest:
     return str.__new__(Digest, hexstr)
 
 
+_new_str = str.__new__
+_sha256 = hashlib.sha256
+
+
 def _h(tag: bytes, payload: bytes | str) -> Digest:
-    # Tags are fixed ASCII words without ':', so tag + ':' + payload is prefix-free.
+    # Tags are fixed ASCII words without ':', so tag + ':' + payload is prefix-free. (_mk
+    # inlined: every node of every digested value comes through here.)
     if isinstance(payload, str):
         payload = payload.encode("utf-8", "surrogatepass")
-    return _mk(hashlib.sha256(tag + b":" + payload).hexdigest())
+    return _new_str(Digest, _sha256(tag + b":" + payload).hexdigest())
 
 
 def module_name(obj: Any) -> str | None:
@@ -289,6 +294,25 @@ def _class(v: type) -> Digest:
 
 
 _NONE = _h(b"none", b"")
+
+_SHORT_STRS: dict[str, Digest] = {}
+"""Digests of the short strings digested lately (dict keys and field names recur in every
+result), at most :data:`_SHORT_STRS_MAX`; emptied when full. Thread-safe: single dict steps."""
+_SHORT_STRS_MAX = 4096
+
+
+def _str(v: str) -> Digest:
+    if type(v) is not str:  # a subclass (through its base's encoder) may compare differently
+        return _h(b"str", v)
+    known = _SHORT_STRS.get(v)
+    if known is None:
+        known = _h(b"str", v)
+        if len(v) <= 64:
+            if len(_SHORT_STRS) >= _SHORT_STRS_MAX:
+                _SHORT_STRS.clear()
+            _SHORT_STRS[v] = known
+    return known
+
 _LRU_CACHE_WRAPPER = type(functools.lru_cache()(len))
 
 _EXACT: dict[type, Callable[[Any], Digest]] = {
@@ -297,12 +321,13 @@ _EXACT: dict[type, Callable[[Any], Digest]] = {
     int: _int,
     float: lambda v: _h(b"float", _float_bytes(v)),
     complex: lambda v: _h(b"complex", _float_bytes(v.real) + _float_bytes(v.imag)),
-    str: lambda v: _h(b"str", v),
+    str: _str,
     bytes: lambda v: _h(b"bytes", v),
     bytearray: lambda v: _h(b"bytearray", bytes(v)),
-    tuple: lambda v: digest_sequence(tuple, [_digest(x) for x in v]),
-    list: lambda v: digest_sequence(list, [_digest(x) for x in v]),
-    dict: lambda v: digest_mapping(dict, [(_digest(k), _digest(x)) for k, x in v.items()]),
+    # digest_sequence and digest_mapping for the builtin classes, spelled out (the hot path)
+    tuple: lambda v: _h(b"tuple", "".join([_digest(x) for x in v])),
+    list: lambda v: _h(b"list", "".join([_digest(x) for x in v])),
+    dict: lambda v: _h(b"dict", "".join(sorted([_digest(k) + _digest(x) for k, x in v.items()]))),
     set: _set,
     frozenset: _set,
     range: _range,

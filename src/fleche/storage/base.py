@@ -88,6 +88,11 @@ class OperationContext(abc.ABC):  # noqa: B024 - a hook base, deliberately witho
     """Whether every write replaces an entry in one atomic step (a dict assignment, an
     ``os.replace``, a transaction), so a reader sees a whole entry without taking a lock."""
 
+    _key_lock_excludes_threads: ClassVar[bool] = False
+    """Whether a layer of this class's ``_operation_context`` already excludes every thread of
+    this process on a key (the per-process key locks of ``InterProcessLockMixin``), so
+    ``PerKeyLockMixin`` takes no thread lock of its own on top of it."""
+
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
     ) -> contextlib.AbstractContextManager[None]:

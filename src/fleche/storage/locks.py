@@ -70,7 +70,6 @@ import struct
 import sys
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,10 +88,11 @@ setting."""
 LOCK_FILE = "keys.lock"
 """The name of a store's one lock file in its lock directory."""
 
-# Polling of the non-blocking lock: first retry after 0.2 ms, then up to every 10 ms (a write
-# holds a lock for well under a millisecond, so waiters should look again soon).
-_DELAY = 0.0002
-_MAX_DELAY = 0.01
+# Polling of the non-blocking lock: first retry after 50 us, then up to every 5 ms (a write
+# holds a lock for some tens of microseconds, so a waiter that sleeps longer only loses time;
+# two processes writing one store wait on each other this way).
+_DELAY = 0.00005
+_MAX_DELAY = 0.005
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _HELD = (errno.EACCES, errno.EAGAIN)  # what a non-blocking lock says when another owner holds it
@@ -211,7 +211,8 @@ class _LockFile:
     """This process's descriptor on a store's lock file, and its threads' shares of its bytes.
 
     ``users`` (guarded by the registry) counts holds in progress; the descriptor is only closed
-    while it is zero. Everything else is guarded by ``_cond``: the descriptor new holds use, the
+    while it is zero. ``keys`` (guarded by the registry too) holds the thread lock of each key
+    in use, with the number of holds using it. Everything else is guarded by ``_cond``: the descriptor new holds use, the
     stripes in use and, per stripe, the threads holding its byte and whether one is taking it.
     """
 
@@ -221,7 +222,7 @@ class _LockFile:
         self.directory = directory
         self.path = lock_path(directory)
         self.users = 0
-        self.keys: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        self.keys: dict[str, list[Any]] = {}  # key: [its RLock, holds using it] (registry's)
         self._cond = threading.Condition(threading.Lock())
         self._stripes: dict[int, _Stripe] = {}
         self._current: _Descriptor | None = None
@@ -246,7 +247,13 @@ class _LockFile:
         with self._cond:
             share = self._stripes.get(offset)
             if share is None:
+                # No thread of ours holds or takes this byte: one try at once, without the
+                # bookkeeping of a wait (the usual case, a write on a free key).
+                descriptor = self._take_now(key, offset)
                 share = self._stripes[offset] = _Stripe()
+                if descriptor is not None:
+                    share.holders, share.descriptor = 1, descriptor
+                    return True
             while share.acquiring:  # another thread is polling for this byte: wait for it
                 if not self._cond.wait(wait_time(deadline)):
                     self._forget(offset, share)
@@ -267,6 +274,28 @@ class _LockFile:
                     self._forget(offset, share)
                 self._cond.notify_all()
         return descriptor is not None
+
+    def _take_now(self, key: str, offset: int) -> _Descriptor | None:
+        """Lock ``offset`` in the file at the path without waiting (``_cond`` held): the
+        descriptor it is locked on, counted as used, or None if another owner holds it or the
+        file at the path changed (:meth:`_take` then waits, and moves to the new file)."""
+        if self._current is None:
+            self._current = _Descriptor(_open_lock_file(self.directory, self.path, key))
+        descriptor = self._current
+        try:
+            _lock_byte(descriptor.fd, offset)
+        except OSError as e:
+            if e.errno not in _HELD:
+                raise LockError(key, self.path, _refusal(e, self.path)) from e
+            return None
+        if self._still_at_path(descriptor):
+            descriptor.uses += 1
+            return descriptor
+        _unlock_byte(descriptor.fd, offset)
+        descriptor.stale, self._current = True, None
+        if descriptor.uses == 0:
+            descriptor.close()
+        return None
 
     def _forget(self, offset: int, share: _Stripe) -> None:
         """Drop an unused stripe's entry (``_cond`` held)."""
@@ -371,29 +400,30 @@ class _Registry:
         self.guard = threading.Lock()
         self.files: dict[str, _LockFile] = {}
 
-    def checkout(self, directory: str) -> _LockFile:
-        """The lock file of ``directory``, counted as in use until :meth:`checkin`."""
+    def checkout(self, directory: str, key: str) -> tuple[_LockFile, Any]:
+        """The lock file of ``directory`` and the thread lock of ``key`` in it (one per lock
+        file and key, kept while in use), both counted as in use until :meth:`checkin`."""
         with self.guard:
             lock_file = self.files.pop(directory, None)
             if lock_file is None:
                 lock_file = _LockFile(directory)
             self.files[directory] = lock_file
             lock_file.users += 1
+            entry = lock_file.keys.get(key)
+            if entry is None:
+                entry = lock_file.keys[key] = [threading.RLock(), 0]
+            entry[1] += 1
             if len(self.files) > _MAX_OPEN_LOCK_FILES:
                 self._close_idle()
-            return lock_file
+            return lock_file, entry[0]
 
-    def checkin(self, lock_file: _LockFile) -> None:
+    def checkin(self, lock_file: _LockFile, key: str) -> None:
         with self.guard:
             lock_file.users -= 1
-
-    def key_lock(self, lock_file: _LockFile, key: str) -> Any:
-        """The thread lock of ``key``: one per lock file and key, alive while in use."""
-        with self.guard:
-            lock = lock_file.keys.get(key)
-            if lock is None:
-                lock = lock_file.keys[key] = threading.RLock()
-            return lock
+            entry = lock_file.keys[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del lock_file.keys[key]
 
     def _close_idle(self) -> None:
         for directory, lock_file in list(self.files.items()):
@@ -453,9 +483,8 @@ class _Hold:
     def __enter__(self) -> None:
         deadline = lock_deadline(self._timeout)
         registry = _registry
-        lock_file = registry.checkout(self._directory)
+        lock_file, key_lock = registry.checkout(self._directory, self._key)
         try:
-            key_lock = registry.key_lock(lock_file, self._key)
             left = wait_time(deadline)
             if not key_lock.acquire(timeout=-1 if left is None else left):
                 raise LockTimeout(self._key, lock_file.path, self._timeout)  # type: ignore[arg-type]
@@ -466,7 +495,7 @@ class _Hold:
                 key_lock.release()
                 raise
         except BaseException:
-            registry.checkin(lock_file)
+            registry.checkin(lock_file, self._key)
             raise
         self._registry, self._lock_file, self._key_lock = registry, lock_file, key_lock
 
@@ -477,7 +506,7 @@ class _Hold:
             try:
                 self._key_lock.release()
             finally:
-                self._registry.checkin(self._lock_file)
+                self._registry.checkin(self._lock_file, self._key)
 
 
 class _Nested:
@@ -524,6 +553,8 @@ class InterProcessLockMixin(FileStorage):
     mixin keeps no lock state of its own: locks live in a per-process registry, so a pickled copy
     joins the locks of the process it is unpickled in.
     """
+
+    _key_lock_excludes_threads = True  # the registry's key lock: every thread of the process
 
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE

@@ -212,7 +212,9 @@ class PerKeyLockMixin(OperationContext):
     one process; pickled copies start with their own, fresh lock table. Taking a key's lock,
     including the locks of the layers after this one in the MRO (say, inter-process file locks),
     waits at most ``lock_timeout`` seconds in total, then raises ``LockTimeout`` holding nothing.
-    Reads skip the lock where the backend declares ``_atomic_writes``.
+    Reads skip the lock where the backend declares ``_atomic_writes``, and every operation
+    does where a later layer declares ``_key_lock_excludes_threads`` (its own key lock, within
+    the same ``lock_timeout``, already excludes the threads of this process).
 
     Place before the concrete storage class in the MRO::
 
@@ -233,8 +235,9 @@ class PerKeyLockMixin(OperationContext):
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
     ) -> contextlib.AbstractContextManager[None]:
         # Backends whose writes are atomic replacements serve reads without the lock, so a
-        # reader never waits for a long ``locked`` section.
-        if intent is Intent.READ and self._atomic_writes:
+        # reader never waits for a long ``locked`` section; a later layer whose key lock
+        # excludes this process's threads already (same deadline) makes this one redundant.
+        if (intent is Intent.READ and self._atomic_writes) or self._key_lock_excludes_threads:
             return super()._operation_context(key, intent=intent)
         return _KeyLocked(
             self._get_key_lock(key), str(key), self.lock_timeout,
