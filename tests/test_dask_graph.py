@@ -96,17 +96,18 @@ def new_runs(log, since):
     return sorted(tasks.runs(log)[since:])
 
 
-def _scheduler_tasks(dask_scheduler):
-    return len(dask_scheduler.tasks)
+def _scheduler_keys(dask_scheduler):
+    return [str(key) for key in dask_scheduler.tasks]
 
 
-def wait_until_forgotten(client, timeout=60.0):
-    """Wait until the scheduler has forgotten every task of the computations before: a graph
-    submitted while it still knows a key of the same name keeps the old task (dask warns
-    "Detected different `run_spec`"), which would run the stage again instead of loading it."""
+def wait_until_forgotten(client, known, timeout=60.0):
+    """Wait until the scheduler knows no task but those in ``known`` (what other tests left on
+    the shared cluster): a graph submitted while it still knows a key of the same name keeps the
+    old task (dask warns "Detected different `run_spec`"), which would run a stage again
+    instead of loading it."""
     deadline = time.monotonic() + timeout
-    while client.run_on_scheduler(_scheduler_tasks):
-        assert time.monotonic() < deadline, "the scheduler kept the tasks of a finished compute"
+    while left := set(client.run_on_scheduler(_scheduler_keys)) - known:
+        assert time.monotonic() < deadline, f"the scheduler kept tasks of a finished compute: {left}"
         time.sleep(0.01)
 
 
@@ -119,10 +120,11 @@ def test_a_changed_stage_recomputes_only_its_part(kind, cluster, tmp_path):
         # every stage is a task of its own (dask would fuse the array and bag stages).
         collection = tasks.build(kind, log, **changes)
         result = cached(collection, store=store, min_seconds=0, optimize_graph=False).compute()
-        wait_until_forgotten(client)
+        wait_until_forgotten(client, known)
         return result
 
     with Client(cluster) as client:
+        known = set(client.run_on_scheduler(_scheduler_keys))
         run()
         first = len(tasks.runs(log))
         per_stage = first // 2
