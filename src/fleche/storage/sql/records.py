@@ -22,6 +22,7 @@ from ...call import DigestedCall
 from ...digest import DIGEST_LENGTH, Digest, _mk
 from ...errors import CorruptEntryError, SaveError, SignatureError
 from ..envelope import Envelope
+from .schema import STARTED_LENGTH
 
 __all__ = [
     "ENVELOPE",
@@ -34,6 +35,7 @@ __all__ = [
     "load_inline",
     "load_record",
     "load_version",
+    "recorded_start",
     "storable",
 ]
 
@@ -157,6 +159,14 @@ def dump_record(call: DigestedCall) -> str:
     """The JSON text of ``call``'s arguments (in order) and metadata, for the ``record`` column."""
     metadata = None if call.metadata is None else {s: dict(e) for s, e in call.metadata.items()}
     return dump_json({"a": {name: str(value) for name, value in call.arguments.items()}, "m": metadata})
+
+
+def recorded_start(metadata: Any) -> str | None:
+    """The ``started`` column for a record with ``metadata``: its ``runtime`` section's
+    ``start`` when that is text (its first ``STARTED_LENGTH`` characters), else ``None``."""
+    runtime = metadata.get("runtime") if isinstance(metadata, Mapping) else None
+    start = runtime.get("start") if isinstance(runtime, Mapping) else None
+    return start[:STARTED_LENGTH] if isinstance(start, str) else None
 
 
 def load_record(text: str, key: str, location: str) -> tuple[dict[str, Digest], Any]:

@@ -23,6 +23,8 @@ __all__ = [
     "INSERT_ARGUMENTS",
     "INSERT_METADATA",
     "LIST_KEYS",
+    "NEWEST_STARTED",
+    "NEWEST_UNDATED",
     "RECORD_COLUMNS",
     "SELECT_RECORD",
     "SELECT_RECORDS",
@@ -54,6 +56,20 @@ EXPAND = sa.select(calls.c.key).where(
     calls.c.key >= sa.bindparam("low"),
     calls.c.key < sa.bindparam("high"),  # lets the primary key index serve the scan
     calls.c.key.like(sa.bindparam("pattern")),
+)
+# Newest first, calls without a start last (in key order): two index scans, since databases
+# disagree on where NULL sorts and not all of them take NULLS LAST.
+NEWEST_STARTED = (
+    sa.select(calls.c.key)
+    .where(calls.c.started.is_not(None))
+    .order_by(calls.c.started.desc(), calls.c.key)
+    .limit(sa.bindparam("limit"))
+)
+NEWEST_UNDATED = (
+    sa.select(calls.c.key)
+    .where(calls.c.started.is_(None))
+    .order_by(calls.c.key)
+    .limit(sa.bindparam("limit"))
 )
 
 DELETE_CALL = sa.delete(calls).where(calls.c.key == _KEY)

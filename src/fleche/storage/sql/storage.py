@@ -59,6 +59,7 @@ from .records import (
     load_inline,
     load_record,
     load_version,
+    recorded_start,
 )
 from .schema import calls
 
@@ -332,6 +333,22 @@ class Sql(PerKeyLockMixin, CallStorage):
         with self._session_scope(Intent.READ) as conn:
             return [_mk(k) for k in conn.execute(_statements.LIST_KEYS).scalars()]
 
+    def newest(self, limit: int) -> list[Digest]:
+        """The keys of the ``limit`` calls started last (their ``runtime`` metadata's
+        ``start``), newest first; calls without a start come last, in key order. Two index scans
+        with ``LIMIT`` (of the ``started`` column) in one snapshot, no record decoded, so the
+        cost does not grow with the number of stored calls and a damaged record still counts."""
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, got {limit}")
+        if limit == 0:
+            return []
+        with self._session_scope(Intent.READ) as conn:
+            keys = list(conn.execute(_statements.NEWEST_STARTED, {"limit": limit}).scalars())
+            if len(keys) < limit:
+                more = {"limit": limit - len(keys)}
+                keys += conn.execute(_statements.NEWEST_UNDATED, more).scalars()
+        return [_mk(k) for k in keys]
+
     def expand(self, key: Digest | str) -> Digest:
         """Expands a short-hand digest to the full length one.
 
@@ -408,6 +425,7 @@ class Sql(PerKeyLockMixin, CallStorage):
             "result": None if record.result is None else str(record.result),
             "record": dump_record(record),
             "inline": inline,
+            "started": recorded_start(record.metadata),
         }
         dialect = self._connect().dialect
         try:
