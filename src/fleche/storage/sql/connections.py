@@ -26,7 +26,7 @@ from ...errors import DatabaseError
 from ..base import Intent
 from .dialects import Dialect, dialect_for
 from .readers import Readers
-from .statements import CONTAINS, SELECT_RECORD, KeyRead
+from .statements import CONTAINS, SELECT_RECORD, Compiled, KeyRead
 
 __all__ = [
     "Connections",
@@ -148,7 +148,7 @@ class Connections:
     ``snapshot`` runs read transactions of several statements (one snapshot), ``write`` write
     transactions (see the dialect); ``reads`` are the single-row reads by key, compiled once,
     run on ``readers`` (autocommit connections, no pool); ``upsert`` the dialect's upsert of a
-    calls row.
+    calls row; :meth:`compiled` the statements of the write path, compiled once.
     Thread-safe; made again in a forked child (see ``pid``).
     """
 
@@ -162,6 +162,15 @@ class Connections:
         self.readers = Readers(engine, dialect.own_read_connections)
         self.upsert = dialect.upsert()
         self.local = threading.local()
+        self._compiled: dict[Any, Compiled] = {}
+
+    def compiled(self, statement: Any) -> Compiled:
+        """``statement`` compiled for this database, once per process (run it on
+        ``statements.raw_cursor``)."""
+        found = self._compiled.get(statement)
+        if found is None:
+            found = self._compiled[statement] = Compiled(statement, self.engine.dialect)
+        return found
 
     def open(self, intent: Intent) -> sa.Connection:
         """A new connection for an operation of kind ``intent`` (``Sql.session``)."""

@@ -259,7 +259,7 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     def _persist_call(self, row: dict[str, Any], call: DigestedCall, key: Digest) -> Digest:
         """Write ``call`` under ``key`` in the current transaction, replacing an earlier record."""
-        upsert = self._connect().upsert
+        state = self._connect()
         argument_rows = [
             {"call_key": key, "position": i, "name": name, "value": str(value)}
             for i, (name, value) in enumerate(call.arguments.items())
@@ -269,16 +269,17 @@ class Sql(PerKeyLockMixin, CallStorage):
             for i, (section, entries) in enumerate((call.metadata or {}).items())
         ]
         params = {"key": key}
-        with self._session_scope(Intent.WRITE) as conn:
+        compiled = state.compiled
+        with self._session_scope(Intent.WRITE) as conn, _statements.raw_cursor(conn) as cursor:
             # The upsert locks the calls row first, so concurrent saves of one key queue up here
             # and each replaces the rows below as a whole.
-            conn.execute(upsert, row)
-            conn.execute(_statements.DELETE_ARGUMENTS, params)
-            conn.execute(_statements.DELETE_METADATA, params)
+            compiled(state.upsert).execute(cursor, row)
+            compiled(_statements.DELETE_ARGUMENTS).execute(cursor, params)
+            compiled(_statements.DELETE_METADATA).execute(cursor, params)
             if argument_rows:
-                conn.execute(_statements.INSERT_ARGUMENTS, argument_rows)
+                compiled(_statements.INSERT_ARGUMENTS).executemany(cursor, argument_rows)
             if metadata_rows:
-                conn.execute(_statements.INSERT_METADATA, metadata_rows)
+                compiled(_statements.INSERT_METADATA).executemany(cursor, metadata_rows)
         BYTES_WRITTEN.add("bytes", len(row.get("record") or "") + len(row.get("inline") or b""))
         return key
 
