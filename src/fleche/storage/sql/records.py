@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,16 +54,13 @@ def dump_json(entries: Mapping[str, Any]) -> str:
     return json.dumps(dict(entries), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def storable(text: str) -> bool:
     """Whether every database can hold ``text`` exactly (PostgreSQL refuses NUL; UTF-8 lone
     surrogates)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return _UNSTORABLE.search(text) is None
 
 
 def _check_text(value: Any, what: str, *, optional: bool = False) -> None:

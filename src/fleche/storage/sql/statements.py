@@ -7,6 +7,7 @@ constructed and looked up anew; values go in as parameters (``key``, ``keys``, c
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -91,13 +92,21 @@ class Compiled:
     statements whose result columns need no processing on the supported drivers (text, bytes).
     """
 
-    __slots__ = ("sql", "_names", "_processors", "_dialect")
+    __slots__ = ("sql", "_names", "_processors", "_dialect", "_order")
 
     def __init__(self, statement: Any, dialect: Any) -> None:
         compiled = statement.compile(dialect=dialect)
         self.sql: str = compiled.string
         self._names: tuple[str, ...] | None = (
             tuple(compiled.positiontup or ()) if compiled.positional else None
+        )
+        # The positional parameters' values, in order, from a dict of them by name.
+        names = self._names
+        self._order: Callable[[dict[str, Any]], Any] | None = (
+            None if names is None
+            else (lambda params: ()) if not names
+            else (lambda params, name=names[0]: (params[name],)) if len(names) == 1
+            else operator.itemgetter(*names)
         )
         processors = {}
         for name, bind in compiled.binds.items():
@@ -112,9 +121,7 @@ class Compiled:
             params = {
                 n: (p(params[n]) if (p := self._processors.get(n)) else params[n]) for n in params
             }
-        if self._names is None:
-            return params
-        return tuple(params[n] for n in self._names)
+        return params if self._order is None else self._order(params)
 
     def execute(self, cursor: Any, params: dict[str, Any]) -> Any:
         """Run the statement with ``params`` on ``cursor``; return the cursor.

@@ -207,12 +207,13 @@ class Sql(PerKeyLockMixin, CallStorage):
         transaction for ``key`` waits up to ``lock_timeout`` for the key's lock."""
         return self._connect().transaction(intent, key, _connections.deadline(self.lock_timeout))
 
-    def _read_one(self, read: str, key: str) -> Any:
-        """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds."""
+    def _read_one(self, statement: Any, key: str) -> Any:
+        """The first row the one-row SELECT by ``key`` ``statement`` finds, read without
+        SQLAlchemy's execution layer (see ``Connections.read_one``)."""
         state = self._connections
         if state is None or state.pid != os.getpid():
             state = self._connect()
-        return state.read_one(read, key)
+        return state.read_one(statement, key)
 
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
@@ -306,7 +307,7 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     def _fetch_call(self, key: Digest) -> DigestedCall:
         """The record stored under the full key ``key``; ``KeyError`` if there is none."""
-        row = self._read_one("record", key)
+        row = self._read_one(_statements.SELECT_RECORD, key)
         if row is None:
             raise KeyError(f"nothing stored under {key}")
         return self._decode(row)
@@ -317,7 +318,7 @@ class Sql(PerKeyLockMixin, CallStorage):
         return [self._decode(row) for row in rows]
 
     def _contains(self, key: Digest) -> bool:
-        return self._read_one("contains", key) is not None
+        return self._read_one(_statements.CONTAINS, key) is not None
 
     def _evict(self, key: Digest) -> None:
         with self._session_scope(Intent.WRITE) as conn:
