@@ -104,6 +104,9 @@ class Sql(PerKeyLockMixin, CallStorage):
     :class:`~fleche.errors.SignatureError` unread. A key given as a field travels inside pickled
     copies of the storage; the environment variable does not.
 
+    ``echo`` logs the statements SQLAlchemy runs; the hot paths (single-row reads by key, the
+    writes of a record or a value) run compiled statements on the bare driver and are not logged.
+
     ``lock_timeout`` (seconds, ``None`` for ever) bounds how long a write or a ``locked``
     section waits for the key's lock, thread lock included, before raising
     :class:`~fleche.errors.LockTimeout`.
