@@ -384,6 +384,18 @@ def test_newest_reads_the_started_column(sql: Sql) -> None:
         sql.newest(-1)
 
 
+def test_shrink_looks_up_neighbours_only(sql: Sql) -> None:
+    """``shrink`` answers what the listing would, from the keys next to each one."""
+    from fleche.storage.base import KeyManagement
+
+    keys = [sql.save(_call(i)) for i in range(300)]
+    assert sql.shrink(*keys) == KeyManagement.shrink(sql, *keys)
+    assert sql.shrink(keys[7]) == KeyManagement.shrink(sql, keys[7])
+    assert sql.shrink(sql.shrink(keys[9])) == sql.shrink(keys[9])
+    with pytest.raises(KeyError, match="only stored keys"):
+        sql.shrink(keys[0], "0" * 64)
+
+
 def test_migrating_racing_processes(db_url: str, tmp_path: Path) -> None:
     """Four processes open a schema 2 database at once; one migrates, all read it."""
     url = _make_schema_2(db_url, tmp_path)

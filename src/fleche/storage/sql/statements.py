@@ -24,6 +24,8 @@ __all__ = [
     "EXPAND",
     "INSERT_ARGUMENTS",
     "INSERT_METADATA",
+    "KEY_AFTER",
+    "KEY_BEFORE",
     "LIST_KEYS",
     "NEWEST_STARTED",
     "NEWEST_UNDATED",
@@ -56,6 +58,8 @@ SELECT_RECORDS = sa.select(*RECORD_COLUMNS).where(
 )
 CONTAINS = sa.select(calls.c.key).where(calls.c.key == _KEY)
 LIST_KEYS = sa.select(calls.c.key).order_by(calls.c.key)
+KEY_BEFORE = sa.select(calls.c.key).where(calls.c.key < _KEY).order_by(calls.c.key.desc()).limit(1)
+KEY_AFTER = sa.select(calls.c.key).where(calls.c.key > _KEY).order_by(calls.c.key).limit(1)
 EXPAND = sa.select(calls.c.key).where(
     calls.c.key >= sa.bindparam("low"),
     calls.c.key < sa.bindparam("high"),  # lets the primary key index serve the scan

@@ -338,6 +338,26 @@ class Sql(PerKeyLockMixin, CallStorage):
         with self._session_scope(Intent.READ) as conn:
             return [_mk(k) for k in conn.execute(_statements.LIST_KEYS).scalars()]
 
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Any:
+        """Find the shortest substring(s) that unambiguously reference each key (see
+        ``KeyManagement.shrink``): three indexed lookups per key (itself and its neighbours in
+        key order) in one snapshot instead of a listing, so ``fleche ls`` stays flat as the
+        table grows. ``KeyError`` for a key that is not stored; a key saved later may make a
+        returned prefix ambiguous."""
+        full = [self._normalize_key(k) for k in (key, *keys)]
+        shrunk = []
+        with self._session_scope(Intent.READ) as conn:
+            for k in full:
+                if conn.execute(_statements.CONTAINS, {"key": k}).first() is None:
+                    raise KeyError(f"nothing stored under {k}: only stored keys can be shrunk")
+                near = [
+                    row[0]
+                    for statement in (_statements.KEY_BEFORE, _statements.KEY_AFTER)
+                    for row in conn.execute(statement, {"key": k})
+                ]
+                shrunk.append(self._shrink_one(k, sorted([*near, k])))
+        return tuple(shrunk) if keys else shrunk[0]
+
     def newest(self, limit: int) -> list[Digest]:
         """The keys of the ``limit`` calls started last (their ``runtime`` metadata's
         ``start``), newest first; calls without a start come last, in key order. Two index scans
