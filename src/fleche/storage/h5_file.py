@@ -262,7 +262,7 @@ class ValueBagOfHoldingH5File(
 
     def get(self, key: Digest) -> Any:
         stored = super().get(key)
-        if type(stored) is tuple and stored[:1] == (_REFERENCES_TAG,):
+        if type(stored) is tuple and _tagged(stored):
             try:
                 return _references_from_tuple(stored)
             except (TypeError, ValueError, KeyError, IndexError) as e:
@@ -276,13 +276,19 @@ _REFERENCES_TAG = "fleche.destructured/1"
 _KINDS: dict[str, type] = {"list": list, "tuple": tuple, "dict": dict}
 
 
+def _tagged(value: tuple) -> bool:
+    """Whether the tuple ``value`` starts with the stand-in's tag (compared only with a str: an
+    array's ``==`` is elementwise)."""
+    return bool(value) and type(value[0]) is str and value[0] == _REFERENCES_TAG
+
+
 def _references_to_tuple(value: Any) -> Any:
     """A compact stand-in for a destructured plain container of references, else ``value``.
 
     A plain tuple stored whole (``remaining_depth >= 1``) that starts with the stand-in's tag
     is kept as a wrapper, so it is never read back as a stand-in."""
     cls = type(value)
-    if cls is tuple and value[:1] == (_REFERENCES_TAG,):
+    if cls is tuple and _tagged(value):
         return DigestedIterable(tuple, value)
     if cls is DigestedIterable and value.kind in (list, tuple):
         if all(type(x) is Digest for x in value.items):
