@@ -384,6 +384,21 @@ def test_newest_reads_the_started_column(sql: Sql) -> None:
         sql.newest(-1)
 
 
+def test_compiled_statements_fail_as_sqlalchemy_would(sql: Sql) -> None:
+    """The write path runs statements compiled once on the bare driver; its errors are still
+    SQLAlchemy's (so a racing insert is retried like any), and the transaction rolls back."""
+    from fleche.storage.sql.statements import INSERT_ARGUMENTS, raw_cursor
+
+    key = sql.save(_call(1))
+    state = sql._connect()
+    duplicate = {"call_key": key, "position": 0, "name": "x", "value": "0" * 64}
+    with pytest.raises(sa.exc.IntegrityError):
+        with state.write.connect() as conn, conn.begin(), raw_cursor(conn) as cursor:
+            state.compiled(INSERT_ARGUMENTS).executemany(cursor, [duplicate])
+    assert sql.load(key) == _call(1)
+    assert sql.save(_call(1)) == key  # the pool's connection is fine afterwards
+
+
 def test_shrink_looks_up_neighbours_only(sql: Sql) -> None:
     """``shrink`` answers what the listing would, from the keys next to each one."""
     from fleche.storage.base import KeyManagement
