@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dask
@@ -95,6 +96,20 @@ def new_runs(log, since):
     return sorted(tasks.runs(log)[since:])
 
 
+def _scheduler_tasks(dask_scheduler):
+    return len(dask_scheduler.tasks)
+
+
+def wait_until_forgotten(client, timeout=60.0):
+    """Wait until the scheduler has forgotten every task of the computations before: a graph
+    submitted while it still knows a key of the same name keeps the old task (dask warns
+    "Detected different `run_spec`"), which would run the stage again instead of loading it."""
+    deadline = time.monotonic() + timeout
+    while client.run_on_scheduler(_scheduler_tasks):
+        assert time.monotonic() < deadline, "the scheduler kept the tasks of a finished compute"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("kind", ["array", "frame", "bag"])
 def test_a_changed_stage_recomputes_only_its_part(kind, cluster, tmp_path):
     store, log = file_cache(tmp_path / "store"), str(tmp_path / "runs.log")
@@ -103,9 +118,11 @@ def test_a_changed_stage_recomputes_only_its_part(kind, cluster, tmp_path):
         # min_seconds=0: every task is stored, not only the outputs; optimize_graph=False:
         # every stage is a task of its own (dask would fuse the array and bag stages).
         collection = tasks.build(kind, log, **changes)
-        return cached(collection, store=store, min_seconds=0, optimize_graph=False).compute()
+        result = cached(collection, store=store, min_seconds=0, optimize_graph=False).compute()
+        wait_until_forgotten(client)
+        return result
 
-    with Client(cluster):
+    with Client(cluster) as client:
         run()
         first = len(tasks.runs(log))
         per_stage = first // 2

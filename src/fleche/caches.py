@@ -539,13 +539,15 @@ class Cache(BaseCache):
         *,
         skip_missing: bool,
         parts: dict[Digest, frozenset[Digest]] | None = None,
+        among: set[Digest] | None = None,
     ) -> set[Digest]:
         """The values ``roots`` are or refer to, at any depth (each entry read once).
 
         A value not stored raises ``KeyError`` unless ``skip_missing``; a damaged one raises
         ``CorruptEntryError`` (its parts cannot be known). ``parts`` remembers what values were
         read to refer to, and is asked first (so a value gone since is not noticed: not for
-        checks of completeness).
+        checks of completeness). With ``among`` (the values listed as stored), only those are
+        read: any other is kept inline in a record or was not stored when listed.
         """
         pending, seen = list(roots), set()
         while pending:
@@ -553,6 +555,8 @@ class Cache(BaseCache):
             if part in seen:
                 continue
             seen.add(part)
+            if among is not None and part not in among:
+                continue
             known = None if parts is None else parts.get(part)
             if known is not None:
                 pending.extend(known)
@@ -808,14 +812,18 @@ class Cache(BaseCache):
         O(calls + values).
         """
         candidates = set(self.values.list())
-        keys = list(self.calls.list())
+        total = len(list(self.calls.list()))
         roots = []
-        for done, key in enumerate(keys, 1):
-            roots += self._record_values(key)
-            if progress is not None:
-                progress(done, len(keys))
         try:
-            reachable = self._reachable(roots, skip_missing=True)
+            for done, record in enumerate(self.calls.query(QueryCall()), 1):  # in batches
+                roots += _values_of(record)
+                if progress is not None:
+                    progress(min(done, total), total)
+        except CorruptEntryError as e:
+            raise _stops_gc(e) from e
+        try:
+            # Values kept inline in their records are not in the value storage: not read.
+            reachable = self._reachable(roots, skip_missing=True, among=candidates)
         except CorruptEntryError as e:
             raise _stops_gc(e) from e
         garbage = candidates - reachable
@@ -825,14 +833,6 @@ class Cache(BaseCache):
         self.values.sweep()
         self.calls.sweep()
         return evicted
-
-    def _record_values(self, key: Digest) -> list[Digest]:
-        try:
-            return _values_of(self.calls.load(key))
-        except KeyError:
-            return []
-        except CorruptEntryError as e:
-            raise _stops_gc(e) from e
 
     def close(self) -> None:
         """Close both storages (see ``KeyManagement.close``); the cache stays usable."""
