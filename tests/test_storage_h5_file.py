@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,11 @@ from fleche.storage import (  # noqa: E402
 from fleche.storage.envelope import SECRET_KEY_ENV  # noqa: E402
 from fleche.storage.h5_file import USER_BLOCK  # noqa: E402
 from fleche.testing import (  # noqa: E402
+    UNSORTED_DICTS,
     CallStorageTests,
     ValueStorageTests,
     assert_corrupt_entry_is_reported_and_evictable,
+    key_orders,
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -257,11 +260,60 @@ def test_nested_containers_round_trip(tmp_path, value):
 @_ROUND_TRIP
 @given(value=nested_inlinable)
 @example(value=(np.array([False, False]),))  # a tuple starting with an array: no tag test by ==
+@example(value={"00": None, "0": None})  # HDF5 lists a group's members by name: "0" first
 def test_inlined_containers_round_trip(tmp_path, value):
     """With ``remaining_depth`` low sub-trees are kept inside their parent's file."""
     values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=2)
     key = values.save(value, digest("top"))  # an explicit key: see the report on depth > 0
     assert_same(values.load(key), value)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_dicts_keep_their_key_order(tmp_path, depth):
+    """A dict comes back with its keys in the order it was saved in, whether it is stored as
+    parts, inlined into its parent's file, or inside an object stored whole."""
+    values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=depth)
+    for i, value in enumerate(UNSORTED_DICTS):
+        loaded = values.load(values.save(value, digest(("unsorted", i))))
+        assert key_orders(loaded) == key_orders(value), (depth, value)
+
+
+def test_dicts_written_before_order_was_kept_load_as_they_did(tmp_path, no_env_key):
+    """An entry bagofholding wrote without creation order loads, keys in name order."""
+    from bagofholding import H5Bag
+
+    key = digest("written by an earlier fleche")
+    _entry(tmp_path, key).parent.mkdir(parents=True)
+    assert not h5py.get_config().track_order
+    H5Bag.save({"b": 1, "a": {"d": 1, "c": 2}}, _entry(tmp_path, key))
+    loaded = ValueBagOfHoldingH5File(tmp_path).load(key)
+    assert key_orders(loaded) == key_orders({"a": {"c": 2, "d": 1}, "b": 1})
+
+
+@pytest.mark.parametrize("setting", [False, True])
+def test_saving_leaves_h5pys_order_setting_as_it_was(tmp_path, setting):
+    """Saves from several threads at once each keep their dicts' order, and afterwards h5py's
+    process-wide ``track_order`` default is what it was before."""
+    config = h5py.get_config()
+    config.track_order = setting
+    try:
+        values = ValueBagOfHoldingH5File(tmp_path, remaining_depth=3)
+        start = threading.Barrier(4)
+
+        def save_many(t: int) -> list[bool]:
+            start.wait()
+            kept = []
+            for i in range(5):
+                value = {f"k{j}": [t, i] for j in range(6, 0, -1)}
+                loaded = values.load(values.save(value, digest(("threads", t, i))))
+                kept.append(list(loaded) == list(value))
+            return kept
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(all(kept) for kept in pool.map(save_many, range(4)))
+        assert config.track_order is setting
+    finally:
+        config.track_order = False
 
 
 @dataclass(frozen=True)
@@ -318,6 +370,20 @@ def test_call_records_json_cannot_express_still_round_trip(tmp_path):
     key = calls.save(call)
     assert calls.load(key) == call
     assert calls.load(key).metadata["m"]["pair"] == (1, 2)
+
+
+def _zyx(z, y, x):
+    return z
+
+
+def test_call_records_json_cannot_express_keep_key_order(tmp_path):
+    """bagofholding's structural form of a record keeps arguments and metadata in order."""
+    calls = CallBagOfHoldingH5File(tmp_path)
+    metadata = {"m": {"pair": (1, 2), "b": 1, "a": 2}, "c": {}}
+    call = Call.from_call(_zyx, 1, 2, 3).replace(result=1, metadata=metadata).digest()
+    loaded = calls.load(calls.save(call))
+    assert list(loaded.arguments) == ["z", "y", "x"]
+    assert key_orders(loaded.metadata) == key_orders(metadata)
 
 
 def test_container_file_lists_its_element_keys(tmp_path):

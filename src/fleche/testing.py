@@ -48,6 +48,7 @@ from .storage.object_store import ObjectStoreBackend
 
 __all__ = [
     "CacheTests",
+    "UNSORTED_DICTS",
     "CallStorageTests",
     "StorageTests",
     "ValueStorageTests",
@@ -55,6 +56,7 @@ __all__ = [
     "flip_a_byte",
     "flip_a_byte_of_object",
     "flip_a_byte_of_row",
+    "key_orders",
 ]
 
 
@@ -76,6 +78,10 @@ def assert_corrupt_entry_is_reported_and_evictable(
 
 def _sample_function(x: Any, y: Any = 0) -> Any:
     return (x, y)
+
+
+def _unsorted_parameters(zeta: Any, alpha: Any, mid: Any) -> Any:
+    return (zeta, alpha, mid)
 
 
 class StorageTests:
@@ -374,6 +380,49 @@ _VALUES: list[Callable[[int], Any]] = [
 ]
 
 
+def key_orders(value: Any) -> Any:
+    """``value`` with every dict as its type and list of (key, value) pairs, in order: equal
+    for two values only if their dicts also list their keys in the same order."""
+    if isinstance(value, dict):
+        return (type(value), [(k, key_orders(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return (type(value), [key_orders(v) for v in value])
+    if isinstance(value, _Holder):
+        return (_Holder, key_orders(value.payload))
+    return value
+
+
+class _Holder:
+    """An object no storage destructures, stored whole with the dicts inside it."""
+
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Holder and key_orders(other.payload) == key_orders(self.payload)
+
+    def __digest__(self) -> Any:
+        return key_orders(self.payload)
+
+
+class _Record(dict):
+    """A dict subclass (kept whole by destructuring, which takes plain dicts apart)."""
+
+
+UNSORTED_DICTS: list[Any] = [
+    {"b": 1, "a": 2},
+    {"00": None, "0": None},
+    {"z": {"y": 1, "x": {"w": 2, "v": 3}}, "a": [{"d": 1, "c": 2}, ({"f": 1, "e": 2},)]},
+    {f"k{i}": i for i in range(12, 0, -1)},
+    {"é": 1, "e": 2, "Z": 3},
+    {2: "b", 1: "a", "0": None},
+    _Record(b=1, a={"d": 1, "c": 2}),
+    _Holder({"b": 1, "a": {"d": 1, "c": 2}}),
+    [_Holder([{"b": 1, "a": 2}])],
+]
+"""Values whose dicts list their keys out of sorted order, for checking a storage keeps it."""
+
+
 class ValueStorageTests(StorageTests):
     """Contract for value storages."""
 
@@ -415,6 +464,14 @@ class ValueStorageTests(StorageTests):
     def test_types_survive(self, storage: Any) -> None:
         for value in [(), [], {}, [()], ((1,),), {"a": ()}, True, 1, 1.0, -0.0, None, "", b""]:
             self.assert_loaded(storage, storage.save(value), value)
+
+    @pytest.mark.persistent
+    def test_dicts_keep_their_key_order(self, storage: Any) -> None:
+        """A loaded dict lists its keys in the order they had when saved (equal dicts in
+        another order are another result to whoever iterates them), nested ones too."""
+        for value in UNSORTED_DICTS:
+            loaded = storage.load(storage.save(value))
+            assert key_orders(loaded) == key_orders(value), value
 
 
 class CallStorageTests(StorageTests):
@@ -465,6 +522,16 @@ class CallStorageTests(StorageTests):
         assert storage.newest(2) == [keys[0], keys[3]]
         assert storage.newest(10) == [keys[0], keys[3], keys[1], keys[2]]  # no start: last
         assert storage.newest(0) == []
+
+    @pytest.mark.persistent
+    def test_dicts_keep_their_key_order(self, storage: Any) -> None:
+        """Arguments come back in the function's parameter order and metadata dicts in the
+        order they were saved in."""
+        metadata = {"runtime": {"start": None, "host": "h"}, "b": {"y": [{"d": 1, "c": 2}]}, "a": {}}
+        call = Call.from_call(_unsorted_parameters, 1, 2, 3).replace(result=[1], metadata=metadata)
+        loaded = storage.load(storage.save(call.digest()))
+        assert list(loaded.arguments) == ["zeta", "alpha", "mid"]
+        assert key_orders(loaded.metadata) == key_orders(metadata)
 
     @pytest.mark.persistent
     def test_save_accepts_undigested_call(self, storage: Any) -> None:

@@ -4,7 +4,9 @@ call storages on them.
 Each entry is one HDF5 file, ``root/<first two hex digits>/<key>.h5``, written by
 :class:`bagofholding.H5Bag`: the stored object's structure becomes groups under ``/object``, numpy
 arrays become datasets with their dtype and shape, and every node's attrs say what it holds. So a
-stored file opens with plain ``h5py`` (or HDFView, ``h5ls``) and shows the data.
+stored file opens with plain ``h5py`` (or HDFView, ``h5ls``) and shows the data. Its groups track
+creation order, so a dict stored as a group comes back with its keys in insertion order (entries
+written before fleche did this load them in name order).
 
 The file's first 512 bytes are an HDF5 *user block*, which HDF5 tools skip (``h5py`` reports it
 as ``userblock_size``). It holds the envelope of :mod:`fleche.storage.envelope` (magic
@@ -38,6 +40,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,6 +49,7 @@ from typing import Any, ClassVar
 from ..extras import needs_extra
 
 with needs_extra("h5", "HDF5 storage (format=h5)"):
+    import h5py
     import numpy as np
     from bagofholding import H5Bag
     from bagofholding.exceptions import BagMismatchError
@@ -153,7 +158,8 @@ class BagOfHoldingH5FileBackend(FileStorage):
 
     def _encode(self, value: Any, key: Digest, scratch: str) -> bytes:
         try:
-            H5Bag.save(value, scratch)
+            with _creation_order():
+                H5Bag.save(value, scratch)
         except OSError as e:
             if e.errno is not None:  # the file system's doing (full disk, permissions)
                 raise
@@ -217,6 +223,38 @@ class BagOfHoldingH5FileBackend(FileStorage):
             if not _unchanged(checked, os.fstat(opened)):
                 raise _Replaced()
             return value
+
+
+_creation_order_lock = threading.Lock()
+_creation_order_users = 0
+_creation_order_before = False
+
+
+@contextlib.contextmanager
+def _creation_order() -> Iterator[None]:
+    """Have the HDF5 groups created meanwhile in this process list members in creation order.
+
+    bagofholding writes a dict with string keys as a group with a member per key, and reads the
+    members in the order the group lists them: by name, unless the group tracks creation order
+    (h5py's ``track_order``). Tracking it brings dicts back in insertion order; entries written
+    before it load in name order, as they always did. h5py has the default as one setting per
+    process, so it is switched on while any thread of this process saves an entry and restored
+    after the last one; groups other code creates meanwhile track their creation order too.
+    """
+    global _creation_order_users, _creation_order_before
+    config = h5py.get_config()
+    with _creation_order_lock:
+        if _creation_order_users == 0:
+            _creation_order_before = config.track_order
+            config.track_order = True
+        _creation_order_users += 1
+    try:
+        yield
+    finally:
+        with _creation_order_lock:
+            _creation_order_users -= 1
+            if _creation_order_users == 0:
+                config.track_order = _creation_order_before
 
 
 def _unchanged(a: os.stat_result, b: os.stat_result) -> bool:
