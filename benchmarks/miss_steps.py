@@ -1,11 +1,12 @@
-"""The steps of one ``@fleche`` miss and hit on the default directory store, timed one by one
+"""The steps of one ``@fleche`` miss and hit on a store (the default directory store, or a
+SQLite database alone with ``--store sqlite``), timed one by one
 (no profiler): key (bind and digest the arguments), look-up that misses, the record (digest the
 result), the key's lock alone, the record's save (lock, encode, write), and a hit's load.
 
 Each step runs on fresh keys ``--calls`` times; medians in microseconds. The steps do not add up
 to a whole miss exactly (the decorator's own glue and the runtime metadata are not timed apart).
 
-Run: python3 benchmarks/miss_steps.py [--calls 2000] [--dir PATH]
+Run: python3 benchmarks/miss_steps.py [--calls 2000] [--dir PATH] [--store directory|sqlite]
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--dir", help="where to make the store (default: a temporary directory)")
+    parser.add_argument("--store", choices=["directory", "sqlite"], default="directory",
+                        help="a directory store, or sqlite:///DIR/store.db (values in it too)")
     args = parser.parse_args()
     n = args.calls
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        cache = fleche.open(d)
+        cache = fleche.open(d if args.store == "directory" else f"sqlite:///{d}/store.db")
         f = fleche.fleche(cache=cache)(result_of)
         cached = f.__fleche__
         f(-1)  # the store's directories and lock file exist from here on

@@ -260,7 +260,8 @@ def table(results: dict[str, dict[str, float]]) -> str:
         )
     lines.append("")
     lines.append("ratios (median fleche / median peer; below 1.0 fleche is faster)")
-    for store in ("fleche directory index", "fleche pickle files", "fleche sqlite + pickle"):
+    for store in ("fleche directory index", "fleche pickle files", "fleche sqlite + pickle",
+                  "fleche sqlite only"):
         for peer in PEERS:
             if store in results and peer in results:
                 a, b = results[store], results[peer]

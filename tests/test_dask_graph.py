@@ -138,7 +138,18 @@ def test_a_changed_stage_recomputes_only_its_part(kind, cluster, tmp_path):
         assert_same(both, tasks.build(kind, plain_log, factor=3).compute())
 
 
-def test_a_changed_input_recomputes_only_the_chunks_it_reaches(scheduler, tmp_path):
+@pytest.fixture
+def settle(scheduler):
+    """Call after a compute: on the cluster, waits until the scheduler forgot its tasks (see
+    :func:`wait_until_forgotten`); on threads, nothing to wait for."""
+    if scheduler == "threads":
+        return lambda: None
+    client = distributed.default_client()
+    known = set(client.run_on_scheduler(_scheduler_keys))
+    return lambda: wait_until_forgotten(client, known)
+
+
+def test_a_changed_input_recomputes_only_the_chunks_it_reaches(settle, tmp_path):
     store, log = file_cache(tmp_path / "store"), str(tmp_path / "runs.log")
     meta = np.empty((0, 0), dtype=np.int64)
 
@@ -148,8 +159,10 @@ def test_a_changed_input_recomputes_only_the_chunks_it_reaches(scheduler, tmp_pa
 
     values = tasks.input_array()
     first = cached(pipeline(values.copy()), store=store, min_seconds=0).compute()
+    settle()
     assert tasks.runs(log) == ["scale:2"] * 4
     again = cached(pipeline(values.copy()), store=store, min_seconds=0).compute()
+    settle()
     assert_same(again, first) and len(tasks.runs(log)) == 4  # equal content: loaded
     values[0, 0] = 100  # in chunk (0, 0) only
     changed = cached(pipeline(values), store=store, min_seconds=0).compute()

@@ -286,6 +286,7 @@ def _make_schema_2(db_url: str, tmp_path: Path) -> str:
     try:
         schema.create_all(engine)
         with engine.begin() as conn:
+            _drop_started(conn)
             conn.execute(sa.text("ALTER TABLE fleche_calls DROP COLUMN version_type"))
         old = sa.MetaData()
         tables = {name: sa.Table(name, old, autoload_with=engine) for name in _schema_2_rows()}
@@ -324,6 +325,90 @@ def test_a_schema_2_database_is_migrated_in_place(db_url: str, tmp_path: Path) -
     again = Sql(url)  # a second opening finds schema 4 and changes nothing
     assert again.load(key).version == 5 and len(again.list()) == len(expected) + 1
     _close(again)
+
+
+def _drop_started(conn: sa.Connection) -> None:
+    """Take ``fleche_calls.started`` and its index away (what schema 3 lacks of schema 4's)."""
+    (index,) = [i for i in calls.indexes if i.name == "ix_fleche_calls_started"]
+    index.drop(conn)
+    conn.execute(sa.text("ALTER TABLE fleche_calls DROP COLUMN started"))
+
+
+def test_a_schema_3_database_gets_the_started_column_filled(
+    db_url: str, monkeypatch: Any
+) -> None:
+    """Migrating schema 3 to 4 adds ``fleche_calls.started`` and fills it from every stored
+    record, batch after batch, so ``newest`` orders the old calls like new ones."""
+    from fleche.storage.sql import schema as schema_module
+
+    monkeypatch.setattr(schema_module, "_FILL_BATCH", 2)  # several batches of five calls
+    starts = ["2026-01-02T00:00:00+00:00", None, "2026-01-04T00:00:00+00:00",
+              "2026-01-01T00:00:00+00:00", "2026-01-03T00:00:00+00:00"]
+    old = Sql(db_url)
+    keys = [
+        old.save(_call(i, metadata=None if s is None else {"runtime": {"start": s}}))
+        for i, s in enumerate(starts)
+    ]
+    _close(old)
+    engine = _engine(db_url)
+    try:
+        with engine.begin() as conn:
+            _drop_started(conn)
+            conn.execute(sa.update(versions).values(value=3))
+    finally:
+        engine.dispose()
+    storage = Sql(db_url)
+    assert storage.newest(10) == [keys[2], keys[4], keys[0], keys[3], keys[1]]
+    assert storage.newest(2) == [keys[2], keys[4]]
+    with storage.engine.connect() as conn:
+        assert conn.execute(sa.select(versions.c.value)).scalar() == SCHEMA_VERSION == 4
+        stored = dict(conn.execute(sa.select(calls.c.key, calls.c.started)).all())
+    assert stored == dict(zip(keys, starts))
+    _close(storage)
+
+
+def test_newest_reads_the_started_column(sql: Sql) -> None:
+    """``newest`` orders by the indexed column, not by decoding records: a call whose record is
+    damaged still counts, and a start longer than the column keeps its first characters."""
+    dated = [sql.save(_call(i, metadata={"runtime": {"start": f"2026-01-0{i}T00:00:00"}}))
+             for i in range(1, 4)]
+    long = sql.save(_call(7, metadata={"runtime": {"start": "2027" + "x" * 400}}))
+    other = sql.save(_call(8, metadata={"runtime": {"start": 5}}))  # not text: no start
+    with sql.engine.begin() as conn:
+        conn.execute(sa.update(calls).where(calls.c.key == dated[0]).values(record="{oops"))
+        assert conn.execute(
+            sa.select(calls.c.started).where(calls.c.key == long)
+        ).scalar() == ("2027" + "x" * 400)[:255]
+    assert sql.newest(10) == [long, *reversed(dated), other]
+    with pytest.raises(ValueError, match="limit"):
+        sql.newest(-1)
+
+
+def test_compiled_statements_fail_as_sqlalchemy_would(sql: Sql) -> None:
+    """The write path runs statements compiled once on the bare driver; its errors are still
+    SQLAlchemy's (so a racing insert is retried like any), and the transaction rolls back."""
+    from fleche.storage.sql.statements import INSERT_ARGUMENTS, raw_cursor
+
+    key = sql.save(_call(1))
+    state = sql._connect()
+    duplicate = {"call_key": key, "position": 0, "name": "x", "value": "0" * 64}
+    with pytest.raises(sa.exc.IntegrityError):
+        with state.write.connect() as conn, conn.begin(), raw_cursor(conn) as cursor:
+            state.compiled(INSERT_ARGUMENTS).executemany(cursor, [duplicate])
+    assert sql.load(key) == _call(1)
+    assert sql.save(_call(1)) == key  # the pool's connection is fine afterwards
+
+
+def test_shrink_looks_up_neighbours_only(sql: Sql) -> None:
+    """``shrink`` answers what the listing would, from the keys next to each one."""
+    from fleche.storage.base import KeyManagement
+
+    keys = [sql.save(_call(i)) for i in range(300)]
+    assert sql.shrink(*keys) == KeyManagement.shrink(sql, *keys)
+    assert sql.shrink(keys[7]) == KeyManagement.shrink(sql, keys[7])
+    assert sql.shrink(sql.shrink(keys[9])) == sql.shrink(keys[9])
+    with pytest.raises(KeyError, match="only stored keys"):
+        sql.shrink(keys[0], "0" * 64)
 
 
 def test_migrating_racing_processes(db_url: str, tmp_path: Path) -> None:

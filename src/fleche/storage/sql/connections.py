@@ -26,7 +26,7 @@ from ...errors import DatabaseError
 from ..base import Intent
 from .dialects import Dialect, dialect_for
 from .readers import Readers
-from .statements import CONTAINS, SELECT_RECORD, KeyRead
+from .statements import Compiled, KeyRead, raw_cursor
 
 __all__ = [
     "Connections",
@@ -138,17 +138,13 @@ def retrying(
     raise AssertionError("unreachable")
 
 
-_READS = {"record": SELECT_RECORD, "contains": CONTAINS}
-"""The reads of one row by key that run without SQLAlchemy's execution layer on the hot path."""
-
-
 class Connections:
     """This process's engine for one database, and the connection each thread works on.
 
     ``snapshot`` runs read transactions of several statements (one snapshot), ``write`` write
-    transactions (see the dialect); ``reads`` are the single-row reads by key, compiled once,
-    run on ``readers`` (autocommit connections, no pool); ``upsert`` the dialect's upsert of a
-    calls row.
+    transactions (see the dialect); :meth:`read_one` runs single-row reads by key, compiled
+    once, on ``readers`` (autocommit connections, no pool); ``upsert`` the dialect's upsert of a
+    calls row; :meth:`compiled` the statements of the write path, compiled once.
     Thread-safe; made again in a forked child (see ``pid``).
     """
 
@@ -158,10 +154,19 @@ class Connections:
         self.engine = engine
         self.snapshot = dialect.snapshot(engine)
         self.write = dialect.writer(engine)
-        self.reads = {name: KeyRead(s, engine.dialect) for name, s in _READS.items()}
+        self._reads: dict[Any, KeyRead] = {}
         self.readers = Readers(engine, dialect.own_read_connections)
         self.upsert = dialect.upsert()
         self.local = threading.local()
+        self._compiled: dict[Any, Compiled] = {}
+
+    def compiled(self, statement: Any) -> Compiled:
+        """``statement`` compiled for this database, once per process (run it on
+        ``statements.raw_cursor``)."""
+        found = self._compiled.get(statement)
+        if found is None:
+            found = self._compiled[statement] = Compiled(statement, self.engine.dialect)
+        return found
 
     def open(self, intent: Intent) -> sa.Connection:
         """A new connection for an operation of kind ``intent`` (``Sql.session``)."""
@@ -260,20 +265,24 @@ class Connections:
         self.local.lock_conn = None
         conn.close()
 
-    def read_one(self, read: str, key: str) -> Any:
-        """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds.
+    def read_one(self, statement: Any, key: str) -> Any:
+        """The first row the one-row SELECT by ``key`` ``statement`` finds (compiled once, see
+        ``statements.KeyRead``; its columns must need no result processing).
 
         A single statement reads one consistent snapshot in every supported database, so outside
         an operation it runs on its own, in autocommit on one of :attr:`readers`; a connection
         found lost (a server restart, a killed session) is replaced and the read run once more.
         Inside an operation it uses the operation's connection.
         """
+        read = self._reads.get(statement)
+        if read is None:
+            read = self._reads[statement] = KeyRead(statement, self.engine.dialect)
         current = self.current()
         if current is not None:
-            return current.execute(_READS[read], {"key": key}).first()
-        statement = self.reads[read]
+            with raw_cursor(current) as cursor:
+                return read.execute(cursor, {"key": key}).fetchone()
         return retrying(
-            lambda: self.readers.run(lambda conn: statement.first(conn, key)),
+            lambda: self.readers.run(lambda conn: read.first(conn, key)),
             lambda e: e.connection_invalidated,
             attempts=2,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from ...call import DigestedCall
 from ...digest import DIGEST_LENGTH, Digest, _mk
 from ...errors import CorruptEntryError, SaveError, SignatureError
 from ..envelope import Envelope
+from .schema import STARTED_LENGTH
 
 __all__ = [
     "ENVELOPE",
@@ -34,6 +36,7 @@ __all__ = [
     "load_inline",
     "load_record",
     "load_version",
+    "recorded_start",
     "storable",
 ]
 
@@ -51,16 +54,13 @@ def dump_json(entries: Mapping[str, Any]) -> str:
     return json.dumps(dict(entries), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def storable(text: str) -> bool:
     """Whether every database can hold ``text`` exactly (PostgreSQL refuses NUL; UTF-8 lone
     surrogates)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return _UNSTORABLE.search(text) is None
 
 
 def _check_text(value: Any, what: str, *, optional: bool = False) -> None:
@@ -157,6 +157,14 @@ def dump_record(call: DigestedCall) -> str:
     """The JSON text of ``call``'s arguments (in order) and metadata, for the ``record`` column."""
     metadata = None if call.metadata is None else {s: dict(e) for s, e in call.metadata.items()}
     return dump_json({"a": {name: str(value) for name, value in call.arguments.items()}, "m": metadata})
+
+
+def recorded_start(metadata: Any) -> str | None:
+    """The ``started`` column for a record with ``metadata``: its ``runtime`` section's
+    ``start`` when that is text (its first ``STARTED_LENGTH`` characters), else ``None``."""
+    runtime = metadata.get("runtime") if isinstance(metadata, Mapping) else None
+    start = runtime.get("start") if isinstance(runtime, Mapping) else None
+    return start[:STARTED_LENGTH] if isinstance(start, str) else None
 
 
 def load_record(text: str, key: str, location: str) -> tuple[dict[str, Digest], Any]:

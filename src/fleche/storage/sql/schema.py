@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 
 from ...digest import DIGEST_LENGTH
 from ...errors import DatabaseError, SchemaVersionError
@@ -34,10 +35,19 @@ opening (see :data:`MIGRATIONS`); one of any other version is refused.
 3: ``fleche_calls.version_type`` says which type a call's ``version`` has (NULL: a ``str``;
 ``"int"``: an ``int``, written in decimal in ``version``).
 4: ``fleche_values`` and ``fleche_value_chunks`` hold values (``SqlValues``), so a database URL
-alone is a complete store.
+alone is a complete store; ``fleche_calls.started`` (indexed) holds each call's recorded start, so
+``Sql.newest`` is one ``ORDER BY ... LIMIT``.
 """
 
+STARTED_LENGTH = 255
+"""Characters of a recorded start the ``started`` column keeps (ISO 8601 text needs 32)."""
+
 _LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+# ISO 8601 text sorts by time only in a binary collation (PostgreSQL's "C"; the MySQL tables'
+# utf8mb4_bin; SQLite's default).
+_STARTED = sa.String(STARTED_LENGTH).with_variant(
+    postgresql.VARCHAR(STARTED_LENGTH, collation="C"), "postgresql"
+)
 _LONG_BLOB = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 # MySQL/MariaDB compare text case-insensitively by default; a binary collation keeps equality
 # exact (query results are still re-checked in Python, so this is about index selectivity).
@@ -73,8 +83,11 @@ calls = sa.Table(
     # the pickled small values (see fleche.storage.sql.records.dump_inline), or NULL.
     sa.Column("record", _LONG_TEXT, nullable=False),
     sa.Column("inline", _LONG_BLOB),
+    # ``metadata["runtime"]["start"]`` (its first STARTED_LENGTH characters), NULL without one.
+    sa.Column("started", _STARTED),
     sa.Index("ix_fleche_calls_name", "name", mysql_length=255),
     sa.Index("ix_fleche_calls_result", "result"),
+    sa.Index("ix_fleche_calls_started", "started"),
     **_TABLE_ARGS,
 )
 
@@ -151,11 +164,47 @@ def _add_version_type(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {calls.name} ADD COLUMN version_type {column}"))
 
 
+_FILL_BATCH = 1000
+"""Rows the migration to schema 4 reads and updates at a time."""
+
+
 def _add_value_tables(conn: sa.Connection) -> None:
-    """Migrate schema 3 to 4: add the value tables; nothing else changes (stores whose values
-    live in a directory or an object store keep working)."""
+    """Migrate schema 3 to 4: add the value tables, and ``fleche_calls.started`` with its index,
+    filled from the stored records in batches of :data:`_FILL_BATCH` rows; nothing else changes
+    (stores whose values live in a directory or an object store keep working)."""
+    from .records import recorded_start
+
     for table in (values, value_chunks):  # MySQL commits DDL at once: a rerun may find them
         table.create(conn, checkfirst=True)
+    inspector = sa.inspect(conn)
+    if "started" not in {c["name"] for c in inspector.get_columns(calls.name)}:
+        column = calls.c.started.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {calls.name} ADD COLUMN started {column}"))
+    index = next(i for i in calls.indexes if i.name == "ix_fleche_calls_started")
+    if index.name not in {i["name"] for i in inspector.get_indexes(calls.name)}:
+        index.create(conn)
+    batch = (
+        sa.select(calls.c.key, calls.c.record)
+        .where(calls.c.key > sa.bindparam("after"))
+        .order_by(calls.c.key)
+        .limit(_FILL_BATCH)
+    )
+    fill = sa.update(calls).where(calls.c.key == sa.bindparam("k")).values(started=sa.bindparam("s"))
+    after = ""
+    while rows := conn.execute(batch, {"after": after}).all():
+        after = rows[-1][0]
+        starts = [{"k": key, "s": recorded_start(_metadata_of(text))} for key, text in rows]
+        if found := [s for s in starts if s["s"] is not None]:
+            conn.execute(fill, found)
+
+
+def _metadata_of(record: str) -> Any:
+    """The metadata in a ``record`` column's JSON; ``None`` where it cannot be read (such a
+    record raises its error when loaded, not while migrating)."""
+    try:
+        return json.loads(record)["m"]
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 MIGRATIONS = {2: _add_version_type, 3: _add_value_tables}

@@ -59,6 +59,7 @@ from .records import (
     load_inline,
     load_record,
     load_version,
+    recorded_start,
 )
 from .schema import calls
 
@@ -102,6 +103,9 @@ class Sql(PerKeyLockMixin, CallStorage):
     that are unsigned, tampered with or moved from another row raise
     :class:`~fleche.errors.SignatureError` unread. A key given as a field travels inside pickled
     copies of the storage; the environment variable does not.
+
+    ``echo`` logs the statements SQLAlchemy runs; the hot paths (single-row reads by key, the
+    writes of a record or a value) run compiled statements on the bare driver and are not logged.
 
     ``lock_timeout`` (seconds, ``None`` for ever) bounds how long a write or a ``locked``
     section waits for the key's lock, thread lock included, before raising
@@ -206,12 +210,13 @@ class Sql(PerKeyLockMixin, CallStorage):
         transaction for ``key`` waits up to ``lock_timeout`` for the key's lock."""
         return self._connect().transaction(intent, key, _connections.deadline(self.lock_timeout))
 
-    def _read_one(self, read: str, key: str) -> Any:
-        """The first row the single-key read ``read`` (``"record"`` or ``"contains"``) finds."""
+    def _read_one(self, statement: Any, key: str) -> Any:
+        """The first row the one-row SELECT by ``key`` ``statement`` finds, read without
+        SQLAlchemy's execution layer (see ``Connections.read_one``)."""
         state = self._connections
         if state is None or state.pid != os.getpid():
             state = self._connect()
-        return state.read_one(read, key)
+        return state.read_one(statement, key)
 
     def _operation_context(
         self, key: Digest | str, *, intent: Intent = Intent.WRITE
@@ -258,7 +263,7 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     def _persist_call(self, row: dict[str, Any], call: DigestedCall, key: Digest) -> Digest:
         """Write ``call`` under ``key`` in the current transaction, replacing an earlier record."""
-        upsert = self._connect().upsert
+        state = self._connect()
         argument_rows = [
             {"call_key": key, "position": i, "name": name, "value": str(value)}
             for i, (name, value) in enumerate(call.arguments.items())
@@ -268,16 +273,17 @@ class Sql(PerKeyLockMixin, CallStorage):
             for i, (section, entries) in enumerate((call.metadata or {}).items())
         ]
         params = {"key": key}
-        with self._session_scope(Intent.WRITE) as conn:
+        compiled = state.compiled
+        with self._session_scope(Intent.WRITE) as conn, _statements.raw_cursor(conn) as cursor:
             # The upsert locks the calls row first, so concurrent saves of one key queue up here
             # and each replaces the rows below as a whole.
-            conn.execute(upsert, row)
-            conn.execute(_statements.DELETE_ARGUMENTS, params)
-            conn.execute(_statements.DELETE_METADATA, params)
+            compiled(state.upsert).execute(cursor, row)
+            compiled(_statements.DELETE_ARGUMENTS).execute(cursor, params)
+            compiled(_statements.DELETE_METADATA).execute(cursor, params)
             if argument_rows:
-                conn.execute(_statements.INSERT_ARGUMENTS, argument_rows)
+                compiled(_statements.INSERT_ARGUMENTS).executemany(cursor, argument_rows)
             if metadata_rows:
-                conn.execute(_statements.INSERT_METADATA, metadata_rows)
+                compiled(_statements.INSERT_METADATA).executemany(cursor, metadata_rows)
         BYTES_WRITTEN.add("bytes", len(row.get("record") or "") + len(row.get("inline") or b""))
         return key
 
@@ -304,7 +310,7 @@ class Sql(PerKeyLockMixin, CallStorage):
 
     def _fetch_call(self, key: Digest) -> DigestedCall:
         """The record stored under the full key ``key``; ``KeyError`` if there is none."""
-        row = self._read_one("record", key)
+        row = self._read_one(_statements.SELECT_RECORD, key)
         if row is None:
             raise KeyError(f"nothing stored under {key}")
         return self._decode(row)
@@ -315,7 +321,7 @@ class Sql(PerKeyLockMixin, CallStorage):
         return [self._decode(row) for row in rows]
 
     def _contains(self, key: Digest) -> bool:
-        return self._read_one("contains", key) is not None
+        return self._read_one(_statements.CONTAINS, key) is not None
 
     def _evict(self, key: Digest) -> None:
         with self._session_scope(Intent.WRITE) as conn:
@@ -331,6 +337,42 @@ class Sql(PerKeyLockMixin, CallStorage):
         at once."""
         with self._session_scope(Intent.READ) as conn:
             return [_mk(k) for k in conn.execute(_statements.LIST_KEYS).scalars()]
+
+    def shrink(self, key: Digest | str, /, *keys: Digest | str) -> Any:
+        """Find the shortest substring(s) that unambiguously reference each key (see
+        ``KeyManagement.shrink``): three indexed lookups per key (itself and its neighbours in
+        key order) in one snapshot instead of a listing, so ``fleche ls`` stays flat as the
+        table grows. ``KeyError`` for a key that is not stored; a key saved later may make a
+        returned prefix ambiguous."""
+        full = [self._normalize_key(k) for k in (key, *keys)]
+        shrunk = []
+        with self._session_scope(Intent.READ) as conn:
+            for k in full:
+                if conn.execute(_statements.CONTAINS, {"key": k}).first() is None:
+                    raise KeyError(f"nothing stored under {k}: only stored keys can be shrunk")
+                near = [
+                    row[0]
+                    for statement in (_statements.KEY_BEFORE, _statements.KEY_AFTER)
+                    for row in conn.execute(statement, {"key": k})
+                ]
+                shrunk.append(self._shrink_one(k, sorted([*near, k])))
+        return tuple(shrunk) if keys else shrunk[0]
+
+    def newest(self, limit: int) -> list[Digest]:
+        """The keys of the ``limit`` calls started last (their ``runtime`` metadata's
+        ``start``), newest first; calls without a start come last, in key order. Two index scans
+        with ``LIMIT`` (of the ``started`` column) in one snapshot, no record decoded, so the
+        cost does not grow with the number of stored calls and a damaged record still counts."""
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, got {limit}")
+        if limit == 0:
+            return []
+        with self._session_scope(Intent.READ) as conn:
+            keys = list(conn.execute(_statements.NEWEST_STARTED, {"limit": limit}).scalars())
+            if len(keys) < limit:
+                more = {"limit": limit - len(keys)}
+                keys += conn.execute(_statements.NEWEST_UNDATED, more).scalars()
+        return [_mk(k) for k in keys]
 
     def expand(self, key: Digest | str) -> Digest:
         """Expands a short-hand digest to the full length one.
@@ -408,6 +450,7 @@ class Sql(PerKeyLockMixin, CallStorage):
             "result": None if record.result is None else str(record.result),
             "record": dump_record(record),
             "inline": inline,
+            "started": recorded_start(record.metadata),
         }
         dialect = self._connect().dialect
         try:

@@ -51,6 +51,7 @@ from . import connections as _connections
 from .connections import is_transient, retrying, safe_url
 from .dialects.base import BINARY_RESULTS
 from .schema import value_chunks, values
+from .statements import raw_cursor
 from .storage import Sql
 
 __all__ = ["CHUNK_BYTES", "SqlValueBackend", "SqlValues"]
@@ -65,6 +66,13 @@ _SELECT = (
     .where(values.c.key == _KEY)
     .execution_options(**{BINARY_RESULTS: True})  # payload bytes as bytes, not hex text
 )
+_SELECT_SMALL = sa.select(
+    values.c.header,
+    values.c.size,
+    values.c.chunks,
+    # The payload only where it is all in this row: a larger value is read again whole.
+    sa.case((values.c.chunks == sa.literal_column("1"), values.c.data), else_=sa.null()),
+).where(values.c.key == _KEY)
 _SELECT_CHUNKS = (
     sa.select(value_chunks.c.n, value_chunks.c.data)
     .where(value_chunks.c.key == _KEY)
@@ -170,21 +178,28 @@ class SqlValueBackend(StorageBackend):
         size = len(view)
         chunks = max(1, -(-size // CHUNK_BYTES))
 
+        state = self.sql._connect()
+        compiled = state.compiled
+        # Chunks go to the driver as views of the pickle where it takes them (psycopg, sqlite3
+        # send them as binary parameters); PyMySQL gets a copy of each chunk.
+        chunk: Callable[[int], Any] = (
+            (lambda n: view[n * CHUNK_BYTES : (n + 1) * CHUNK_BYTES])
+            if state.dialect.binds_buffers
+            else (lambda n: bytes(view[n * CHUNK_BYTES : (n + 1) * CHUNK_BYTES]))
+        )
+
         def work(conn: sa.Connection) -> None:
             params = {"key": key}
-            conn.execute(_DELETE_CHUNKS, params)
-            conn.execute(_DELETE, params)
-            # Chunks go to the driver as views of the pickle: psycopg and sqlite3 send them as
-            # they are (binary parameters), PyMySQL copies each into its statement.
-            row = {
-                "key": key, "header": header, "size": size, "chunks": chunks,
-                "data": view[:CHUNK_BYTES], "used": time.time(),
-            }
-            conn.execute(_INSERT, row)
-            for n in range(1, chunks):
-                start = n * CHUNK_BYTES
-                data = view[start : start + CHUNK_BYTES]
-                conn.execute(_INSERT_CHUNK, {"key": key, "n": n, "data": data})
+            with raw_cursor(conn) as cursor:
+                compiled(_DELETE_CHUNKS).execute(cursor, params)
+                compiled(_DELETE).execute(cursor, params)
+                row = {
+                    "key": key, "header": header, "size": size, "chunks": chunks,
+                    "data": chunk(0), "used": time.time(),
+                }
+                compiled(_INSERT).execute(cursor, row)
+                for n in range(1, chunks):
+                    compiled(_INSERT_CHUNK).execute(cursor, {"key": key, "n": n, "data": chunk(n)})
 
         self._writing(key, work)
         BYTES_WRITTEN.add("bytes", len(header) + size)
@@ -195,15 +210,20 @@ class SqlValueBackend(StorageBackend):
         buffer. ``KeyError`` if there is none, :class:`~fleche.errors.CorruptEntryError` if it
         is torn (a chunk missing or of the wrong size), tampered with or cannot be unpickled."""
         where = self._location(key)
-        with self.sql._session_scope(Intent.READ) as conn:
-            row = conn.execute(_SELECT, {"key": key}).first()
-            if row is None:
-                raise KeyError(f"nothing stored under {key}")
-            header, size, chunks, first = row
-            if chunks == 1:
-                payload: bytes | bytearray = first
-            else:
-                payload = _joined(conn, key, size, chunks, first, where)
+        # A value in one row (most): one statement, which sees one snapshot. A larger one: its
+        # row and chunks read again in one snapshot, since it may be replaced meanwhile.
+        row = self.sql._read_one(_SELECT_SMALL, key)
+        if row is None:
+            raise KeyError(f"nothing stored under {key}")
+        header, size, chunks, payload = row
+        if chunks != 1:
+            with self.sql._session_scope(Intent.READ) as conn:
+                row = conn.execute(_SELECT, {"key": key}).first()
+                if row is None:
+                    raise KeyError(f"nothing stored under {key}")
+                header, size, chunks, payload = row
+                if chunks != 1:
+                    payload = _joined(conn, key, size, chunks, payload, where)
         if len(payload) != size:
             raise CorruptEntryError(
                 key, where, f"torn entry: {len(payload)} bytes of payload where its row says {size}"
@@ -211,8 +231,7 @@ class SqlValueBackend(StorageBackend):
         return open_pickle_parts(header, memoryview(payload), key, where, self._secrets())
 
     def _contains(self, key: Digest) -> bool:
-        with self.sql._session_scope(Intent.READ) as conn:
-            return conn.execute(_CONTAINS, {"key": key}).first() is not None
+        return self.sql._read_one(_CONTAINS, key) is not None
 
     def _evict(self, key: Digest) -> None:
         def work(conn: sa.Connection) -> int:

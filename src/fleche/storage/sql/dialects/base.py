@@ -140,6 +140,10 @@ class Dialect(abc.ABC):
     """Whether :meth:`hold_key` takes its lock on a connection (database servers) rather than
     outside the database (SQLite's lock files)."""
 
+    binds_buffers: bool = True
+    """Whether the driver takes a ``memoryview`` as a binary parameter (so a value's chunks go
+    to it without a copy); PyMySQL does not (it would write the view's ``repr``)."""
+
     own_read_connections: bool = True
     """Whether single-statement reads run on autocommit connections of their own, opened like
     the engine's (:mod:`fleche.storage.sql.readers`), rather than on connections of the engine's

@@ -40,6 +40,7 @@ class MysqlDialect(ServerDialect):
     """
 
     names = ("mysql", "mariadb")
+    binds_buffers = False
 
     def key_lock_name(self, key: str) -> str:
         """``GET_LOCK`` names are one namespace for the whole server, so the name carries the

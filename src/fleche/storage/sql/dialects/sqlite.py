@@ -18,6 +18,7 @@ from sqlalchemy.engine import URL
 from ....errors import DatabaseError, NetworkFilesystemWarning
 from ...filesystems import filesystem_type, is_network_filesystem
 from ...locks import hold
+from ..statements import Compiled, raw_cursor
 from .base import SIMPLE_KEY, Dialect, on_conflict_upsert
 
 __all__ = ["BUSY_TIMEOUT_S", "SqliteDialect", "filesystem_type", "is_network_filesystem"]
@@ -141,12 +142,19 @@ class SqliteDialect(Dialect):
                     cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
+        begin = {
+            immediate: Compiled(sa.text("BEGIN IMMEDIATE" if immediate else "BEGIN"), engine.dialect)
+            for immediate in (False, True)
+        }
+
         @event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
             # A write takes the write lock at BEGIN, waiting up to the busy timeout; a deferred
-            # BEGIN that upgrades later could fail at once with SQLITE_BUSY instead.
+            # BEGIN that upgrades later could fail at once with SQLITE_BUSY instead. Run on the
+            # bare connection: this is on the path of every write and every snapshot.
             immediate = conn.get_execution_options().get("fleche_immediate", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            with raw_cursor(conn) as cursor:
+                begin[immediate].execute(cursor, {})
 
     def snapshot(self, engine: sa.Engine) -> Any:
         return engine  # a deferred BEGIN: one WAL read snapshot
