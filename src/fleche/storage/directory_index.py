@@ -58,6 +58,9 @@ _CREATE = (
     " key TEXT PRIMARY KEY NOT NULL, name TEXT NOT NULL, start TEXT, used REAL NOT NULL,"
     " entry BLOB NOT NULL)"
 )
+# newest() walks this index from its start and stops at the limit: ``fleche ls --limit`` stays
+# flat as the store grows (NULL starts sort last in a descending scan).
+_CREATE_START_INDEX = "CREATE INDEX IF NOT EXISTS calls_by_start ON calls (start DESC, key)"
 _PUT = "INSERT OR REPLACE INTO calls (key, name, start, used, entry) VALUES (?, ?, ?, ?, ?)"
 _GET = "SELECT entry FROM calls WHERE key = ?"
 _CONTAINS = "SELECT 1 FROM calls WHERE key = ?"
@@ -208,6 +211,7 @@ class DirectoryIndexBackend(PickleFileBackend):
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found == 0:
                 conn.execute(_CREATE)
+                conn.execute(_CREATE_START_INDEX)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return found
 
