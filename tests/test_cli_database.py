@@ -4,7 +4,6 @@ where unset) and a SQLite file."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -15,11 +14,11 @@ from test_cli import WIDTH, populate, run, run_here, run_json, spec_for, tasks  
 import fleche  # noqa: E402
 from fleche.call import Call  # noqa: E402
 from fleche.storage import SqlValues  # noqa: E402
-from fleche.storage.sql import CHUNK_BYTES, Sql  # noqa: E402
-from fleche.storage.sql.schema import schema, values  # noqa: E402
+from fleche.storage.sql import CHUNK_BYTES  # noqa: E402
+from fleche.storage.sql.schema import values  # noqa: E402
 from fleche.testing import flip_a_byte_of_row  # noqa: E402
 
-SERVERS = {"postgresql": "FLECHE_TEST_POSTGRES_URL", "mariadb": "FLECHE_TEST_MARIADB_URL"}
+from test_storage_sql import _drop_tables, _server_url  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -28,23 +27,13 @@ def _columns(monkeypatch):
     monkeypatch.delenv("FLECHE_CACHE", raising=False)
 
 
-def _drop_tables(url: str) -> None:
-    engine = sa.create_engine(Sql(url)._sqlalchemy_url())
-    try:
-        schema.drop_all(engine)
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def database(request, tmp_path):
     """The spec of an empty store that is a database alone."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/store.db"
         return
-    url = os.environ.get(SERVERS[request.param])
-    if not url:
-        pytest.skip(f"{SERVERS[request.param]} is not set: no {request.param} database to test with")
+    url = _server_url(request.param)
     _drop_tables(url)
     yield url
     _drop_tables(url)

@@ -8,7 +8,6 @@ test drops the fleche tables before and after itself.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -19,25 +18,13 @@ sa = pytest.importorskip("sqlalchemy")
 
 from fleche.call import Call, QueryCall  # noqa: E402
 from fleche.storage.sql import Sql  # noqa: E402
-from fleche.storage.sql.schema import schema  # noqa: E402
-
-SERVERS = {"postgresql": "FLECHE_TEST_POSTGRES_URL", "mariadb": "FLECHE_TEST_MARIADB_URL"}
-
-
-def _drop_tables(url: str) -> None:
-    engine = sa.create_engine(Sql(url)._sqlalchemy_url())
-    try:
-        schema.drop_all(engine)
-    finally:
-        engine.dispose()
+from test_storage_sql import SERVERS, _drop_tables, _server_url  # noqa: E402
 
 
 @pytest.fixture(params=sorted(SERVERS))
 def server(request: Any) -> Iterator[Sql]:
     """An ``Sql`` on an empty server database of each kind, closed and its tables dropped after."""
-    url = os.environ.get(SERVERS[request.param])
-    if not url:
-        pytest.skip(f"{SERVERS[request.param]} is not set: {request.param} tests need a database")
+    url = _server_url(request.param)
     _drop_tables(url)
     storage = Sql(url)
     yield storage
