@@ -12,7 +12,6 @@ Small by default; ``FLECHE_STRESS=full`` runs the full size. Checks afterwards a
 from __future__ import annotations
 
 import multiprocessing
-import os
 import random
 import threading
 import traceback
@@ -23,8 +22,8 @@ import pytest
 from fleche.call import Call
 from fleche.digest import digest
 from fleche.storage import CallDirectoryIndex, CallPickleFile, ValuePickleFile
+from fleche.testing import FULL_SIZE as FULL  # FLECHE_STRESS=full
 
-FULL = os.environ.get("FLECHE_STRESS") == "full"
 PROCESSES = 6 if FULL else 4
 THREADS = 4
 ROUNDS = 250 if FULL else 25

@@ -39,6 +39,7 @@ from fleche.storage import (  # noqa: E402
 from fleche.storage.envelope import SECRET_KEY_ENV  # noqa: E402
 from fleche.storage.h5_file import USER_BLOCK  # noqa: E402
 from fleche.testing import (  # noqa: E402
+    FULL_SIZE as FULL,  # FLECHE_STRESS=full
     UNSORTED_DICTS,
     CallStorageTests,
     ValueStorageTests,
@@ -47,7 +48,6 @@ from fleche.testing import (  # noqa: E402
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FULL = os.environ.get("FLECHE_STRESS") == "full"
 
 
 class TestValueBagOfHoldingH5File(ValueStorageTests):

@@ -49,13 +49,13 @@ from fleche.storage.sql.schema import (  # noqa: E402
     versions,
 )
 from fleche.storage.sql import Sql  # noqa: E402
+from fleche.testing import FULL_SIZE as FULL  # noqa: E402  (FLECHE_STRESS=full)
 from fleche.testing import CallStorageTests  # noqa: E402
 
 SERVERS = {
     "postgresql": "FLECHE_TEST_POSTGRES_URL",
     "mariadb": "FLECHE_TEST_MARIADB_URL",
 }
-FULL = os.environ.get("FLECHE_STRESS") == "full"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 

@@ -214,7 +214,7 @@ def test_settings_travel_and_compression_applies(db_url: str) -> None:
 def test_values_and_record_commit_together(store: Cache) -> None:
     """While a save of a call with a large value is inside its transaction, another thread
     (its own connection) sees neither the value nor the record; after it, both."""
-    call = Call("f", {"x": "y" * 10_000}, result=list(range(5000)))
+    call = Call("f", {"x": "y" * 10_000}, result=[b"a" * 100_000, b"b" * 100_000, 3])
     key = call.digest().to_lookup_key()
     inside, release = threading.Event(), threading.Event()
     seen: list[Any] = []

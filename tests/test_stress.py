@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from fleche.testing import FULL_SIZE as FULL  # FLECHE_STRESS=full
+
 ROOT = Path(__file__).resolve().parents[1]
-FULL = os.environ.get("FLECHE_STRESS") == "full"
 
 
 @pytest.mark.slow

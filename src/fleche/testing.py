@@ -17,6 +17,9 @@ under test over a writable :class:`~fleche.caches.Cache`::
         def wrap(self, store):
             return ReadOnlyCache(store)
 
+The thread and process tests (marked ``slow``) run at a small size by default and at full size
+with ``FLECHE_STRESS=full`` in the environment.
+
 Third-party storages and caches can run the same contracts. Requires pytest.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import pickle
 import sys
 import threading
@@ -58,6 +62,14 @@ __all__ = [
     "flip_a_byte_of_row",
     "key_orders",
 ]
+
+FULL_SIZE = os.environ.get("FLECHE_STRESS") == "full"
+"""Whether the ``slow`` thread and process tests run at full size (``FLECHE_STRESS=full``)."""
+
+
+def _size(small: int, full: int) -> int:
+    return full if FULL_SIZE else small
+
 
 
 def assert_corrupt_entry_is_reported_and_evictable(
@@ -253,12 +265,14 @@ class StorageTests:
 
     # -- threads ----------------------------------------------------------------------------
 
+    @pytest.mark.slow
     @pytest.mark.persistent
     def test_threads_on_shared_keys(self, storage: Any) -> None:
-        """8 threads save, load and check overlapping keys; nothing is lost or torn."""
+        """8 threads save, load and check overlapping keys (12 saves each, 30 at full size);
+        nothing is lost or torn."""
 
         def work(t: int) -> None:
-            for n in range(30):
+            for n in range(_size(12, 30)):
                 i = (t + n) % 12
                 key = self.save(storage, self.item(i))
                 self.assert_loaded(storage, key, self.item(i))
@@ -280,12 +294,15 @@ class StorageTests:
     def counter_key(self) -> Digest:
         raise NotImplementedError
 
+    @pytest.mark.slow
     @pytest.mark.persistent
     def test_locked_read_modify_write_threads(self, storage: Any) -> None:
-        """8 threads increment one counter under ``locked``; no increment is lost."""
+        """8 threads increment one counter under ``locked`` (8 times each, 25 at full size); no
+        increment is lost."""
         storage = _with_lock_timeout(storage, 60.0)  # eight writers queue on one key
-        _run_in_threads(8, lambda _: _bump(storage, self, 25))
-        assert self.read_counter(storage) == 200
+        times = _size(8, 25)
+        _run_in_threads(8, lambda _: _bump(storage, self, times))
+        assert self.read_counter(storage) == 8 * times
 
     @pytest.mark.persistent
     def test_locked_is_reentrant(self, storage: Any) -> None:
@@ -297,8 +314,10 @@ class StorageTests:
 
     # -- processes --------------------------------------------------------------------------
 
+    @pytest.mark.slow
     def test_processes_locked_read_modify_write(self, storage: Any) -> None:
-        """3 processes x 2 threads increment one counter under ``locked``; none is lost."""
+        """3 processes x 2 threads increment one counter under ``locked`` (6 times each, 15 at
+        full size); none is lost."""
         if not self.shared_between_processes:
             pytest.skip(f"{type(self).__name__} is private to one process")
         if not self.locks_between_processes:
@@ -306,9 +325,10 @@ class StorageTests:
         ctx = multiprocessing.get_context("spawn")
         # Six writers queue on one key: give slow backends on a loaded machine time to take turns.
         patient = _with_lock_timeout(storage, 60.0)
+        times = _size(6, 15)
         with ctx.Pool(3) as pool:
-            pool.starmap(_bump_in_threads, [(patient, self, 2, 15)] * 3)
-        assert self.read_counter(storage) == 90
+            pool.starmap(_bump_in_threads, [(patient, self, 2, times)] * 3)
+        assert self.read_counter(storage) == 3 * 2 * times
 
     @pytest.mark.parametrize("method", ["spawn", "fork"])
     def test_processes_share_entries(self, storage: Any, method: str) -> None:
