@@ -187,3 +187,24 @@ def test_a_part_that_occurs_twice_in_one_value_is_written_once():
     assert max(storage.writes.values()) == 1
     storage.save([part, part])  # a new save writes the part again (it may have been evicted)
     assert storage.writes[digest(part)] == 2
+
+
+def test_inline_parts_keeps_small_parts_in_their_container():
+    """Parts under ``inline_parts`` bytes stay in the entry of their container; large ones,
+    references and parts that are not plain values are still stored apart, under the same keys
+    as without it."""
+    vm = ValueMemory(storage={}, inline_parts=64)
+    big, sample = b"x" * 1000, Sample(1, "a")
+    value = {"numbers": list(range(100)), "pair": (1, "a"), "big": big, "sample": sample}
+    key = vm.save(value)
+    assert key == digest(value) and vm.load(key) == value
+    # The list of 100 numbers is over the budget: one entry, its numbers inside it; the
+    # dataclass is not a plain value, so an entry of its own, its small fields inside it.
+    assert vm.storage.keys() == {key, digest(list(range(100))), digest(big), digest(sample)}
+    assert vm.child_digests(digest(list(range(100)))) == set()
+    assert vm.child_digests(key) == {digest(list(range(100))), digest(big), digest(sample)}
+    shared = vm.save([big, vm.save("y" * 200)])  # a reference stays a reference
+    assert vm.child_digests(shared) == {digest(big), digest("y" * 200)}
+    everything_apart = ValueMemory(storage={})
+    assert everything_apart.save(value) == key and everything_apart.load(key) == value
+    assert len(everything_apart.storage) > len(vm.storage)

@@ -1,5 +1,6 @@
 """Store specs: fleche.open, spec_of, FLECHE_CACHE, and the plugins that take specs."""
 
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -12,13 +13,18 @@ import fleche
 from fleche import decorator
 from fleche.caches import Cache
 from fleche.errors import SpecError
-from fleche.spec import CACHE_ENV, mask, parse, spec_of
+from fleche.spec import CACHE_ENV, DEFAULT_INLINE_PARTS, mask, parse, spec_of
 from fleche.call import Call
 from fleche.storage import CallMemory, CallPickleFile, ValueMemory, ValuePickleFile
 from fleche.storage.directory_index import CallDirectoryIndex
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
+
+
+def pickle_values(root, **settings):
+    """A ``ValuePickleFile`` as a spec opens it (small parts inline, ``inline_parts``)."""
+    return ValuePickleFile(root, inline_parts=DEFAULT_INLINE_PARTS, **settings)
 
 
 def subprocess_env(**extra):
@@ -29,7 +35,7 @@ def subprocess_env(**extra):
 
 def test_a_directory_is_pickle_files_in_values_and_an_index(tmp_path, monkeypatch):
     cache = fleche.open(str(tmp_path))
-    assert cache == Cache(ValuePickleFile(tmp_path / "values"), CallDirectoryIndex(tmp_path))
+    assert cache == Cache(pickle_values(tmp_path / "values"), CallDirectoryIndex(tmp_path))
     assert fleche.open(f"file://{tmp_path}") == cache
     monkeypatch.chdir(tmp_path)
     assert fleche.open("store") == fleche.open(str(tmp_path / "store"))  # absolute at once
@@ -37,7 +43,7 @@ def test_a_directory_is_pickle_files_in_values_and_an_index(tmp_path, monkeypatc
 
 
 def test_the_layout_option(tmp_path):
-    files = Cache(ValuePickleFile(tmp_path / "values"), CallPickleFile(tmp_path / "calls"))
+    files = Cache(pickle_values(tmp_path / "values"), CallPickleFile(tmp_path / "calls"))
     assert fleche.open(f"{tmp_path}?layout=files") == files
     assert fleche.open(f"{tmp_path}?layout=index") == fleche.open(str(tmp_path))
     with pytest.raises(SpecError, match="layout must be one of index, files"):
@@ -63,6 +69,27 @@ def test_options_reach_the_storages(tmp_path):
     assert cache.values.lock_timeout == cache.calls.lock_timeout == 5.0
     assert cache.values.durable and cache.calls.durable
     assert fleche.open(f"{tmp_path}?lock_timeout=none").values.lock_timeout is None
+
+
+def test_small_parts_stay_in_their_container(tmp_path):
+    """A list of numbers is one value file by default, one per element with inline_parts=0;
+    large parts are stored apart either way, and each store reads the other's."""
+    numbers, big = list(range(1000)), bytes(10_000)
+    default, apart = fleche.open(str(tmp_path)), fleche.open(f"{tmp_path}?inline_parts=0")
+    assert default.values.inline_parts == DEFAULT_INLINE_PARTS and apart.values.inline_parts == 0
+    key = default.values.save([numbers, big])
+    assert len(list(default.values.list())) == 3  # the list, the numbers whole, the bytes
+    assert default.values.child_digests(default.values.save(numbers)) == set()
+    assert apart.values.load(key) == [numbers, big]
+    other = apart.values.save(list(range(1000, 1010)))
+    assert len(list(apart.values.list())) == 3 + 1 + 10
+    assert default.values.load(other) == list(range(1000, 1010))
+    assert parse(f"{tmp_path}?format=h5").resolved_inline_parts() == 0  # HDF5 keeps parts apart
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        database = fleche.open(f"sqlite:///{tmp_path}/calls.db")  # values in the database
+        assert database.values.load(database.values.save(numbers)) == numbers
+        assert len(list(database.values.list())) == 1  # one row
+    assert parse(f"{tmp_path}?inline_parts=2048") == parse(str(tmp_path))  # the default
 
 
 def test_serializer_and_compression_options(tmp_path):
@@ -147,6 +174,10 @@ def test_memory_is_one_cache_per_spec_and_process():
         ("sqlite:///x.db?values=", "values= needs a directory"),
         ("memory://?format=h5", "takes no options"),
         ("file://", "no directory"),
+        ("/data?inline_parts=-1", "inline_parts must be a number of bytes >= 0"),
+        ("/data?inline_parts=2k", "inline_parts must be a number of bytes >= 0"),
+        ("sqlite:///x.db?values=s3://b/p&inline_parts=0", "an object store keeps each value whole"),
+        ("s3://bucket/p?inline_parts=0", "'inline_parts' does not apply"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(spec, reason):
@@ -171,6 +202,9 @@ def test_a_spec_is_a_string():
         "{tmp}/store?layout=files",
         "{tmp}/store?format=h5&layout=files",
         "{tmp}/store?layout=index",
+        "{tmp}/store?inline_parts=0",
+        "{tmp}/store?format=h5&inline_parts=512",
+        "sqlite:///{tmp}/calls.db?inline_parts=100000",
         "sqlite:///{tmp}/calls.db",
         "sqlite:///{tmp}/calls.db?values={tmp}/v&format=cloudpickle",
         "{tmp}/store?format=dill&compression=lzma",
@@ -196,14 +230,16 @@ def test_spec_of_round_trips(form, tmp_path):
 
 def test_spec_of_caches_no_spec_can_name(tmp_path):
     assert spec_of(Cache(ValueMemory(), CallMemory())) is None
-    assert spec_of(Cache(ValuePickleFile(tmp_path / "a"), CallPickleFile(tmp_path / "b"))) is None
-    signed = Cache(ValuePickleFile(tmp_path / "values", secret_key="k"), CallPickleFile(tmp_path / "calls"))
+    assert spec_of(Cache(pickle_values(tmp_path / "a"), CallPickleFile(tmp_path / "b"))) is None
+    signed = Cache(pickle_values(tmp_path / "values", secret_key="k"), CallPickleFile(tmp_path / "calls"))
     assert spec_of(signed) is None
-    plain = Cache(ValuePickleFile(tmp_path / "values"), CallPickleFile(tmp_path / "calls"))
+    plain = Cache(pickle_values(tmp_path / "values"), CallPickleFile(tmp_path / "calls"))
     assert spec_of(plain) == f"{tmp_path}?layout=files"  # not what a new store would be
-    indexed = Cache(ValuePickleFile(tmp_path / "values"), CallDirectoryIndex(tmp_path))
+    indexed = Cache(pickle_values(tmp_path / "values"), CallDirectoryIndex(tmp_path))
     assert spec_of(indexed) == str(tmp_path)
-    assert spec_of(Cache(ValuePickleFile(tmp_path / "v"), CallDirectoryIndex(tmp_path))) is None
+    every_part_apart = Cache(ValuePickleFile(tmp_path / "values"), CallDirectoryIndex(tmp_path))
+    assert spec_of(every_part_apart) == f"{tmp_path}?inline_parts=0"  # the class's default
+    assert spec_of(Cache(pickle_values(tmp_path / "v"), CallDirectoryIndex(tmp_path))) is None
 
 
 def test_passwords_are_masked():

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import os
 import warnings
-import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from .storage.base import (
 )
 from .storage.file import FileStorage
 from .storage.memory import CallMemory, ValueMemory
+from .storage.sizes import small_pickle_size
 from .usage import StoreUsage
 from .storage.object_store import ObjectStoreBackend
 
@@ -375,39 +375,6 @@ def _value_key_text(key: Any) -> str:
     return text
 
 
-def _fits(value: Any, budget: int) -> int | None:
-    """Roughly how many bytes ``value`` pickles to, if it is a plain value under ``budget``."""
-    t = type(value)
-    if value is None or t is bool or t is float or t is complex:
-        return 9
-    if t is int:
-        return value.bit_length() // 8 + 9 if value.bit_length() < 8 * budget else None
-    if t is str or t is bytes:
-        return len(value) + 9 if len(value) < budget else None
-    if t in (tuple, list, set, frozenset):
-        total = 4
-        for item in value:
-            size = _fits(item, budget - total)
-            if size is None:
-                return None
-            total += size
-        return total if total < budget else None
-    if t is dict:
-        total = 4
-        for k, item in value.items():
-            ks = _fits(k, budget - total)
-            vs = None if ks is None else _fits(item, budget - total - ks)
-            if vs is None:
-                return None
-            total += ks + vs
-        return total if total < budget else None
-    # numpy arrays and scalars only: pandas objects have nbytes too, but not always numpy dtypes
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(value, (np.ndarray, np.generic)):
-        return None if value.dtype.hasobject or value.nbytes >= budget else value.nbytes + 128
-    return None
-
-
 @dataclass(frozen=True)
 class Cache(BaseCache):
     """A value storage and a call storage used together.
@@ -506,7 +473,7 @@ class Cache(BaseCache):
     ) -> None:
         """Keep ``value`` (the argument named so, or the result for ``None``) in ``inline`` if
         it is small enough, else in the value storage unless it is there and complete."""
-        if limit and _fits(value, limit) is not None:
+        if limit and small_pickle_size(value, limit) is not None:
             inline[key] = value
         elif (
             overwrite

@@ -38,7 +38,9 @@ Options, after ``?`` and joined by ``&``: ``values=DIR`` (SQL stores), ``format=
 ``lock_timeout=SECONDS``
 (or ``none``) for the key locks of the file storages and of a SQL store's calls;
 ``durable=true`` for the file storages; ``layout=index`` or ``layout=files`` for a directory
-(see below). Relative paths are made absolute when
+(see below); ``inline_parts=BYTES``: parts of a value (elements of lists, tuples, dicts,
+dataclasses) that pickle to fewer bytes stay in their container's file or row (default 2048;
+0 stores every part apart, the HDF5 default, for sharing between values). Relative paths are made absolute when
 the spec is parsed, ``~`` is expanded; a directory whose name contains ``?`` is written as a
 ``file://`` URL with ``%3F``. Other options of a SQL URL (``sslmode=require``...) stay
 in the database URL. A bare ``postgresql://`` means ``postgresql+psycopg://`` and a bare
@@ -114,7 +116,12 @@ CACHE_ENV = "FLECHE_CACHE"
 """Environment variable holding the spec of the process-wide default cache."""
 
 FORMATS = ("pickle", "cloudpickle", "dill", "h5")
-_OPTIONS = ("values", "format", "compression", "lock_timeout", "durable", "layout")
+_OPTIONS = ("values", "format", "compression", "lock_timeout", "durable", "layout", "inline_parts")
+DEFAULT_INLINE_PARTS = 2048
+"""Parts of a value smaller than about this many bytes stay in their container's entry in the
+stores a spec opens (``DestructuringMixin.inline_parts``): a list of numbers is one file or row,
+not one per number. HDF5 stores keep every part apart, for other HDF5 tools to read."""
+
 LAYOUTS = ("index", "files")
 """How a store directory keeps its calls: rows of ``DIR/index.sqlite``, or files in ``DIR/calls``."""
 _SQL_BACKENDS = {"sqlite": None, "postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
@@ -172,6 +179,9 @@ class StoreSpec:
     layout: str | None = None
     """A directory's layout as the spec gives it (``"index"``, ``"files"``), ``None`` to choose
     from what the directory holds (see :meth:`resolved_layout`)."""
+    inline_parts: int | None = None
+    """``inline_parts=`` as the spec gives it, ``None`` for the format's default (see
+    :meth:`resolved_inline_parts`)."""
 
     def __str__(self) -> str:
         """The canonical spec with its password masked: what fleche prints and logs."""
@@ -204,6 +214,8 @@ class StoreSpec:
             options["durable"] = "true"
         if self.layout is not None:
             options["layout"] = self.layout
+        if self.inline_parts is not None:
+            options["inline_parts"] = str(self.inline_parts)
         pairs = [*self.url_query, *options.items()]
         query = urllib.parse.urlencode(pairs, safe="/~:") if pairs else ""
         return self.calls + (f"?{query}" if query else "")
@@ -227,7 +239,8 @@ class StoreSpec:
         self._check_places()
         settings = {"lock_timeout": self.lock_timeout, "durable": self.durable}
         if self.kind == "directory":
-            values = _value_storage(self.format, self.values or "", settings, self.compression)
+            values = _value_storage(self.format, self.values or "", settings, self.compression,
+                                    self.resolved_inline_parts())
             if self.resolved_layout() == "index":
                 return Cache(values, CallDirectoryIndex(Path(self.calls), **settings))
             return Cache(values, _call_storage(self.format, Path(self.calls) / "calls", settings))
@@ -237,10 +250,11 @@ class StoreSpec:
         if self.values is None:  # values in the database, on the call storage's connections
             values = SqlValues(
                 calls, serializer=self.format, compression=self.compression,
-                lock_timeout=self.lock_timeout,
+                lock_timeout=self.lock_timeout, inline_parts=self.resolved_inline_parts(),
             )
         else:
-            values = _value_storage(self.format, self.values, settings, self.compression)
+            values = _value_storage(self.format, self.values, settings, self.compression,
+                                    self.resolved_inline_parts())
         return Cache(values, calls)
 
     def _check_places(self) -> None:
@@ -262,6 +276,14 @@ class StoreSpec:
                 raise SpecError(
                     str(self), f"{there} is not a directory: a store needs a directory there"
                 )
+
+    def resolved_inline_parts(self) -> int:
+        """How small a part of a value must pickle to stay in its container's entry
+        (``DestructuringMixin.inline_parts``): ``inline_parts=``, else :data:`DEFAULT_INLINE_PARTS`
+        for the pickle formats and 0 (every part apart) for HDF5."""
+        if self.inline_parts is not None:
+            return self.inline_parts
+        return _default_inline_parts(self.format)
 
     def resolved_layout(self) -> str | None:
         """The layout a directory store opens with: the spec's ``layout=``, else ``"index"``
@@ -314,8 +336,13 @@ class StoreSpec:
         return path.is_file() if path is not None else True
 
 
+def _default_inline_parts(fmt: str) -> int:
+    return 0 if fmt == "h5" else DEFAULT_INLINE_PARTS
+
+
 def _value_storage(
-    fmt: str, location: str, settings: dict[str, Any], compression: str | None = None
+    fmt: str, location: str, settings: dict[str, Any], compression: str | None = None,
+    inline_parts: int = 0,
 ) -> Any:
     if _is_object_location(location):
         url, _, query = location.partition("?")
@@ -328,8 +355,10 @@ def _value_storage(
     if fmt == "h5":
         from .storage.h5_file import ValueBagOfHoldingH5File
 
-        return ValueBagOfHoldingH5File(root, **settings)
-    return ValuePickleFile(root, serializer=fmt, compression=compression, **settings)
+        return ValueBagOfHoldingH5File(root, inline_parts=inline_parts, **settings)
+    return ValuePickleFile(
+        root, serializer=fmt, compression=compression, inline_parts=inline_parts, **settings
+    )
 
 
 def _call_storage(fmt: str, root: Path, settings: dict[str, Any]) -> Any:
@@ -434,7 +463,18 @@ def _common(text: str, options: Mapping[str, str]) -> dict[str, Any]:
         if raw not in ("true", "false", "1", "0", "yes", "no"):
             raise SpecError(text, f"durable must be true or false, got {options['durable']!r}")
         out["durable"] = raw in ("true", "1", "yes")
+    if "inline_parts" in options:
+        raw = options["inline_parts"]
+        if not raw.isdigit():
+            raise SpecError(text, f"inline_parts must be a number of bytes >= 0, got {raw!r}")
+        out["inline_parts"] = _inline_parts_setting(fmt, int(raw))
     return out
+
+
+def _inline_parts_setting(fmt: str, inline_parts: int) -> int | None:
+    """``StoreSpec.inline_parts`` for a value storage's ``inline_parts``: ``None`` where it is
+    the format's default, so equal stores have equal specs."""
+    return None if inline_parts == _default_inline_parts(fmt) else inline_parts
 
 
 def parse(spec: str | os.PathLike[str]) -> StoreSpec:
@@ -484,7 +524,8 @@ def _directory(text: str, path: str, query: str) -> StoreSpec:
     if not path:
         raise SpecError(text, "no directory given")
     options, _ = _parse_options(
-        text, query, ("format", "compression", "lock_timeout", "durable", "layout"), sql=False
+        text, query, ("format", "compression", "lock_timeout", "durable", "layout", "inline_parts"),
+        sql=False,
     )
     layout = options.get("layout")
     if layout is not None and layout not in LAYOUTS:
@@ -502,6 +543,11 @@ def _sql(text: str, scheme: str, backend: str, driver: str, base: str, query: st
     values = options.get("values")
     if values == "":
         raise SpecError(text, "values= needs a directory")
+    if values is not None and "inline_parts" in options and _is_object_location(values):
+        raise SpecError(
+            text, "inline_parts applies to values in files or in the database; an object "
+            "store keeps each value whole in one object"
+        )
     if backend == "sqlite":
         path = base.split("://", 1)[1]
         if not path.startswith("/") or path == "/":
@@ -591,6 +637,7 @@ def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
         settings = {
             "format": values.serializer, "compression": values.compression,
             "lock_timeout": values.lock_timeout,
+            "inline_parts": _inline_parts_setting(values.serializer, values.inline_parts),
         }
     elif isinstance(values, ObjectStoreBackend):
         if isinstance(calls, ObjectStoreBackend):
@@ -612,6 +659,7 @@ def _spec_from_storages(cache: BaseCache) -> StoreSpec | None:
         settings = {
             "format": fmt, "compression": compression, "lock_timeout": values.lock_timeout,
             "durable": values.durable,
+            "inline_parts": _inline_parts_setting(fmt, values.inline_parts),
         }
         if isinstance(calls, DirectoryIndexBackend):
             if root.name != "values" or calls.root != root.parent:

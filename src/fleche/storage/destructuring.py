@@ -19,6 +19,7 @@ from typing import Any
 
 from ..digest import Digest, digest, digest_mapping, digest_object, digest_sequence
 from .base import SaveError, ValueStorage
+from .sizes import small_pickle_size
 
 __all__ = [
     "DestructuringMixin",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 Intern = Callable[[Any], tuple[Any, int | float]]
+_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
 class Digested:
@@ -204,8 +206,13 @@ class DestructuringMixin(ValueStorage):
     high are kept inline in their parent instead (0, the default, stores every element
     separately); with ``remaining_depth >= 1`` a container whose elements are all inline is
     stored as the plain container, an entry without parts (what ``_raw_sub_digests`` calls a
-    plain, non-destructured container). A :class:`Digest` inside a value is a reference to the
-    stored value it names.
+    plain, non-destructured container). ``inline_parts`` keeps parts inline by size as well:
+    a part that pickles to fewer than about that many bytes (a number, a short string, a small
+    array, a small container of such) stays in its container's entry, so a list of 5000
+    numbers is one entry instead of 5001, while large parts are still stored apart and shared.
+    Such a part counts as a leaf (height 0) for ``remaining_depth``; 0, the default, decides by
+    ``remaining_depth`` alone. A :class:`Digest` inside a value is a reference to the stored
+    value it names.
 
     Example
 
@@ -221,6 +228,7 @@ class DestructuringMixin(ValueStorage):
     """
 
     remaining_depth: int = 0
+    inline_parts: int = 0
 
     def _intern_rec(
         self, value: Any, key: Digest | None = None, *, top: bool = False,
@@ -236,9 +244,14 @@ class DestructuringMixin(ValueStorage):
         """
         if isinstance(value, Digest):
             return value, math.inf
+        if key is None and not top and self._small(value):
+            return value, 0  # kept whole in its container, as a leaf
         destructure = _destructurer(value)
         if destructure is None:
             raw, depth = value, 0
+        elif self.inline_parts and self._small_scalars_only(value):
+            # What destructuring would store (the plain container), without a call per element.
+            raw, depth = value, 1 if value else 0
         else:
             raw, depth = destructure(functools.partial(self._intern_rec, written=written), value)
         if key is None and not top and depth < self.remaining_depth:
@@ -247,7 +260,9 @@ class DestructuringMixin(ValueStorage):
             # The top key is the value's own digest (a hook or __digest__ may differ from the
             # wrapper's); inner keys come from the children's, so nothing is digested twice.
             key = digest(value) if top or not isinstance(raw, Digested) else raw.key()
-        if self.remaining_depth and isinstance(raw, Digested) and _all_inline(raw):
+        if (self.remaining_depth or self.inline_parts) and isinstance(raw, Digested) and (
+            _all_inline(raw)
+        ):
             raw = value  # nothing stored apart: the plain container, an entry without parts
         if written is not None:
             # A part that occurs twice in one value is written once: a second write could wait
@@ -257,6 +272,28 @@ class DestructuringMixin(ValueStorage):
                 return key, depth
             written.add(key)
         return super().save(raw, key), depth
+
+    def _small_scalars_only(self, value: Any) -> bool:
+        """Whether ``value`` is a list, tuple or dict whose elements are all scalars small
+        enough (``inline_parts``) to stay in it: a list of numbers, a dict of names."""
+        t = type(value)
+        if t is dict:
+            items: Iterable[Any] = value.values()
+        elif t is list or t is tuple:
+            items = value
+        else:
+            return False
+        budget = self.inline_parts
+        for x in items:
+            if type(x) not in _SCALARS or small_pickle_size(x, budget) is None:
+                return False
+        return True
+
+    def _small(self, value: Any) -> bool:
+        """Whether ``value`` is small enough (``inline_parts``) to stay in its container."""
+        return bool(self.inline_parts) and (
+            small_pickle_size(value, self.inline_parts) is not None
+        )
 
     def save(self, value: Any, key: Digest | None = None) -> Digest:
         """Store ``value`` destructured and return its key (``digest(value)`` unless given).
