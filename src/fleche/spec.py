@@ -40,9 +40,9 @@ Options, after ``?`` and joined by ``&``: ``values=DIR`` (SQL stores), ``format=
 ``durable=true`` for the file storages; ``layout=index`` or ``layout=files`` for a directory
 (see below); ``inline_parts=BYTES``: parts of a value (elements of lists, tuples, dicts,
 dataclasses) that pickle to fewer bytes stay in their container's file or row (default 2048;
-0 stores every part apart, the HDF5 default, for sharing between values). Relative paths are made absolute when
-the spec is parsed, ``~`` is expanded; a directory whose name contains ``?`` is written as a
-``file://`` URL with ``%3F``. Other options of a SQL URL (``sslmode=require``...) stay
+0 stores every part apart, the HDF5 default, for sharing between values). Relative paths are
+made absolute when the spec is parsed, ``~`` is expanded; a directory whose name contains ``?``
+is written as a ``file://`` URL with ``%3F``. Other options of a SQL URL (``sslmode=require``...) stay
 in the database URL. A bare ``postgresql://`` means ``postgresql+psycopg://`` and a bare
 ``mysql://``/``mariadb://`` means ``...+pymysql://``, the drivers of the ``sql`` extra.
 
@@ -523,10 +523,8 @@ def parse(spec: str | os.PathLike[str]) -> StoreSpec:
 def _directory(text: str, path: str, query: str) -> StoreSpec:
     if not path:
         raise SpecError(text, "no directory given")
-    options, _ = _parse_options(
-        text, query, ("format", "compression", "lock_timeout", "durable", "layout", "inline_parts"),
-        sql=False,
-    )
+    allowed = tuple(o for o in _OPTIONS if o != "values")
+    options, _ = _parse_options(text, query, allowed, sql=False)
     layout = options.get("layout")
     if layout is not None and layout not in LAYOUTS:
         raise SpecError(text, f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")

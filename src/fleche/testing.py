@@ -71,7 +71,6 @@ def _size(small: int, full: int) -> int:
     return full if FULL_SIZE else small
 
 
-
 def assert_corrupt_entry_is_reported_and_evictable(
     storage: Any, key: Digest, location: Any, reason: str
 ) -> None:

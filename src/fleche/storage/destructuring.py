@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 Intern = Callable[[Any], tuple[Any, int | float]]
-_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
 class Digested:
@@ -249,7 +248,7 @@ class DestructuringMixin(ValueStorage):
         destructure = _destructurer(value)
         if destructure is None:
             raw, depth = value, 0
-        elif self.inline_parts and self._small_scalars_only(value):
+        elif self.inline_parts and self._small_elements_only(value):
             # What destructuring would store (the plain container), without a call per element.
             raw, depth = value, 1 if value else 0
         else:
@@ -273,9 +272,9 @@ class DestructuringMixin(ValueStorage):
             written.add(key)
         return super().save(raw, key), depth
 
-    def _small_scalars_only(self, value: Any) -> bool:
-        """Whether ``value`` is a list, tuple or dict whose elements are all scalars small
-        enough (``inline_parts``) to stay in it: a list of numbers, a dict of names."""
+    def _small_elements_only(self, value: Any) -> bool:
+        """Whether ``value`` is a list, tuple or dict whose elements would all stay in it
+        (:meth:`_small`): a list of numbers, a dict of short lists."""
         t = type(value)
         if t is dict:
             items: Iterable[Any] = value.values()
@@ -283,11 +282,7 @@ class DestructuringMixin(ValueStorage):
             items = value
         else:
             return False
-        budget = self.inline_parts
-        for x in items:
-            if type(x) not in _SCALARS or small_pickle_size(x, budget) is None:
-                return False
-        return True
+        return all(self._small(x) for x in items)
 
     def _small(self, value: Any) -> bool:
         """Whether ``value`` is small enough (``inline_parts``) to stay in its container."""
